@@ -1,0 +1,206 @@
+"""What every public executor shares: the parameters, submit/map/batched/shutdown.
+
+A public executor only decides two things: which launcher starts its worker processes and
+how large its pool is (:meth:`BaseExecutor._engine_config`). Everything else is here and in
+the engine.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Executor, Future
+from typing import Any
+
+from executorkit.errors import ResourceError
+from executorkit.executors._engine import Engine, EngineConfig, TaskFuture
+from executorkit.resources import Capabilities, Resources, merge, parse
+
+log = logging.getLogger("executorkit")
+
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    # Like the stdlib pools: a script that forgot shutdown() still gets its results.
+    for engine in list(_live_engines):
+        try:
+            engine.shutdown(wait=True, cancel_futures=False)
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            pass
+
+
+class BaseExecutor(Executor):
+    """Shared implementation; see :class:`~executorkit.SingleNodeExecutor` for parameters."""
+
+    _backend = "executor"
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        cache_directory: str | os.PathLike[str] | None = None,
+        max_cores: int | None = None,
+        resource_dict: Mapping[str, Any] | None = None,
+        hostname_localhost: bool | None = None,
+        block_allocation: bool = False,
+        init_function: Callable[[], Mapping[str, Any]] | None = None,
+        disable_dependencies: bool = False,
+        refresh_rate: float = 0.01,
+        plot_dependency_graph: bool = False,
+        plot_dependency_graph_filename: str | None = None,
+        export_workflow_filename: str | None = None,
+        log_obj_size: bool = False,
+        wait: bool = True,
+        restart_limit: int = 10,
+        openmpi_oversubscribe: bool = False,
+        max_gpus: int | Iterable[int] | None = None,
+    ) -> None:
+        _check_count("max_workers", max_workers)
+        _check_count("max_cores", max_cores)
+        if not isinstance(restart_limit, int) or isinstance(restart_limit, bool) \
+                or restart_limit < 0:
+            raise ResourceError(f"restart_limit must be an int >= 0, got {restart_limit!r}",
+                                key="restart_limit", allowed="an int >= 0")
+        if init_function is not None and not block_allocation:
+            raise ResourceError(
+                "init_function needs block_allocation=True (it runs once per persistent "
+                "worker)", key="init_function", allowed="None, or block_allocation=True")
+        if init_function is not None and not callable(init_function):
+            raise ResourceError(f"init_function must be callable, got {init_function!r}",
+                                key="init_function", allowed="a callable returning a dict")
+        for name, value in (("plot_dependency_graph", plot_dependency_graph),
+                            ("plot_dependency_graph_filename", plot_dependency_graph_filename),
+                            ("export_workflow_filename", export_workflow_filename)):
+            if value:
+                raise NotImplementedError(
+                    f"{name} is not available in this version of executorkit yet")
+        self._defaults = parse(resource_dict)
+        if cache_directory is not None:
+            self._defaults = parse({"cache_directory": cache_directory}, self._defaults)
+        self._block = bool(block_allocation)
+        self._wait_on_exit = wait
+        self._log_obj_size = log_obj_size
+        self._openmpi_oversubscribe = openmpi_oversubscribe
+        self._hostname_localhost = hostname_localhost
+        self._refresh_rate = refresh_rate  # accepted for compatibility; nothing polls
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        config, self._caps = self._engine_config(
+            max_workers=max_workers, max_cores=max_cores, max_gpus=max_gpus,
+            init_function=init_function, restart_limit=restart_limit,
+        )
+        config.disable_dependencies = disable_dependencies
+        self._engine = Engine(config)
+        _live_engines.add(self._engine)
+        self._finalizer = weakref.finalize(self, self._engine.shutdown, False, False)
+        self._finalizer.atexit = False
+
+    # ------------------------------------------------------------ to be provided
+    def _engine_config(self, **params: Any) -> tuple[EngineConfig, Capabilities]:
+        raise NotImplementedError
+
+    def _check_resources(self, res: Resources) -> Resources:
+        """Backend-specific limits beyond :class:`Capabilities` (override as needed)."""
+        return res
+
+    # ------------------------------------------------------------ public API
+    def submit(self, fn: Callable[..., Any], /, *args: Any,
+               resource_dict: Mapping[str, Any] | None = None, **kwargs: Any) -> Future:
+        """Schedule ``fn(*args, **kwargs)``; Futures in the arguments become dependencies.
+
+        ``resource_dict`` overrides the executor's defaults key by key for this call.
+        """
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
+        res = self._defaults if resource_dict is None else merge(self._defaults, resource_dict)
+        if res is not self._defaults:
+            res = self._check_resources(self._caps.check(res))
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            return self._engine.submit(fn, args, kwargs, res)
+
+    def batched(self, futures: Iterable[Future], n: int) -> list[Future]:
+        """Futures of lists of ``n`` results each, in completion order (see streaming)."""
+        from executorkit.streaming import batched
+
+        return batched(list(futures), n)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; ``cancel_futures`` cancels everything not yet running
+        (also tasks waiting for their inputs); ``wait`` blocks until all is finished and
+        every worker process has exited."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        self._engine.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if wait:
+            _live_engines.discard(self._engine)
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(wait=self._wait_on_exit)
+
+    @property
+    def max_cores(self) -> int:
+        """Number of CPU slots in the pool."""
+        return self._caps.max_cpus
+
+    @property
+    def max_gpus(self) -> int:
+        return self._caps.max_gpus
+
+    def info(self) -> dict[str, int]:
+        """Counts of done, failed, cancelled, running and waiting tasks."""
+        return self._engine.counts()
+
+
+def _check_count(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ResourceError(f"{name} must be a positive int or None, got {value!r}",
+                            key=name, allowed="a positive int or None")
+
+
+def gpu_pool(max_gpus: int | Iterable[int] | None) -> tuple[int, ...]:
+    """GPU ids of the pool: declared, or the ones this process was given."""
+    if max_gpus is None:
+        for var in ("EXECUTORKIT_GPUS", "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+            value = os.environ.get(var)
+            if value is not None:
+                try:
+                    return tuple(int(x) for x in value.split(",") if x.strip())
+                except ValueError:
+                    return ()
+        return ()
+    if isinstance(max_gpus, bool):
+        raise ResourceError("max_gpus must be an int or a list of GPU ids",
+                            key="max_gpus", allowed="an int >= 0 or a list of ints")
+    if isinstance(max_gpus, int):
+        if max_gpus < 0:
+            raise ResourceError(f"max_gpus must be >= 0, got {max_gpus}", key="max_gpus",
+                                allowed="an int >= 0 or a list of ints")
+        return tuple(range(max_gpus))
+    ids = tuple(max_gpus)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids) \
+            or len(set(ids)) != len(ids):
+        raise ResourceError(f"max_gpus ids must be distinct ints >= 0, got {ids!r}",
+                            key="max_gpus", allowed="an int >= 0 or a list of ints")
+    return ids
+
+
+def gpu_variable() -> str:
+    """The visibility variable of this machine's GPU vendor."""
+    if "ROCR_VISIBLE_DEVICES" in os.environ or os.path.exists("/dev/kfd"):
+        return "ROCR_VISIBLE_DEVICES"
+    if "ZE_AFFINITY_MASK" in os.environ:
+        return "ZE_AFFINITY_MASK"
+    return "CUDA_VISIBLE_DEVICES"
+
+
+__all__ = ["BaseExecutor", "TaskFuture"]

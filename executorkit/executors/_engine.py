@@ -1,0 +1,847 @@
+"""The engine behind every executor: tasks, dependencies, the scheduler and the workers.
+
+Threads and data flow::
+
+    caller threads                       engine thread (owns every piece of state below)
+    --------------                       -----------------------------------------------
+    submit(): validate, Future,    --->  inbox (deque of callables) -> _dep_done / _ready
+      find input futures,                   |
+      add_done_callback on inputs           v
+    Future.cancel()                --->  Scheduler (pure) -> Start decisions
+    shutdown()                     --->     |
+                                            v
+                                         launcher.spawn / RunTask ---> worker processes
+    input futures of other            selector: listener, worker channels, wake pipe,
+    executors complete  ----------->    fork server output pipes, run_time_max timers
+                                            |
+    Future.result() <--------------------  TaskDone / Exited -> set_result / set_exception
+
+Callers never touch the scheduler or the workers: they append a callable to ``inbox`` and
+wake the engine thread, which runs it. Done-callbacks of input futures do the same, so a
+chain of 10,000 failing tasks propagates iteratively, never by recursion, and an exception
+in one handler can not kill the machinery: the guarded loop marks the executor broken and
+fails every unfinished future instead of leaving them hanging.
+
+Futures are completed outside of any lock the engine holds; the engine thread is the only
+one that completes task futures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import heapq
+import itertools
+import logging
+import os
+import pickle
+import secrets
+import selectors
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from executorkit import graph
+from executorkit.errors import (
+    DependencyError,
+    ExecutorBrokenError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerDiedError,
+    describe_exit,
+)
+from executorkit.resources import Resources
+from executorkit.scheduler import Demand, Scheduler, Start
+from executorkit.transport import (
+    BlockingChannel,
+    CacheSpec,
+    ErrorInfo,
+    Exited,
+    FrameReader,
+    Hello,
+    InitFailed,
+    RunTask,
+    Spawn,
+    SpawnFailed,
+    Stop,
+    TaskDone,
+    TaskSetup,
+)
+
+log = logging.getLogger("executorkit")
+
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS", "BLIS_NUM_THREADS",
+)
+
+# Task states
+WAITING, QUEUED, RUNNING, FINISHED = range(4)
+
+
+class TaskFuture(Future):
+    """A ``concurrent.futures.Future`` whose ``cancel()`` also stops a running task.
+
+    Stdlib futures cannot be cancelled once running; executorkit's can: the task's process
+    is killed, its resources return to the pool, and tasks depending on it fail with
+    :class:`~executorkit.errors.DependencyError`. The future stays in the stdlib's PENDING
+    state while it runs (so the stdlib ``cancel`` accepts it); ``running()`` reports the
+    truth.
+    """
+
+    _task: _Task | None = None
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        task = self._task
+        if task is not None:
+            task.engine.post(task.engine.cancelled, task)
+        return True
+
+    def running(self) -> bool:
+        task = self._task
+        return task is not None and task.state == RUNNING and not self.done()
+
+
+class _Task:
+    __slots__ = (
+        "args", "cache_spec", "deadline", "deps", "deps_left", "engine", "fn", "future", "id",
+        "key", "kwargs", "payload", "res", "state", "timed_out", "worker",
+    )
+
+    def __init__(self, engine: Engine, task_id: int, fn: Callable[..., Any],
+                 args: tuple[Any, ...], kwargs: dict[str, Any], res: Resources) -> None:
+        self.engine = engine
+        self.id = task_id
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.res = res
+        self.future = TaskFuture()
+        self.future._task = self
+        self.state = WAITING
+        self.deps: list[Future] | None = None
+        self.deps_left = 0
+        self.payload: bytes | None = None
+        self.worker: _Worker | None = None
+        self.key: str | None = None
+        self.cache_spec: CacheSpec | None = None
+        self.deadline: float | None = None
+        self.timed_out = False
+
+    def input_done(self, fut: Future) -> None:
+        """Done-callback on each input future; runs in whichever thread completed it."""
+        self.engine.post(self.engine.dep_done, self, fut)
+
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", None) or repr(self.fn)
+
+    def release(self) -> None:
+        """Drop references to arguments once finished (the user may keep the future)."""
+        self.args = self.kwargs = self.payload = self.deps = None  # type: ignore[assignment]
+
+
+class _Worker:
+    __slots__ = (
+        "chan", "eof", "exit_status", "host", "id", "persistent", "pid", "queued", "slot",
+        "stopping", "task", "sched_task",
+    )
+
+    def __init__(self, worker_id: int, *, persistent: bool, slot: int | None = None) -> None:
+        self.id = worker_id
+        self.persistent = persistent
+        self.slot = slot
+        self.chan: BlockingChannel | None = None
+        self.pid: int | None = None
+        self.host: str | None = None
+        self.task: _Task | None = None  # the call it is running (no result yet)
+        self.sched_task: int | None = None  # task id holding scheduler resources
+        self.queued: RunTask | None = None  # sent once the worker has said hello
+        self.eof = False
+        self.exit_status: int | None = None
+        self.stopping = False  # killed on purpose (cancel, timeout, shutdown)
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs, built once by the public executor."""
+
+    launcher: Any
+    cpus: tuple[int, ...]  # CPU slot ids of the pool
+    gpus: tuple[int, ...]
+    real_cpus: bool  # slot ids are CPUs this process may run on (so pin to them)
+    gpu_variable: str = "CUDA_VISIBLE_DEVICES"
+    max_running: int | None = None
+    block_workers: int = 0  # > 0: block allocation with that many persistent workers
+    worker_res: Resources = field(default_factory=Resources)
+    init_function: Callable[[], Mapping[str, Any]] | None = None
+    restart_limit: int = 10
+    disable_dependencies: bool = False
+    cache: Any = None  # executorkit.cache integration, or None
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    reader: FrameReader
+    chan: BlockingChannel
+    worker: _Worker | None = None
+    is_launcher: bool = False
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.cfg = config
+        self.launcher = config.launcher
+        self.secret = secrets.token_bytes(32)
+        self.inbox: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self.tasks: dict[int, _Task] = {}
+        self.workers: dict[int, _Worker] = {}
+        self.slot_workers: dict[int, _Worker] = {}
+        self.restarts: dict[int, int] = {}
+        self._ids = itertools.count(1)
+        self._worker_ids = itertools.count(1)
+        self._timers: list[tuple[float, int, _Task]] = []
+        self._closing = False
+        self._stopped = threading.Event()
+        self._late_lock = threading.Lock()
+        self.broken: BaseException | None = None
+        self._wake_pending = False
+        self._counts = {"done": 0, "failed": 0, "cancelled": 0}
+
+        if config.block_workers:
+            self.sched = Scheduler(range(config.block_workers), max_running=None)
+        else:
+            self.sched = Scheduler(config.cpus, config.gpus, max_running=config.max_running)
+
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()[:2]
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
+
+        self.launcher.start(self.address, self.secret)
+        for fd, stream in ((self.launcher.stdout_fd, "stdout"),
+                           (self.launcher.stderr_fd, "stderr")):
+            if fd is not None:
+                os.set_blocking(fd, False)
+                self.selector.register(fd, selectors.EVENT_READ, (self._forward, stream))
+        self.thread = threading.Thread(target=self._run, name="executorkit-engine", daemon=True)
+        self.thread.start()
+        self._ident = self.thread.ident
+        if config.block_workers:
+            self.post(self._start_block_workers)
+
+    # ================================================================ caller side
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the engine thread (thread-safe, never blocks)."""
+        self.inbox.append((fn, args))
+        if self._stopped.is_set():
+            # The engine thread is gone (shutdown or crash): run late events here, where
+            # they can only fail their task with the reason the engine stopped.
+            with self._late_lock:
+                while self.inbox:
+                    late_fn, late_args = self.inbox.popleft()
+                    late_fn(*late_args)
+            return
+        if threading.get_ident() != self._ident and not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full (a wake-up is pending anyway) or closed
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               res: Resources) -> TaskFuture:
+        if self.broken is not None:
+            raise ExecutorBrokenError(f"the executor is broken: {self.broken}") from self.broken
+        task = _Task(self, next(self._ids), fn, args, kwargs, res)
+        deps = graph.find_futures(args, kwargs)
+        if deps and self.cfg.disable_dependencies:
+            raise ValueError(
+                "a Future was passed as an argument but the executor was created with "
+                "disable_dependencies=True; pass the result instead, or enable dependencies"
+            )
+        if self.cfg.cache is not None and not self.cfg.cache.prepare(task, deps):
+            return task.future  # answered from the cache: no process at all
+        self.tasks[task.id] = task
+        if deps:
+            task.deps = deps
+            task.deps_left = len(deps)
+            for dep in deps:
+                dep.add_done_callback(task.input_done)
+        else:
+            try:
+                task.payload = _dumps_call(fn, args, kwargs)
+            except SerializationError as exc:
+                self.tasks.pop(task.id, None)
+                task.state = FINISHED
+                task.future.set_exception(exc)
+                return task.future
+            self.post(self._enqueue, task)
+        return task.future
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        if cancel_futures:
+            for task in list(self.tasks.values()):
+                if task.state in (WAITING, QUEUED):
+                    task.future.cancel()
+        self.post(self._begin_close)
+        if wait:
+            self._stopped.wait()
+            self.thread.join()
+
+    def counts(self) -> dict[str, int]:
+        """Progress figures: done, failed, cancelled, running, waiting (approximate)."""
+        running = sum(1 for t in list(self.tasks.values()) if t.state == RUNNING)
+        return {**self._counts, "running": running,
+                "waiting": len(self.tasks) - running}
+
+    # ================================================================ engine thread
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the guard: never die silently
+            log.exception("executorkit engine failed")
+            self._break(exc)
+        finally:
+            self._teardown()
+            self._stopped.set()
+
+    def _loop(self) -> None:
+        select = self.selector.select
+        inbox = self.inbox
+        while True:
+            while inbox:
+                fn, args = inbox.popleft()
+                fn(*args)
+            if self._closing and not self.tasks and self._close_ready():
+                return
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            if inbox:
+                timeout = 0
+            for key, _ in select(timeout):
+                data = key.data
+                if isinstance(data, _Conn):
+                    self._readable(data)
+                elif isinstance(data, tuple):
+                    data[0](key.fd, data[1])
+                else:
+                    data(key.fileobj)
+            if self._timers:
+                self._fire_timers()
+
+    def _drain_wake(self, sock: socket.socket) -> None:
+        self._wake_pending = False  # clear before draining the inbox (see post())
+        with contextlib.suppress(BlockingIOError):
+            while sock.recv(4096):
+                pass
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(True)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sock, FrameReader(self.secret), BlockingChannel(sock, self.secret))
+            self.selector.register(sock, selectors.EVENT_READ, conn)
+            # Reads go through the selector; a blocking socket keeps sends simple (sendall).
+
+    def _readable(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(1 << 20)
+        except OSError:
+            data = b""
+        if data:
+            try:
+                messages = conn.reader.feed(data)
+            except Exception as exc:  # authentication failure or garbage: drop the peer
+                log.warning("dropping a connection: %s", exc)
+                self._drop(conn)
+                return
+            for msg in messages:
+                self._dispatch(conn, msg)
+            return
+        self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
+        if conn.is_launcher:
+            if not self._closing:
+                self._break(ExecutorBrokenError("the fork server exited unexpectedly"))
+            return
+        w = conn.worker
+        if w is not None:
+            w.eof = True
+            self._maybe_finalize(w)
+
+    # ---------------------------------------------------------------- messages
+    def _dispatch(self, conn: _Conn, msg: object) -> None:
+        if isinstance(msg, TaskDone):
+            self._task_done(conn.worker, msg)
+        elif isinstance(msg, Exited):
+            self._exited(msg)
+        elif isinstance(msg, Hello):
+            self._hello(conn, msg)
+        elif isinstance(msg, InitFailed):
+            self._init_failed(conn.worker, msg.info)
+        elif isinstance(msg, SpawnFailed):
+            self._spawn_failed(msg)
+        else:
+            log.warning("unexpected message %s", type(msg).__name__)
+
+    def _hello(self, conn: _Conn, msg: Hello) -> None:
+        if msg.worker_id == 0 and not conn.is_launcher and self.launcher.chan is None:
+            conn.is_launcher = True
+            self.launcher.attach(conn.chan)
+            return
+        w = self.workers.get(msg.worker_id)
+        if w is None or w.chan is not None:
+            self._drop(conn)  # a worker we no longer expect (already finalized)
+            return
+        conn.worker = w
+        w.chan = conn.chan
+        w.pid, w.host = msg.pid, msg.host
+        if w.queued is not None:
+            run, w.queued = w.queued, None
+            self._send(w, run)
+
+    def _send(self, w: _Worker, msg: object) -> None:
+        if w.chan is None:
+            w.queued = msg  # type: ignore[assignment]
+            return
+        try:
+            w.chan.send(msg)
+        except OSError:
+            pass  # the worker is dying; EOF and Exited will follow and finalize it
+
+    # ---------------------------------------------------------------- task flow
+    def dep_done(self, task: _Task, fut: Future) -> None:
+        if task.state != WAITING:
+            return  # already failed or cancelled
+        if fut.cancelled():
+            self._fail_dependency(task, fut, CancelledError("input future was cancelled"))
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._fail_dependency(task, fut, exc)
+            return
+        task.deps_left -= 1
+        if task.deps_left:
+            return
+        results = {id(d): d.result() for d in task.deps or ()}
+        args, kwargs = graph.substitute_call(task.args, task.kwargs,
+                                             lambda f: results[id(f)])
+        task.args, task.kwargs = args, kwargs
+        if self.cfg.cache is not None and not self.cfg.cache.ready(task):
+            self.tasks.pop(task.id, None)
+            task.state = FINISHED
+            return
+        try:
+            task.payload = _dumps_call(task.fn, args, kwargs)
+        except SerializationError as exc2:
+            self._finish(task, exc=exc2)
+            return
+        self._enqueue(task)
+
+    def _fail_dependency(self, task: _Task, fut: Future, cause: BaseException) -> None:
+        upstream = getattr(fut, "_task", None)
+        what = f"task {upstream.id} ({upstream.name()})" if upstream else "an input future"
+        verb = "was cancelled" if isinstance(cause, CancelledError) else (
+            f"failed with {type(cause).__name__}: {cause}")
+        err = DependencyError(f"{task.name()}: input {what} {verb}", upstream=fut)
+        err.__cause__ = cause
+        self._finish(task, exc=err)
+
+    def _enqueue(self, task: _Task) -> None:
+        if task.state != WAITING:
+            return  # cancelled meanwhile
+        if self.broken is not None:
+            self._finish(task, exc=ExecutorBrokenError(f"the executor is broken: {self.broken}"))
+            return
+        task.state = QUEUED
+        if self.cfg.block_workers:
+            demand = Demand(1)
+        else:
+            demand = Demand(task.res.cpus, task.res.gpus, task.res.exclusive)
+        self._starts(self.sched.submit(task.id, demand, task.res.priority))
+
+    def _starts(self, starts: list[Start]) -> None:
+        for start in starts:
+            task = self.tasks.get(start.task)  # type: ignore[arg-type]
+            if task is None:
+                continue
+            task.state = RUNNING
+            if task.res.run_time_max is not None:
+                task.deadline = time.monotonic() + task.res.run_time_max
+                heapq.heappush(self._timers, (task.deadline, task.id, task))
+            if self.cfg.block_workers:
+                self._run_on_block_worker(task, start.cpus[0])
+            else:
+                self._spawn_task(task, start)
+
+    def _spawn_task(self, task: _Task, start: Start) -> None:
+        w = _Worker(next(self._worker_ids), persistent=False)
+        w.task = task
+        w.sched_task = task.id
+        task.worker = w
+        self.workers[w.id] = w
+        w.queued = RunTask(task.id, task.payload or b"", None, task.cache_spec)
+        env = self._task_env(task.res, len(start.cpus), start.gpus)
+        cpus = self._pin(start.cpus)
+        self.launcher.spawn(Spawn(w.id, env, task.res.cwd, cpus, persistent=False))
+
+    def _task_env(self, res: Resources, ncpus: int, gpus: tuple[int, ...]) -> tuple:
+        threads = str(res.threads_per_core)
+        env = dict.fromkeys(THREAD_VARIABLES, threads)
+        if gpus or self.cfg.gpus:
+            env[self.cfg.gpu_variable] = ",".join(map(str, gpus))
+        env["EXECUTORKIT_CPUS"] = str(ncpus)
+        env["EXECUTORKIT_GPUS"] = ",".join(map(str, gpus))
+        env.update(res.env)  # the user's explicit variables win
+        return tuple(env.items())
+
+    def _pin(self, slots: tuple[int, ...]) -> tuple[int, ...] | None:
+        return slots if self.cfg.real_cpus else None
+
+    def _task_done(self, w: _Worker | None, msg: TaskDone) -> None:
+        if w is None or w.task is None or w.task.id != msg.task_id:
+            return
+        task, w.task = w.task, None
+        if msg.ok:
+            self._finish(task, payload=msg.payload)
+        else:
+            self._finish(task, exc=_rebuild_error(msg.payload, task))
+        if w.persistent and w.sched_task == task.id:
+            w.sched_task = None
+            self._starts(self.sched.finish(task.id))
+
+    def _finish(self, task: _Task, *, payload: bytes | None = None,
+                exc: BaseException | None = None) -> None:
+        """Complete a task's future (exactly once) and forget the task."""
+        if task.state == FINISHED:
+            return
+        was_queued = task.state == QUEUED
+        task.state = FINISHED
+        self.tasks.pop(task.id, None)
+        if was_queued:
+            self.sched.withdraw(task.id)
+        fut = task.future
+        if exc is None:
+            try:
+                value = pickle.loads(payload)  # type: ignore[arg-type]
+            except BaseException as err:
+                exc = SerializationError(
+                    f"the result of {task.name()} could not be unpickled in the driver: "
+                    f"{type(err).__name__}: {err}")
+                exc.__cause__ = err
+            else:
+                with contextlib.suppress(InvalidStateError):
+                    fut.set_result(value)
+                    self._counts["done"] += 1
+        if exc is not None:
+            if task.res.error_log_file and not fut.cancelled():
+                _log_failure(task, exc)
+            with contextlib.suppress(InvalidStateError):
+                fut.set_exception(exc)
+                self._counts["failed"] += 1
+        task.release()
+
+    def cancelled(self, task: _Task) -> None:
+        """The user cancelled the task's future (it is already CANCELLED)."""
+        self._counts["cancelled"] += 1
+        state = task.state
+        if state in (WAITING, QUEUED):
+            self._finish(task, exc=CancelledError())
+        elif state == RUNNING and task.worker is not None:
+            self._stop_worker(task.worker)
+
+    def _stop_worker(self, w: _Worker) -> None:
+        w.stopping = True
+        self.launcher.kill(w.id)
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, task = heapq.heappop(self._timers)
+            if task.state == RUNNING and task.worker is not None and task.deadline is not None:
+                task.timed_out = True
+                self._stop_worker(task.worker)
+
+    # ---------------------------------------------------------------- process exits
+    def _exited(self, msg: Exited) -> None:
+        w = self.workers.get(msg.worker_id)
+        if w is None:
+            return
+        w.exit_status = msg.status
+        w.pid = w.pid or msg.pid
+        self._maybe_finalize(w)
+
+    def _spawn_failed(self, msg: SpawnFailed) -> None:
+        w = self.workers.get(msg.worker_id)
+        if w is not None:
+            w.exit_status = -1
+            w.eof = True
+            self._maybe_finalize(w, reason=msg.reason)
+
+    def _maybe_finalize(self, w: _Worker, reason: str | None = None) -> None:
+        """A worker is gone once its process was reaped and its connection closed."""
+        if w.exit_status is None or not (w.eof or w.chan is None):
+            return
+        if self.workers.pop(w.id, None) is None:
+            return
+        task = w.task
+        if task is not None:
+            w.task = None
+            self._finish(task, exc=self._death_error(w, task, reason))
+        if w.persistent:
+            self._replace_block_worker(w)
+        elif w.sched_task is not None:
+            tid, w.sched_task = w.sched_task, None
+            self._starts(self.sched.finish(tid))
+
+    def _death_error(self, w: _Worker, task: _Task, reason: str | None) -> BaseException:
+        if task.timed_out:
+            return TaskTimeoutError(
+                f"{task.name()} exceeded run_time_max={task.res.run_time_max:g} s and was "
+                f"stopped")
+        status = w.exit_status if w.exit_status is not None else -1
+        how, code, signum = describe_exit(status)
+        where = f"pid {w.pid} on {w.host}" if w.pid else "its process"
+        text = reason or f"the process running {task.name()} ({where}) {how}"
+        return WorkerDiedError(text, exitcode=code, signum=signum, host=w.host, pid=w.pid)
+
+    # ---------------------------------------------------------------- block allocation
+    def _start_block_workers(self) -> None:
+        for slot in range(self.cfg.block_workers):
+            self._spawn_block_worker(slot)
+
+    def _worker_slots(self, slot: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        n = self.cfg.worker_res.cpus
+        g = self.cfg.worker_res.gpus
+        return (self.cfg.cpus[slot * n:(slot + 1) * n], self.cfg.gpus[slot * g:(slot + 1) * g])
+
+    def _spawn_block_worker(self, slot: int) -> None:
+        w = _Worker(next(self._worker_ids), persistent=True, slot=slot)
+        self.workers[w.id] = w
+        self.slot_workers[slot] = w
+        cpus, gpus = self._worker_slots(slot)
+        env = self._task_env(self.cfg.worker_res, len(cpus), gpus)
+        init = None
+        if self.cfg.init_function is not None:
+            init = cloudpickle.dumps(self.cfg.init_function)
+        self.launcher.spawn(Spawn(w.id, env, self.cfg.worker_res.cwd, self._pin(cpus),
+                                  persistent=True, init_payload=init))
+
+    def _run_on_block_worker(self, task: _Task, slot: int) -> None:
+        w = self.slot_workers[slot]
+        w.task = task
+        w.sched_task = task.id
+        task.worker = w
+        setup = None
+        if task.res.cwd != self.cfg.worker_res.cwd or task.res.env != self.cfg.worker_res.env:
+            setup = TaskSetup(task.res.cwd, task.res.env)
+        self._send(w, RunTask(task.id, task.payload or b"", setup, task.cache_spec))
+
+    def _replace_block_worker(self, w: _Worker) -> None:
+        slot = w.slot
+        assert slot is not None
+        if self._closing and not self.tasks:
+            return
+        if not w.stopping:
+            self.restarts[slot] = self.restarts.get(slot, 0) + 1
+        if self.restarts.get(slot, 0) > self.cfg.restart_limit:
+            self._break(ExecutorBrokenError(
+                f"block-allocation worker {slot} died {self.restarts[slot]} times "
+                f"(restart_limit={self.cfg.restart_limit})"))
+            return
+        tid = w.sched_task
+        self._spawn_block_worker(slot)
+        if tid is not None:
+            w.sched_task = None
+            self._starts(self.sched.finish(tid))
+
+    def _init_failed(self, w: _Worker | None, info: ErrorInfo) -> None:
+        err = _error_from_info(info, "init_function")
+        broken = ExecutorBrokenError(f"init_function failed in a worker: {err}")
+        broken.__cause__ = err
+        self._break(broken)
+
+    # ---------------------------------------------------------------- output, shutdown
+    def _forward(self, fd: int, stream: str) -> None:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        if not data:
+            self.selector.unregister(fd)
+            os.close(fd)
+            return
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        try:
+            out.write(data.decode(errors="replace"))
+            out.flush()
+        except Exception:
+            pass  # a closed driver stream must not break the engine
+
+    def _begin_close(self) -> None:
+        self._closing = True
+
+    def _close_ready(self) -> bool:
+        """Stop persistent workers; the loop exits once none is left."""
+        alive = [w for w in self.workers.values() if w.persistent]
+        for w in alive:
+            if not w.stopping:
+                w.stopping = True
+                if w.chan is not None:
+                    self._send(w, Stop())
+                else:
+                    self.launcher.kill(w.id)
+        return not self.workers
+
+    def _break(self, exc: BaseException) -> None:
+        """Fail every unfinished future and refuse new work."""
+        if self.broken is None:
+            self.broken = exc
+        for task in list(self.tasks.values()):
+            err = ExecutorBrokenError(f"the executor is broken: {exc}")
+            err.__cause__ = exc
+            self._finish(task, exc=err)
+        self._closing = True
+        for w in list(self.workers.values()):
+            w.stopping = True
+            w.task = None
+        self.workers.clear()
+
+    def _teardown(self) -> None:
+        if self.broken is None:
+            self.broken = ExecutorBrokenError("the executor has shut down")
+        for task in list(self.tasks.values()):  # only after a crash of the loop itself
+            with contextlib.suppress(Exception):
+                self._finish(task, exc=ExecutorBrokenError("the executor stopped"))
+        with contextlib.suppress(Exception):
+            self.launcher.stop()
+        for key in list(self.selector.get_map().values()):
+            if isinstance(key.data, tuple):  # forwarded output: print what is left
+                with contextlib.suppress(Exception):
+                    while key.fd in self.selector.get_map():
+                        self._forward(key.fd, key.data[1])
+                        if not _readable_now(key.fd):
+                            break
+            with contextlib.suppress(Exception):
+                self.selector.unregister(key.fileobj)
+            with contextlib.suppress(Exception):
+                if isinstance(key.fileobj, int):
+                    os.close(key.fileobj)
+                else:
+                    key.fileobj.close()
+        self.selector.close()
+        with contextlib.suppress(OSError):
+            self._wake_w.close()
+
+
+def _readable_now(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+# ==================================================================== helpers
+def _dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    try:
+        return cloudpickle.dumps((fn, args, kwargs))
+    except Exception as exc:
+        err = SerializationError(_describe_unpicklable(fn, args, kwargs, exc))
+        err.__cause__ = exc
+        raise err from exc
+
+
+def _describe_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                          exc: Exception) -> str:
+    """Name the first part of the call that cannot be pickled."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    parts: list[tuple[str, Any]] = [("the function", fn)]
+    parts += [(f"argument {i}", a) for i, a in enumerate(args)]
+    parts += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for label, obj in parts:
+        try:
+            cloudpickle.dumps(obj)
+        except Exception as inner:
+            return (f"cannot submit {name}: {label} ({type(obj).__qualname__}) cannot be "
+                    f"pickled: {type(inner).__name__}: {inner}")
+    return f"cannot submit {name}: the call cannot be pickled: {type(exc).__name__}: {exc}"
+
+
+def _error_from_info(info: ErrorInfo, name: str) -> BaseException:
+    exc: BaseException | None = None
+    if info.exc is not None:
+        with contextlib.suppress(Exception):
+            exc = pickle.loads(info.exc)
+    if info.kind == "serialization":
+        err: BaseException = SerializationError(f"{name}: {info.type_name}: {info.message}")
+        if exc is not None:
+            err.__context__ = exc
+    elif exc is None:
+        err = RemoteError(info.type_name, info.message)
+    else:
+        err = exc
+    err.__cause__ = RemoteTraceback(info.traceback)
+    return err
+
+
+def _rebuild_error(payload: bytes, task: _Task) -> BaseException:
+    info: ErrorInfo = pickle.loads(payload)
+    return _error_from_info(info, task.name())
+
+
+def _log_failure(task: _Task, exc: BaseException) -> None:
+    """Append one failure record; flock makes concurrent writers (tasks, executors) safe."""
+    path = task.res.error_log_file
+    assert path is not None
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if isinstance(exc.__cause__, RemoteTraceback):
+        tb = exc.__cause__.tb + tb
+    record = (
+        f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} task {task.id} function {task.name()}\n"
+        f"args: {_short(task.args)}\nkwargs: {_short(task.kwargs)}\n{tb}\n"
+    )
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, record.encode())
+        finally:
+            os.close(fd)
+    except OSError as err:
+        if err.errno != errno.ENOENT:
+            log.warning("could not write error_log_file %s: %s", path, err)
+
+
+def _short(obj: Any, limit: int = 500) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[:limit] + "...<truncated>"
+

@@ -1,0 +1,125 @@
+"""SingleNodeExecutor: every call in its own process on this machine."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from executorkit.errors import ResourceError
+from executorkit.executors._base import BaseExecutor, gpu_pool, gpu_variable
+from executorkit.executors._engine import EngineConfig
+from executorkit.launchers.local import LocalLauncher
+from executorkit.resources import Capabilities, Resources
+
+
+class SingleNodeExecutor(BaseExecutor):
+    """Run Python functions in parallel processes on this machine.
+
+    ``with SingleNodeExecutor() as exe: fut = exe.submit(fn, x, resource_dict={...})``
+
+    By default each call runs in its own process, forked from a warm fork server, pinned to
+    the CPUs it was granted, with its own environment and working directory. With
+    ``block_allocation=True`` calls run in persistent workers instead (faster for tiny
+    calls; ``init_function`` state).
+
+    Parameters (executorlib's names, so switching is a change of import):
+
+    max_workers
+        Per-task mode: the most calls running at once (and, without ``max_cores``, the pool
+        size in CPUs). Block allocation: the number of persistent workers.
+    cache_directory
+        Keep every result in a hash-keyed HDF5 cache there; a repeated call is answered
+        from it without starting a process.
+    max_cores
+        CPUs in the pool. Default: the CPUs this process may run on (inside an executorkit
+        task: what that task was granted).
+    resource_dict
+        Defaults for every call (keys: see ``executorkit.resources``). With block
+        allocation it sizes each worker.
+    max_gpus
+        The GPU pool: a count or a list of ids. Default: the ids in ``CUDA_VISIBLE_DEVICES``
+        (or the vendor's variable) if set, else none. Each call gets
+        ``cores * gpus_per_core`` GPUs of its own through the vendor's visibility variable.
+    block_allocation, init_function
+        Persistent workers; ``init_function()`` runs once per worker and returns a dict
+        whose entries are passed by name to functions that take a parameter of that name.
+    restart_limit
+        How often a crashed block-allocation worker is replaced before the executor gives
+        up (per worker; workers stopped on purpose, by cancel or a time limit, don't count).
+    disable_dependencies
+        Make a Future argument an error instead of a dependency.
+    wait
+        Whether leaving the ``with`` block waits for running calls.
+    log_obj_size
+        Log the pickled size of every call and result (logger ``executorkit``, INFO).
+    hostname_localhost, refresh_rate, openmpi_oversubscribe
+        Accepted for compatibility. Local work always listens on 127.0.0.1, nothing polls,
+        and there is no MPI launch yet.
+
+    Cancelling: ``future.cancel()`` also works on a *running* call (its process is killed,
+    its resources freed, and calls depending on it fail with ``DependencyError``); this is
+    an intentional extension of the ``concurrent.futures`` contract.
+    """
+
+    _backend = "SingleNodeExecutor"
+
+    def __init__(self, max_workers: int | None = None, **kwargs: Any) -> None:
+        super().__init__(max_workers, **kwargs)
+
+    def _engine_config(
+        self, *, max_workers: int | None, max_cores: int | None,
+        max_gpus: int | Iterable[int] | None,
+        init_function: Callable[[], Mapping[str, Any]] | None, restart_limit: int,
+    ) -> tuple[EngineConfig, Capabilities]:
+        available = sorted(os.sched_getaffinity(0))
+        granted = os.environ.get("EXECUTORKIT_CPUS")  # nested inside an executorkit task
+        default_cores = int(granted) if granted and granted.isdigit() else len(available)
+        per_call = self._defaults.cpus
+        unsupported = {
+            "slurm_cmd_args": "it is for Slurm executors only",
+        }
+        gpus = gpu_pool(max_gpus)
+        if self._block:
+            workers = max_workers or max(1, (max_cores or default_cores) // per_call)
+            pool = workers * per_call
+            if max_cores is not None and pool > max_cores:
+                raise ResourceError(
+                    f"max_workers={workers} workers of {per_call} CPUs need {pool} CPUs but "
+                    f"max_cores={max_cores}", key="max_workers",
+                    allowed=f"max_workers <= {max_cores // per_call}")
+            need_gpus = workers * self._defaults.gpus
+            if need_gpus > len(gpus):
+                raise ResourceError(
+                    f"{workers} workers with {self._defaults.gpus} GPUs each need {need_gpus} "
+                    f"GPUs but the pool has {len(gpus)} (max_gpus)", key="gpus_per_core",
+                    allowed=f"gpus_per_core <= {len(gpus) // max(workers, 1)}")
+            unsupported["exclusive"] = "block-allocation workers have a fixed size"
+            caps = Capabilities(self._backend, pool, len(gpus), unsupported,
+                                per_task_cpus=per_call, per_task_gpus=self._defaults.gpus)
+            max_running = None
+        else:
+            workers = 0
+            pool = max_cores or (max_workers * per_call if max_workers else default_cores)
+            caps = Capabilities(self._backend, pool, len(gpus), unsupported)
+            max_running = max_workers if (max_workers and max_cores) else None
+        caps.check(self._defaults)
+        self._check_resources(self._defaults)
+        real = pool <= len(available)
+        cpus = tuple(available[:pool]) if real else tuple(range(pool))
+        forward = sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__
+        config = EngineConfig(
+            launcher=LocalLauncher(forward_output=forward), cpus=cpus, gpus=gpus,
+            real_cpus=real, gpu_variable=gpu_variable(), max_running=max_running,
+            block_workers=workers, worker_res=self._defaults, init_function=init_function,
+            restart_limit=restart_limit,
+        )
+        return config, caps
+
+    def _check_resources(self, res: Resources) -> Resources:
+        if res.cores > 1:
+            raise ResourceError(
+                f"resource_dict['cores']={res.cores}: MPI-parallel calls are not supported by "
+                f"SingleNodeExecutor yet", key="cores", allowed="cores=1")
+        return res

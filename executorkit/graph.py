@@ -1,0 +1,117 @@
+"""Dependency edges: futures found in a call's arguments.
+
+A Future anywhere in the arguments (directly, or nested in lists, tuples, dicts, sets,
+frozensets and dataclass instances) is an input of the call. When all inputs are done their
+results replace them (:func:`substitute`). Failure propagation lives with the engine, which
+turns a failed or cancelled input into a :class:`~executorkit.errors.DependencyError`.
+
+Dict *keys* are not searched: a future used as a key is hashed by identity, and replacing it
+would change the dict's meaning.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+__all__ = ["find_futures", "substitute"]
+
+# Types that never contain a future; checked by exact type, which is the fast path for the
+# arguments of nearly every call.
+_ATOMS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray, range})
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+
+
+def _walk(obj: Any, found: list[Future], seen: set[int]) -> None:
+    cls = type(obj)
+    if cls in _ATOMS:
+        return
+    if isinstance(obj, Future):
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            found.append(obj)
+        return
+    if isinstance(obj, _CONTAINERS) or _is_dataclass_instance(obj):
+        if id(obj) in seen:  # a self-referencing structure
+            return
+        seen.add(id(obj))
+        for item in _children(obj):
+            _walk(item, found, seen)
+
+
+def _is_dataclass_instance(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _children(obj: Any) -> list[Any]:
+    if isinstance(obj, Mapping):
+        return list(obj.values())
+    if _is_dataclass_instance(obj):
+        return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    return list(obj)
+
+
+def find_futures(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Future]:
+    """Every distinct future in ``args`` and ``kwargs``, in order of first appearance."""
+    found: list[Future] = []
+    seen: set[int] = set()
+    for arg in args:
+        if type(arg) not in _ATOMS:
+            _walk(arg, found, seen)
+    for arg in kwargs.values():
+        if type(arg) not in _ATOMS:
+            _walk(arg, found, seen)
+    return found
+
+
+def substitute(obj: Any, value_of: Callable[[Future], Any]) -> Any:
+    """A copy of ``obj`` with every future replaced by ``value_of(future)``.
+
+    Containers without futures are returned as they are (no copy); those with futures are
+    rebuilt with their own type (subclasses of list/dict/tuple included).
+    """
+    if type(obj) in _ATOMS:
+        return obj
+    if isinstance(obj, Future):
+        return value_of(obj)
+    if not (isinstance(obj, _CONTAINERS) or _is_dataclass_instance(obj)):
+        return obj
+    if not find_futures((obj,), {}):
+        return obj
+    if isinstance(obj, Mapping):
+        return _rebuild(obj, {k: substitute(v, value_of) for k, v in obj.items()})
+    if _is_dataclass_instance(obj):
+        clone = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            # object.__setattr__ also works for frozen dataclasses
+            object.__setattr__(clone, f.name, substitute(getattr(obj, f.name), value_of))
+        return clone
+    items = [substitute(v, value_of) for v in obj]
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*items)
+    return _rebuild(obj, items)
+
+
+def _rebuild(obj: Any, items: Any) -> Any:
+    cls = type(obj)
+    if cls in (list, tuple, set, frozenset, dict):
+        return cls(items)
+    try:
+        return cls(items)
+    except TypeError:  # a subclass with another constructor: fall back to the base type
+        for base in (dict, list, tuple, frozenset, set):
+            if isinstance(obj, base):
+                return base(items)
+        raise
+
+
+def substitute_call(
+    args: tuple[Any, ...], kwargs: dict[str, Any], value_of: Callable[[Future], Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Arguments of a call with futures replaced by their results."""
+    new_args = tuple(substitute(a, value_of) for a in args)
+    new_kwargs = {k: substitute(v, value_of) for k, v in kwargs.items()}
+    return new_args, new_kwargs

@@ -1,0 +1,88 @@
+"""Start and stop worker processes on this machine through a warm fork server.
+
+The launcher starts one fork server per executor (a fresh interpreter, once) and afterwards
+only sends it small :class:`~executorkit.transport.Spawn` / ``Kill`` requests over the
+authenticated channel the fork server opens back to the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from collections import deque
+
+from executorkit.transport import BlockingChannel, Kill, Spawn, Stop
+
+
+class LocalLauncher:
+    """Owns the fork server process; requests made before it connects are queued."""
+
+    name = "local"
+
+    def __init__(self, *, forward_output: bool) -> None:
+        self.forward_output = forward_output
+        self.process: subprocess.Popen[bytes] | None = None
+        self.chan: BlockingChannel | None = None
+        self._queued: deque[object] = deque()
+        self.stdout_fd: int | None = None
+        self.stderr_fd: int | None = None
+
+    def start(self, address: tuple[str, int], secret: bytes) -> None:
+        out = err = None
+        if self.forward_output:
+            # A notebook's sys.stdout is not file descriptor 1: read the workers' output
+            # through pipes and let the engine print it where the user looks.
+            self.stdout_fd, out = os.pipe()
+            self.stderr_fd, err = os.pipe()
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "executorkit.worker.forkserver"],
+                stdin=subprocess.PIPE, stdout=out, stderr=err, env=env,
+                start_new_session=True,  # terminal signals go to the driver only
+            )
+        finally:
+            for fd in (out, err):
+                if fd is not None:
+                    os.close(fd)
+        assert self.process.stdin is not None
+        self.process.stdin.write(pickle.dumps({"address": address, "secret": secret}))
+        self.process.stdin.close()
+
+    def attach(self, chan: BlockingChannel) -> None:
+        """The fork server said hello: send what was queued."""
+        self.chan = chan
+        while self._queued:
+            chan.send(self._queued.popleft())
+
+    def _send(self, msg: object) -> None:
+        if self.chan is None:
+            self._queued.append(msg)
+        else:
+            self.chan.send(msg)
+
+    def spawn(self, spawn: Spawn) -> None:
+        self._send(spawn)
+
+    def kill(self, worker_id: int, signum: int = 9) -> None:
+        self._send(Kill(worker_id, signum))
+
+    def stop(self) -> None:
+        """Ask the fork server to exit (it kills any worker still alive) and reap it."""
+        if self.chan is not None:
+            try:
+                self.chan.send(Stop())
+            except OSError:
+                pass
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None

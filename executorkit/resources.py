@@ -1,0 +1,272 @@
+"""The validated, frozen form of ``resource_dict`` and the merge of defaults.
+
+A user's dict is read once, at ``submit``, into a :class:`Resources` object that nothing can
+change afterwards; every later layer receives that object. The dicts themselves are never
+mutated or kept.
+
+Validation has two halves. :func:`parse` checks what any backend would reject: unknown keys,
+wrong types, zero or negative counts. :class:`Capabilities` (one per executor) then checks
+what *this* executor can grant: keys it cannot honour and requests larger than its pool. Both
+raise :class:`~executorkit.errors.ResourceError` naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from executorkit.errors import ResourceError
+
+__all__ = ["KEYS", "Capabilities", "Resources", "merge", "parse"]
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What one call asks for. ``env`` and ``slurm_cmd_args`` are tuples so the object hashes."""
+
+    cores: int = 1
+    threads_per_core: int = 1
+    gpus_per_core: int = 0
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    cache_key: str | None = None
+    cache_directory: str | None = None
+    num_nodes: int | None = None
+    exclusive: bool = False
+    error_log_file: str | None = None
+    run_time_max: float | None = None
+    priority: int = 0
+    slurm_cmd_args: tuple[str, ...] = ()
+    # Keys the user set explicitly, so a backend can reject what it cannot honour even when
+    # the value equals the default (``exclusive=False`` is harmless, ``num_nodes=1`` is not
+    # always).
+    given: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @property
+    def cpus(self) -> int:
+        """CPUs this call occupies: one per thread of every rank."""
+        return self.cores * self.threads_per_core
+
+    @property
+    def gpus(self) -> int:
+        return self.cores * self.gpus_per_core
+
+    def as_dict(self) -> dict[str, Any]:
+        """The explicitly given keys as a plain dict (for the cache record and for display)."""
+        out: dict[str, Any] = {}
+        for name in sorted(self.given):
+            value = getattr(self, name)
+            if name == "env":
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[name] = value
+        return out
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be a positive int, got {value!r} "
+            f"({type(value).__name__})",
+            key=key, allowed="a positive int",
+        )
+    if value < 1:
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be >= 1, got {value}", key=key, allowed="a positive int"
+        )
+    return value
+
+
+def _non_negative_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be an int >= 0, got {value!r}",
+            key=key, allowed="an int >= 0",
+        )
+    return value
+
+
+def _path(key: str, value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be a non-empty path (str or os.PathLike), "
+            f"got {value!r}",
+            key=key, allowed="a path",
+        )
+    return os.path.abspath(os.fspath(value))
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be True or False, got {value!r}",
+            key=key, allowed="True or False",
+        )
+    return value
+
+
+def _env(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and k and "=" not in k and isinstance(v, str)
+        for k, v in value.items()
+    ):
+        raise ResourceError(
+            f"resource_dict[{key!r}] must map variable names (no '=') to str values, "
+            f"got {value!r}",
+            key=key, allowed="a dict[str, str]",
+        )
+    return tuple(sorted(value.items()))
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        value > 0 and math.isfinite(value)
+    ):
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be a positive number of seconds, got {value!r}",
+            key=key, allowed="a positive, finite number of seconds",
+        )
+    return float(value)
+
+
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be an int, got {value!r}", key=key, allowed="an int"
+        )
+    return value
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be a non-empty str, got {value!r}",
+            key=key, allowed="a non-empty str",
+        )
+    return value
+
+
+def _args(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be a list of separate arguments, not one str "
+            f"({value!r}); write e.g. ['--mem=4G', '--partition=debug']",
+            key=key, allowed="a list of str",
+        )
+    if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) for a in value):
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be a list of str, got {value!r}",
+            key=key, allowed="a list of str",
+        )
+    return tuple(value)
+
+
+_CHECKS = {
+    "cores": _positive_int,
+    "threads_per_core": _positive_int,
+    "gpus_per_core": _non_negative_int,
+    "cwd": _path,
+    "env": _env,
+    "cache_key": _str,
+    "cache_directory": _path,
+    "num_nodes": _positive_int,
+    "exclusive": _bool,
+    "error_log_file": _path,
+    "run_time_max": _seconds,
+    "priority": _int,
+    "slurm_cmd_args": _args,
+}
+KEYS = frozenset(_CHECKS)
+assert KEYS == {f.name for f in fields(Resources)} - {"given"}
+
+
+def _unknown_key_error(key: object) -> ResourceError:
+    allowed = ", ".join(sorted(KEYS))
+    return ResourceError(
+        f"unknown resource_dict key {key!r}; allowed keys: {allowed}", key=str(key),
+        allowed=allowed,
+    )
+
+
+def parse(resource_dict: Mapping[str, Any] | None, base: Resources = Resources()) -> Resources:
+    """Check ``resource_dict`` and lay it over ``base``, key by key."""
+    if resource_dict is None:
+        return base
+    if not isinstance(resource_dict, Mapping):
+        raise ResourceError(
+            f"resource_dict must be a dict, got {type(resource_dict).__name__}",
+            key="resource_dict", allowed="a dict or None",
+        )
+    if not resource_dict:
+        return base
+    changes: dict[str, Any] = {}
+    for key, value in resource_dict.items():
+        check = _CHECKS.get(key)
+        if check is None:
+            raise _unknown_key_error(key)
+        changes[key] = check(key, value)
+    if "cache_key" in changes:
+        # Imported here: the key rules live with the cache, and the cache imports this module.
+        from executorkit.cache import validate_cache_key
+
+        validate_cache_key(changes["cache_key"])
+    return replace(base, **changes, given=base.given | changes.keys())
+
+
+def merge(defaults: Resources, resource_dict: Mapping[str, Any] | None) -> Resources:
+    """Per-call dict over executor defaults (an alias that reads well at call sites)."""
+    return parse(resource_dict, defaults)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What one executor can grant; ``check`` rejects everything else at ``submit``.
+
+    ``unsupported`` maps a key to the reason this backend cannot honour it.
+    ``max_cpus``/``max_gpus`` are the whole pool; ``per_task_cpus`` (block allocation) is the
+    most one call can get, the size of one worker.
+    """
+
+    backend: str
+    max_cpus: int
+    max_gpus: int
+    unsupported: Mapping[str, str] = field(default_factory=dict)
+    per_task_cpus: int | None = None
+    per_task_gpus: int | None = None
+    max_nodes: int = 1
+
+    def check(self, res: Resources) -> Resources:
+        for key in res.given:
+            reason = self.unsupported.get(key)
+            if reason is not None:
+                raise ResourceError(
+                    f"{self.backend} cannot honour resource_dict[{key!r}]: {reason}", key=key,
+                    allowed=f"keys other than {key!r} on {self.backend}",
+                )
+        limit = self.per_task_cpus if self.per_task_cpus is not None else self.max_cpus
+        if res.cpus > limit and not res.exclusive:
+            what = "one worker has" if self.per_task_cpus is not None else "the executor has"
+            raise ResourceError(
+                f"the call asks for cores x threads_per_core = {res.cores} x "
+                f"{res.threads_per_core} = {res.cpus} CPUs but {what} {limit}",
+                key="cores", allowed=f"cores * threads_per_core <= {limit}",
+            )
+        glimit = self.per_task_gpus if self.per_task_gpus is not None else self.max_gpus
+        if res.gpus > glimit:
+            raise ResourceError(
+                f"the call asks for cores x gpus_per_core = {res.cores} x {res.gpus_per_core} "
+                f"= {res.gpus} GPUs but {glimit} can be granted (declare the pool with "
+                f"max_gpus=...)",
+                key="gpus_per_core", allowed=f"cores * gpus_per_core <= {glimit}",
+            )
+        if res.num_nodes is not None and res.num_nodes > self.max_nodes:
+            raise ResourceError(
+                f"resource_dict['num_nodes']={res.num_nodes} but {self.backend} has "
+                f"{self.max_nodes} node(s)",
+                key="num_nodes", allowed=f"1..{self.max_nodes}",
+            )
+        return res

@@ -1,0 +1,190 @@
+"""The pool and the admission policy, as a plain state machine.
+
+Events go in (:meth:`Scheduler.submit`, :meth:`Scheduler.finish`, :meth:`Scheduler.withdraw`),
+decisions come out (a list of :class:`Start`). There are no threads, clocks or processes
+here, so the policy is tested by feeding events and reading decisions.
+
+Policy
+------
+* Waiting tasks are ordered by priority (higher first), then by submission.
+* The pool is a set of CPU slots and GPU ids. A task needs ``cpus`` slots and ``gpus`` ids
+  (``exclusive`` tasks need the whole pool).
+* Whenever resources free, the best waiting task that fits starts at once (backfill).
+* Starvation guard: if the best task does not fit and smaller tasks have overtaken it
+  ``starvation_limit`` times, nothing else starts until it does. The pool then drains
+  towards it, so a large task is never blocked forever by a stream of small ones.
+
+Waiting tasks are kept in one heap per *shape* (cpus, gpus). Campaigns have few shapes, so
+finding the best task that fits costs O(shapes * log n), not a scan of every waiting task.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+__all__ = ["Demand", "Scheduler", "Start"]
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    cpus: int = 1
+    gpus: int = 0
+    exclusive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Decision: start ``task`` on these CPU slots and GPU ids."""
+
+    task: Hashable
+    cpus: tuple[int, ...]
+    gpus: tuple[int, ...]
+
+
+class Scheduler:
+    """Admission control for one pool; not thread-safe (the engine holds a lock around it)."""
+
+    def __init__(
+        self,
+        cpus: Iterable[int],
+        gpus: Iterable[int] = (),
+        *,
+        max_running: int | None = None,
+        starvation_limit: int | None = None,
+    ) -> None:
+        self._all_cpus = tuple(cpus)
+        self._all_gpus = tuple(gpus)
+        if not self._all_cpus:
+            raise ValueError("a pool needs at least one CPU slot")
+        self._free_cpus = sorted(self._all_cpus, reverse=True)  # pop() takes the lowest id
+        self._free_gpus = sorted(self._all_gpus, reverse=True)
+        self._max_running = max_running
+        self._starvation_limit = (
+            starvation_limit if starvation_limit is not None else 2 * len(self._all_cpus)
+        )
+        self._seq = itertools.count()
+        # shape -> heap of (-priority, seq, task); entries of withdrawn tasks stay until popped
+        self._queues: dict[tuple[int, int], list[tuple[int, int, Hashable]]] = {}
+        self._waiting: dict[Hashable, tuple[int, int]] = {}  # task -> shape
+        self._running: dict[Hashable, Start] = {}
+        self._overtaken = 0  # times the current best waiting task was passed over
+        self._best_seen: Hashable = None
+
+    # ------------------------------------------------------------------ events
+    def submit(self, task: Hashable, demand: Demand, priority: int = 0) -> list[Start]:
+        if task in self._waiting or task in self._running:
+            raise ValueError(f"task {task!r} is already known to the scheduler")
+        shape = self._shape(demand)
+        if shape[0] > len(self._all_cpus) or shape[1] > len(self._all_gpus):
+            raise ValueError(f"demand {demand} exceeds the pool")
+        heapq.heappush(self._queues.setdefault(shape, []), (-priority, next(self._seq), task))
+        self._waiting[task] = shape
+        return self._admit()
+
+    def finish(self, task: Hashable) -> list[Start]:
+        """A running task ended: free its resources and start what now fits."""
+        start = self._running.pop(task)
+        self._free_cpus.extend(start.cpus)
+        self._free_cpus.sort(reverse=True)
+        if start.gpus:
+            self._free_gpus.extend(start.gpus)
+            self._free_gpus.sort(reverse=True)
+        return self._admit()
+
+    def withdraw(self, task: Hashable) -> bool:
+        """Remove a waiting task (cancelled). Returns False if it is not waiting."""
+        if self._waiting.pop(task, None) is None:
+            return False
+        # The heap entry is skipped lazily when it reaches the top.
+        return True
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def free_cpus(self) -> int:
+        return len(self._free_cpus)
+
+    @property
+    def free_gpus(self) -> int:
+        return len(self._free_gpus)
+
+    def is_running(self, task: Hashable) -> bool:
+        return task in self._running
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the books do not balance (used by the tests)."""
+        used_cpus = [c for s in self._running.values() for c in s.cpus]
+        used_gpus = [g for s in self._running.values() for g in s.gpus]
+        assert len(set(used_cpus)) == len(used_cpus), "a CPU slot is granted twice"
+        assert len(set(used_gpus)) == len(used_gpus), "a GPU is granted twice"
+        assert sorted(used_cpus + self._free_cpus) == sorted(self._all_cpus)
+        assert sorted(used_gpus + self._free_gpus) == sorted(self._all_gpus)
+        assert not (self._waiting.keys() & self._running.keys())
+
+    # ------------------------------------------------------------------ policy
+    def _shape(self, demand: Demand) -> tuple[int, int]:
+        if demand.exclusive:
+            return (len(self._all_cpus), len(self._all_gpus))
+        return (demand.cpus, demand.gpus)
+
+    def _head(self, shape: tuple[int, int]) -> tuple[int, int, Hashable] | None:
+        """Best live entry of one shape's queue, dropping withdrawn ones."""
+        queue = self._queues[shape]
+        while queue:
+            entry = queue[0]
+            if self._waiting.get(entry[2]) == shape:
+                return entry
+            heapq.heappop(queue)
+        del self._queues[shape]
+        return None
+
+    def _fits(self, shape: tuple[int, int]) -> bool:
+        return shape[0] <= len(self._free_cpus) and shape[1] <= len(self._free_gpus)
+
+    def _admit(self) -> list[Start]:
+        started: list[Start] = []
+        while self._waiting:
+            if self._max_running is not None and len(self._running) >= self._max_running:
+                break
+            heads = []
+            for shape in list(self._queues):
+                entry = self._head(shape)
+                if entry is not None:
+                    heads.append((entry, shape))
+            if not heads:
+                break
+            heads.sort()
+            best_entry, best_shape = heads[0]
+            if self._best_seen != best_entry[2]:
+                self._best_seen, self._overtaken = best_entry[2], 0
+            if self._fits(best_shape):
+                started.append(self._start(best_entry, best_shape))
+                continue
+            if self._overtaken >= self._starvation_limit:
+                break  # drain the pool until the best task fits
+            fitting = [(e, s) for e, s in heads[1:] if self._fits(s)]
+            if not fitting:
+                break
+            self._overtaken += 1
+            started.append(self._start(*fitting[0]))
+        return started
+
+    def _start(self, entry: tuple[int, int, Hashable], shape: tuple[int, int]) -> Start:
+        heapq.heappop(self._queues[shape])
+        task = entry[2]
+        del self._waiting[task]
+        cpus = tuple(self._free_cpus.pop() for _ in range(shape[0]))
+        gpus = tuple(self._free_gpus.pop() for _ in range(shape[1]))
+        start = Start(task, cpus, gpus)
+        self._running[task] = start
+        return start

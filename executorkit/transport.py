@@ -1,0 +1,246 @@
+"""Typed messages between the driver and its worker processes, authenticated.
+
+Wire format of one frame::
+
+    +----------------+-----------------------------+------------------+
+    | length (8 B BE)| HMAC-SHA256(secret, body)   | body (pickle)    |
+    +----------------+-----------------------------+------------------+
+
+Every executor draws a fresh 32-byte secret. A frame whose MAC does not verify is dropped
+together with its connection *before* the body is unpickled, so nobody else on a shared
+node can make the driver or a worker unpickle (that is, run) anything. Bodies are pickles of
+the small message classes below; user objects inside them are already ``bytes`` produced by
+cloudpickle, so the frame itself is cheap to encode.
+
+Local work listens on 127.0.0.1 only; the address is handed to workers through their
+standard input (never on a command line, where ``ps`` would show it with the secret).
+"""
+
+from __future__ import annotations
+
+import hmac
+import pickle
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "AuthenticationError", "BlockingChannel", "Exited", "FrameReader", "Hello", "Kill",
+    "RunTask", "Spawn", "Stop", "TaskDone", "encode",
+]
+
+_HEADER = struct.Struct("!Q32s")
+MAX_FRAME = 1 << 40  # refuse absurd lengths from a confused or hostile peer
+
+
+class AuthenticationError(ConnectionError):
+    """A frame failed authentication; the connection must be dropped."""
+
+
+# --------------------------------------------------------------------------- messages
+@dataclass(slots=True)
+class Hello:
+    """First frame of a worker (or the fork server, ``worker_id`` 0) on a new connection."""
+
+    worker_id: int
+    pid: int
+    host: str
+
+
+@dataclass(slots=True)
+class TaskSetup:
+    """Per-call process settings applied by a persistent worker around one call."""
+
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(slots=True)
+class CacheSpec:
+    """Where and how the worker records a finished call in the cache."""
+
+    directory: str
+    key: str
+    function_name: str
+    resource_dict: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RunTask:
+    """Run ``payload`` = cloudpickle of (fn, args, kwargs)."""
+
+    task_id: int
+    payload: bytes
+    setup: TaskSetup | None = None
+    cache: CacheSpec | None = None
+
+
+@dataclass(slots=True)
+class TaskDone:
+    """``ok``: payload is the pickled result; else a pickled :class:`ErrorInfo`."""
+
+    task_id: int
+    ok: bool
+    payload: bytes
+    started: float
+    finished: float
+
+
+@dataclass(slots=True)
+class ErrorInfo:
+    """An exception as it crosses back: the pickled object if possible, always its text."""
+
+    exc: bytes | None
+    type_name: str
+    message: str
+    traceback: str
+    kind: str = "raised"  # "raised" | "serialization"
+
+
+@dataclass(slots=True)
+class InitFailed:
+    """A persistent worker's ``init_function`` raised: ``info`` says what."""
+
+    info: ErrorInfo
+
+
+@dataclass(slots=True)
+class Stop:
+    """Ask a worker (or the fork server) to exit."""
+
+
+@dataclass(slots=True)
+class Spawn:
+    """Fork-server request: start worker ``worker_id`` with these process settings."""
+
+    worker_id: int
+    env: tuple[tuple[str, str], ...]
+    cwd: str | None
+    cpus: tuple[int, ...] | None  # CPU affinity, None = inherit
+    persistent: bool
+    init_payload: bytes | None = None  # cloudpickled init_function (persistent workers)
+
+
+@dataclass(slots=True)
+class Kill:
+    """Fork-server request: kill worker ``worker_id``'s process group."""
+
+    worker_id: int
+    signum: int = 9
+
+
+@dataclass(slots=True)
+class Exited:
+    """Fork-server report: worker ``worker_id`` (``pid``) ended with ``status``.
+
+    ``status`` follows ``subprocess``: the exit code, or minus the signal number.
+    """
+
+    worker_id: int
+    pid: int
+    status: int
+
+
+@dataclass(slots=True)
+class SpawnFailed:
+    """Fork-server report: ``fork()`` itself failed for ``worker_id``."""
+
+    worker_id: int
+    reason: str
+
+
+# --------------------------------------------------------------------------- framing
+def encode(message: object, secret: bytes) -> tuple[bytes, bytes]:
+    """Header and body of one frame (kept apart so large bodies are never copied)."""
+    body = pickle.dumps(message, protocol=5)
+    return _HEADER.pack(len(body), hmac.digest(secret, body, "sha256")), body
+
+
+def _verify(secret: bytes, mac: bytes, body: bytes | memoryview) -> Any:
+    if not hmac.compare_digest(mac, hmac.digest(secret, body, "sha256")):
+        raise AuthenticationError("frame failed authentication (wrong secret?); dropping peer")
+    return pickle.loads(body)
+
+
+class FrameReader:
+    """Incremental decoder for bytes arriving on a non-blocking or select()ed socket."""
+
+    __slots__ = ("_buf", "_secret")
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        self._buf += data
+        out = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= _HEADER.size:
+            length, mac = _HEADER.unpack_from(buf, pos)
+            if length > MAX_FRAME:
+                raise AuthenticationError(f"frame length {length} is implausible")
+            end = pos + _HEADER.size + length
+            if len(buf) < end:
+                break
+            out.append(_verify(self._secret, mac, memoryview(buf)[pos + _HEADER.size:end]))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
+
+
+class BlockingChannel:
+    """A framed, authenticated, blocking connection (worker side, and driver-side sends).
+
+    ``send`` may be called from several threads; frames are never interleaved.
+    """
+
+    def __init__(self, sock: socket.socket, secret: bytes) -> None:
+        import threading
+
+        self.sock = sock
+        self.secret = secret
+        self._send_lock = threading.Lock()
+        self._header = bytearray(_HEADER.size)
+
+    def send(self, message: object) -> None:
+        header, body = encode(message, self.secret)
+        with self._send_lock:
+            if len(body) < 65536:
+                self.sock.sendall(header + body)
+            else:
+                self.sock.sendall(header)
+                self.sock.sendall(body)
+
+    def recv(self) -> Any:
+        """Next message; raises EOFError when the peer closed the connection."""
+        header = self._recv_exact(_HEADER.size)
+        length, mac = _HEADER.unpack(header)
+        if length > MAX_FRAME:
+            raise AuthenticationError(f"frame length {length} is implausible")
+        return _verify(self.secret, mac, self._recv_exact(length))
+
+    def _recv_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise EOFError("connection closed by peer")
+            got += k
+        return buf
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def connect(address: tuple[str, int], secret: bytes) -> BlockingChannel:
+    sock = socket.create_connection(address)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return BlockingChannel(sock, secret)

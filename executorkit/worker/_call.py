@@ -1,0 +1,162 @@
+"""Run one call and package its outcome as a :class:`~executorkit.transport.TaskDone`."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import cloudpickle
+
+from executorkit.transport import CacheSpec, ErrorInfo, RunTask, TaskDone, TaskSetup
+
+_signature_cache: dict[Any, frozenset[str] | None] = {}
+
+
+def error_info(exc: BaseException, *, kind: str = "raised", skip_frames: int = 0) -> ErrorInfo:
+    """The exception as bytes if it survives a round trip through pickle, always as text."""
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None:
+            tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    try:
+        blob: bytes | None = cloudpickle.dumps(exc)
+        pickle.loads(blob)  # an exception that pickles but cannot be rebuilt is as bad
+    except Exception:
+        blob = None
+    return ErrorInfo(blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), text,
+                     kind)
+
+
+def _parameters(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """Names ``fn`` accepts by keyword (None: it takes **kwargs, so it accepts anything)."""
+    try:
+        return _signature_cache[fn]
+    except (KeyError, TypeError):
+        pass
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        names: frozenset[str] | None = frozenset()
+    else:
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            names = None
+        else:
+            names = frozenset(
+                p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            )
+    try:
+        _signature_cache[fn] = names
+    except TypeError:
+        pass
+    return names
+
+
+def inject(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+           values: Mapping[str, Any]) -> dict[str, Any]:
+    """Add ``init_function`` results to ``kwargs`` for parameters ``fn`` takes by that name
+    and the caller did not pass itself."""
+    names = _parameters(fn)
+    try:
+        bound = set(inspect.signature(fn).bind_partial(*args).arguments) if args else set()
+    except (TypeError, ValueError):
+        bound = set()
+    extra = {
+        k: v for k, v in values.items()
+        if (names is None or k in names) and k not in kwargs and k not in bound
+    }
+    return {**kwargs, **extra} if extra else kwargs
+
+
+class _Setup:
+    """Apply a per-call cwd and environment in a persistent worker, then undo them."""
+
+    def __init__(self, setup: TaskSetup | None) -> None:
+        self.setup = setup
+        self.old_env: dict[str, str | None] = {}
+        self.old_cwd: str | None = None
+
+    def __enter__(self) -> None:
+        if self.setup is None:
+            return
+        for key, value in self.setup.env:
+            self.old_env[key] = os.environ.get(key)
+            os.environ[key] = value
+        if self.setup.cwd:
+            self.old_cwd = os.getcwd()
+            os.makedirs(self.setup.cwd, exist_ok=True)
+            os.chdir(self.setup.cwd)
+
+    def __exit__(self, *exc: object) -> None:
+        for key, value in self.old_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if self.old_cwd is not None:
+            os.chdir(self.old_cwd)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
+    """Unpickle, call, pickle: every failure becomes an error payload, never a crash."""
+    started = time.time()
+    try:
+        fn, args, kwargs = pickle.loads(msg.payload)
+    except BaseException as exc:
+        return _failed(msg, started, error_info(exc, kind="serialization"))
+    ok = False
+    try:
+        with _Setup(msg.setup):
+            if init_values:
+                kwargs = inject(fn, args, kwargs, init_values)
+            result = fn(*args, **kwargs)
+        ok = True
+    except BaseException as exc:
+        info = error_info(exc, skip_frames=1)
+    finally:
+        _flush()
+    if ok:
+        try:
+            payload = cloudpickle.dumps(result)
+        except BaseException as exc:
+            info = error_info(exc, kind="serialization")
+            info.message = (f"the result of {_name(fn)} (a {type(result).__qualname__}) "
+                            f"cannot be pickled: {info.message}")
+        else:
+            done = TaskDone(msg.task_id, True, payload, started, time.time())
+            _record(msg.cache, done, msg.payload)
+            return done
+    return _failed(msg, started, info)
+
+
+def _failed(msg: RunTask, started: float, info: ErrorInfo) -> TaskDone:
+    done = TaskDone(msg.task_id, False, pickle.dumps(info, protocol=5), started, time.time())
+    _record(msg.cache, done, msg.payload)
+    return done
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _record(spec: CacheSpec | None, done: TaskDone, call_payload: bytes) -> None:
+    """Write the finished call to the cache (in the worker: large results never travel twice)."""
+    if spec is None:
+        return
+    from executorkit.cache._writer import record_call
+
+    record_call(spec, done, call_payload)

@@ -1,0 +1,177 @@
+"""The fork server: a warm interpreter that forks worker processes on request.
+
+Started once per executor as ``python -m executorkit.worker.forkserver``; reads its bootstrap
+(the driver's address and secret) from standard input, connects back like a worker, and
+then serves :class:`Spawn` and :class:`Kill` requests. Forking this small, single-threaded,
+pre-imported process costs about a millisecond, where a fresh interpreter costs tens.
+
+It is also the parent of every worker, so it is the one that learns how each ended: it reaps
+children on SIGCHLD and reports an :class:`Exited` with the status. When the driver goes
+away (EOF), it kills every worker's process group and exits, so nothing is left behind.
+
+Data flow::
+
+    driver --Spawn/Kill/Stop--> fork server --fork()--> worker --Hello/TaskDone--> driver
+    driver <-------------------- Exited(status) ------- fork server (waitpid)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+
+# Pre-import what every worker needs, so a forked child starts warm.
+import cloudpickle  # noqa: F401
+
+from executorkit.transport import (
+    Exited, FrameReader, Hello, Kill, Spawn, SpawnFailed, Stop, connect,
+)
+from executorkit.worker import _call, loop
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the fork server dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class ForkServer:
+    def __init__(self, address: tuple[str, int], secret: bytes) -> None:
+        self.address = address
+        self.secret = secret
+        self.chan = connect(address, secret)
+        self.chan.send(Hello(0, os.getpid(), socket.gethostname()))
+        self.reader = FrameReader(secret)
+        self.children: dict[int, int] = {}  # pid -> worker_id
+        self.pids: dict[int, int] = {}  # worker_id -> pid
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        self.wake_w = wake_w
+        # A Python-level handler is needed so SIGCHLD is delivered; the wakeup fd makes
+        # select() return when it arrives.
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(wake_w)
+
+    def run(self) -> None:
+        sock = self.chan.sock
+        while True:
+            ready, _, _ = select.select([sock, self.wake_r], [], [])
+            if self.wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wake_r, 4096)
+                self._reap()
+            if sock in ready:
+                data = sock.recv(1 << 16)
+                if not data:
+                    break
+                if not self._handle(self.reader.feed(data)):
+                    break
+        self._kill_all()
+
+    def _handle(self, messages: list[object]) -> bool:
+        for msg in messages:
+            if isinstance(msg, Spawn):
+                self._spawn(msg)
+            elif isinstance(msg, Kill):
+                self._kill(msg.worker_id, msg.signum)
+            elif isinstance(msg, Stop):
+                return False
+        return True
+
+    def _spawn(self, msg: Spawn) -> None:
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.chan.send(SpawnFailed(msg.worker_id, f"fork() failed: {exc}"))
+            return
+        if pid == 0:  # child
+            code = 70
+            try:
+                code = self._child(msg)
+            finally:
+                os._exit(code)
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
+        self.children[pid] = msg.worker_id
+        self.pids[msg.worker_id] = pid
+
+    def _child(self, msg: Spawn) -> int:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        self.chan.close()
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+        _die_with_parent()
+        for key, value in msg.env:
+            os.environ[key] = value
+        if msg.cpus:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, msg.cpus)
+        setup = _call.TaskSetup(cwd=msg.cwd) if msg.cwd else None
+        return loop.serve(self.address, self.secret, msg.worker_id, persistent=msg.persistent,
+                          init_payload=msg.init_payload, setup=setup)
+
+    def _kill(self, worker_id: int, signum: int) -> None:
+        pid = self.pids.get(worker_id)
+        if pid is None:
+            return  # already reaped: never signal a pid that may have been reused
+        try:
+            os.killpg(pid, signum)
+        except ProcessLookupError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker_id = self.children.pop(pid, None)
+            if worker_id is None:
+                continue
+            self.pids.pop(worker_id, None)
+            code = os.waitstatus_to_exitcode(status)
+            # The worker's own children (e.g. mpiexec ranks) die with its group.
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+            self.chan.send(Exited(worker_id, pid, code))
+
+    def _kill_all(self) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in list(self.children):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def main() -> None:
+    boot = pickle.loads(sys.stdin.buffer.read())
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    try:
+        ForkServer(boot["address"], boot["secret"]).run()
+    except (ConnectionError, EOFError):
+        pass
+
+
+if __name__ == "__main__":
+    main()
