@@ -181,7 +181,7 @@ _CHECKS = {
     "slurm_cmd_args": _args,
 }
 KEYS = frozenset(_CHECKS)
-assert KEYS == {f.name for f in fields(Resources)} - {"given"}
+assert {f.name for f in fields(Resources)} - {"given"} == KEYS
 
 
 def _unknown_key_error(key: object) -> ResourceError:

@@ -61,7 +61,7 @@ class Scheduler:
             raise ValueError("a pool needs at least one CPU slot")
         self._free_cpus = sorted(self._all_cpus, reverse=True)  # pop() takes the lowest id
         self._free_gpus = sorted(self._all_gpus, reverse=True)
-        self._max_running = max_running
+        self.max_running = max_running
         self._starvation_limit = (
             starvation_limit if starvation_limit is not None else 2 * len(self._all_cpus)
         )
@@ -92,6 +92,10 @@ class Scheduler:
         if start.gpus:
             self._free_gpus.extend(start.gpus)
             self._free_gpus.sort(reverse=True)
+        return self._admit()
+
+    def finish_none(self) -> list[Start]:
+        """Start what fits now (after a limit changed or several finishes were batched)."""
         return self._admit()
 
     def withdraw(self, task: Hashable) -> bool:
@@ -154,7 +158,7 @@ class Scheduler:
     def _admit(self) -> list[Start]:
         started: list[Start] = []
         while self._waiting:
-            if self._max_running is not None and len(self._running) >= self._max_running:
+            if self.max_running is not None and len(self._running) >= self.max_running:
                 break
             heads = []
             for shape in list(self._queues):

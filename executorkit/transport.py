@@ -18,6 +18,7 @@ standard input (never on a command line, where ``ps`` would show it with the sec
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import pickle
 import socket
@@ -39,8 +40,17 @@ class AuthenticationError(ConnectionError):
 
 
 # --------------------------------------------------------------------------- messages
+class _Message:
+    """Pickles as (class, field values): about 4x cheaper than the default for slots."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return type(self), tuple(getattr(self, name) for name in self.__slots__)
+
+
 @dataclass(slots=True)
-class Hello:
+class Hello(_Message):
     """First frame of a worker (or the fork server, ``worker_id`` 0) on a new connection."""
 
     worker_id: int
@@ -49,7 +59,7 @@ class Hello:
 
 
 @dataclass(slots=True)
-class TaskSetup:
+class TaskSetup(_Message):
     """Per-call process settings applied by a persistent worker around one call."""
 
     cwd: str | None = None
@@ -57,7 +67,7 @@ class TaskSetup:
 
 
 @dataclass(slots=True)
-class CacheSpec:
+class CacheSpec(_Message):
     """Where and how the worker records a finished call in the cache."""
 
     directory: str
@@ -67,17 +77,18 @@ class CacheSpec:
 
 
 @dataclass(slots=True)
-class RunTask:
-    """Run ``payload`` = cloudpickle of (fn, args, kwargs)."""
+class RunTask(_Message):
+    """Run the call: ``fn`` is the pickled function, ``args`` the pickled (args, kwargs)."""
 
     task_id: int
-    payload: bytes
+    fn: bytes
+    args: bytes
     setup: TaskSetup | None = None
     cache: CacheSpec | None = None
 
 
 @dataclass(slots=True)
-class TaskDone:
+class TaskDone(_Message):
     """``ok``: payload is the pickled result; else a pickled :class:`ErrorInfo`."""
 
     task_id: int
@@ -88,7 +99,7 @@ class TaskDone:
 
 
 @dataclass(slots=True)
-class ErrorInfo:
+class ErrorInfo(_Message):
     """An exception as it crosses back: the pickled object if possible, always its text."""
 
     exc: bytes | None
@@ -99,19 +110,19 @@ class ErrorInfo:
 
 
 @dataclass(slots=True)
-class InitFailed:
+class InitFailed(_Message):
     """A persistent worker's ``init_function`` raised: ``info`` says what."""
 
     info: ErrorInfo
 
 
 @dataclass(slots=True)
-class Stop:
+class Stop(_Message):
     """Ask a worker (or the fork server) to exit."""
 
 
 @dataclass(slots=True)
-class Spawn:
+class Spawn(_Message):
     """Fork-server request: start worker ``worker_id`` with these process settings."""
 
     worker_id: int
@@ -123,7 +134,7 @@ class Spawn:
 
 
 @dataclass(slots=True)
-class Kill:
+class Kill(_Message):
     """Fork-server request: kill worker ``worker_id``'s process group."""
 
     worker_id: int
@@ -131,7 +142,7 @@ class Kill:
 
 
 @dataclass(slots=True)
-class Exited:
+class Exited(_Message):
     """Fork-server report: worker ``worker_id`` (``pid``) ended with ``status``.
 
     ``status`` follows ``subprocess``: the exit code, or minus the signal number.
@@ -143,7 +154,7 @@ class Exited:
 
 
 @dataclass(slots=True)
-class SpawnFailed:
+class SpawnFailed(_Message):
     """Fork-server report: ``fork()`` itself failed for ``worker_id``."""
 
     worker_id: int
@@ -234,10 +245,8 @@ class BlockingChannel:
         return buf
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 def connect(address: tuple[str, int], secret: bytes) -> BlockingChannel:

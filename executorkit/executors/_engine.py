@@ -52,6 +52,7 @@ from typing import Any
 import cloudpickle
 
 from executorkit import graph
+from executorkit._pickling import FunctionPickles, dumps_args
 from executorkit.errors import (
     DependencyError,
     ExecutorBrokenError,
@@ -78,6 +79,7 @@ from executorkit.transport import (
     Stop,
     TaskDone,
     TaskSetup,
+    encode,
 )
 
 log = logging.getLogger("executorkit")
@@ -89,6 +91,9 @@ THREAD_VARIABLES = (
 
 # Task states
 WAITING, QUEUED, RUNNING, FINISHED = range(4)
+
+DEPTH = 16  # most calls queued in one block-allocation worker (tiny calls only)
+TINY = 0.002  # seconds: calls shorter than this on average may be queued in workers
 
 
 class TaskFuture(Future):
@@ -135,7 +140,7 @@ class _Task:
         self.state = WAITING
         self.deps: list[Future] | None = None
         self.deps_left = 0
-        self.payload: bytes | None = None
+        self.payload: tuple[bytes, bytes] | None = None
         self.worker: _Worker | None = None
         self.key: str | None = None
         self.cache_spec: CacheSpec | None = None
@@ -155,9 +160,13 @@ class _Task:
 
 
 class _Worker:
+    """A worker process. ``tasks`` holds the calls sent to it without a result yet, in the
+    order sent: the first is the one running, the others (block allocation, tiny calls
+    only) wait in the worker's own queue."""
+
     __slots__ = (
-        "chan", "eof", "exit_status", "host", "id", "persistent", "pid", "queued", "slot",
-        "stopping", "task", "sched_task",
+        "chan", "eof", "exit_status", "held", "host", "id", "out", "persistent", "pid",
+        "slot", "stopping", "tasks",
     )
 
     def __init__(self, worker_id: int, *, persistent: bool, slot: int | None = None) -> None:
@@ -167,9 +176,9 @@ class _Worker:
         self.chan: BlockingChannel | None = None
         self.pid: int | None = None
         self.host: str | None = None
-        self.task: _Task | None = None  # the call it is running (no result yet)
-        self.sched_task: int | None = None  # task id holding scheduler resources
-        self.queued: RunTask | None = None  # sent once the worker has said hello
+        self.tasks: dict[int, _Task] = {}
+        self.held: int | None = None  # per-task worker: task id whose resources it holds
+        self.out: list[bytes] = []  # frames to send (buffered until hello / end of the turn)
         self.eof = False
         self.exit_status: int | None = None
         self.stopping = False  # killed on purpose (cancel, timeout, shutdown)
@@ -221,9 +230,16 @@ class Engine:
         self.broken: BaseException | None = None
         self._wake_pending = False
         self._counts = {"done": 0, "failed": 0, "cancelled": 0}
+        self._dirty: set[_Worker] = set()
+        self._runtime = 1.0  # moving average of call run times (seconds), block allocation
+        self._pickles = FunctionPickles()
 
         if config.block_workers:
-            self.sched = Scheduler(range(config.block_workers), max_running=None)
+            # DEPTH slots per worker: slot s belongs to worker s % workers. While calls are
+            # tiny, several may wait in a worker's own queue (fewer round trips); otherwise
+            # max_running keeps one call per worker so long calls backfill perfectly.
+            self.sched = Scheduler(range(config.block_workers * DEPTH),
+                                   max_running=config.block_workers)
         else:
             self.sched = Scheduler(config.cpus, config.gpus, max_running=config.max_running)
 
@@ -289,7 +305,7 @@ class Engine:
                 dep.add_done_callback(task.input_done)
         else:
             try:
-                task.payload = _dumps_call(fn, args, kwargs)
+                task.payload = self._dumps_call(fn, args, kwargs)
             except SerializationError as exc:
                 self.tasks.pop(task.id, None)
                 task.state = FINISHED
@@ -307,6 +323,13 @@ class Engine:
         if wait:
             self._stopped.wait()
             self.thread.join()
+
+    def _dumps_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> tuple[bytes, bytes]:
+        try:
+            return self._pickles.dumps(fn), dumps_args(args, kwargs)
+        except Exception as exc:
+            raise SerializationError(_describe_unpicklable(fn, args, kwargs, exc)) from exc
 
     def counts(self) -> dict[str, int]:
         """Progress figures: done, failed, cancelled, running, waiting (approximate)."""
@@ -333,7 +356,10 @@ class Engine:
                 fn, args = inbox.popleft()
                 fn(*args)
             if self._closing and not self.tasks and self._close_ready():
+                self._flush()
                 return
+            if self._dirty:
+                self._flush()
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
@@ -351,10 +377,13 @@ class Engine:
                 self._fire_timers()
 
     def _drain_wake(self, sock: socket.socket) -> None:
-        self._wake_pending = False  # clear before draining the inbox (see post())
+        # Order matters (see post()): empty the pipe, *then* clear the flag, then the loop
+        # drains the inbox. Clearing first could swallow a poster's byte while the flag
+        # stays set, and every later post would skip the wake-up: a lost-wakeup hang.
         with contextlib.suppress(BlockingIOError):
             while sock.recv(4096):
                 pass
+        self._wake_pending = False
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -425,18 +454,27 @@ class Engine:
         conn.worker = w
         w.chan = conn.chan
         w.pid, w.host = msg.pid, msg.host
-        if w.queued is not None:
-            run, w.queued = w.queued, None
-            self._send(w, run)
+        if w.out:
+            self._dirty.add(w)
 
     def _send(self, w: _Worker, msg: object) -> None:
-        if w.chan is None:
-            w.queued = msg  # type: ignore[assignment]
-            return
-        try:
-            w.chan.send(msg)
-        except OSError:
-            pass  # the worker is dying; EOF and Exited will follow and finalize it
+        """Queue a frame; :meth:`_flush` sends each worker's frames in one system call."""
+        header, body = encode(msg, self.secret)
+        w.out.append(header)
+        w.out.append(body)
+        if w.chan is not None:
+            self._dirty.add(w)
+
+    def _flush(self) -> None:
+        for w in self._dirty:
+            if w.chan is None or not w.out:
+                continue
+            data, w.out = b"".join(w.out), []
+            try:
+                w.chan.sock.sendall(data)
+            except OSError:
+                pass  # the worker is dying; EOF and Exited will follow and finalize it
+        self._dirty.clear()
 
     # ---------------------------------------------------------------- task flow
     def dep_done(self, task: _Task, fut: Future) -> None:
@@ -461,7 +499,7 @@ class Engine:
             task.state = FINISHED
             return
         try:
-            task.payload = _dumps_call(task.fn, args, kwargs)
+            task.payload = self._dumps_call(task.fn, args, kwargs)
         except SerializationError as exc2:
             self._finish(task, exc=exc2)
             return
@@ -505,11 +543,11 @@ class Engine:
 
     def _spawn_task(self, task: _Task, start: Start) -> None:
         w = _Worker(next(self._worker_ids), persistent=False)
-        w.task = task
-        w.sched_task = task.id
+        w.tasks[task.id] = task
+        w.held = task.id
         task.worker = w
         self.workers[w.id] = w
-        w.queued = RunTask(task.id, task.payload or b"", None, task.cache_spec)
+        self._send(w, RunTask(task.id, *task.payload, None, task.cache_spec))
         env = self._task_env(task.res, len(start.cpus), start.gpus)
         cpus = self._pin(start.cpus)
         self.launcher.spawn(Spawn(w.id, env, task.res.cwd, cpus, persistent=False))
@@ -528,15 +566,17 @@ class Engine:
         return slots if self.cfg.real_cpus else None
 
     def _task_done(self, w: _Worker | None, msg: TaskDone) -> None:
-        if w is None or w.task is None or w.task.id != msg.task_id:
+        task = w.tasks.pop(msg.task_id, None) if w is not None else None
+        if task is None:
             return
-        task, w.task = w.task, None
         if msg.ok:
             self._finish(task, payload=msg.payload)
         else:
             self._finish(task, exc=_rebuild_error(msg.payload, task))
-        if w.persistent and w.sched_task == task.id:
-            w.sched_task = None
+        if w is not None and w.persistent:
+            self._runtime += 0.2 * ((msg.finished - msg.started) - self._runtime)
+            depth = DEPTH if self._runtime < TINY else 1
+            self.sched.max_running = self.cfg.block_workers * depth
             self._starts(self.sched.finish(task.id))
 
     def _finish(self, task: _Task, *, payload: bytes | None = None,
@@ -577,7 +617,10 @@ class Engine:
         if state in (WAITING, QUEUED):
             self._finish(task, exc=CancelledError())
         elif state == RUNNING and task.worker is not None:
-            self._stop_worker(task.worker)
+            w = task.worker
+            if next(iter(w.tasks), None) == task.id:
+                self._stop_worker(w)
+            # else: still queued inside a worker; its result will simply be dropped
 
     def _stop_worker(self, w: _Worker) -> None:
         w.stopping = True
@@ -587,9 +630,15 @@ class Engine:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, task = heapq.heappop(self._timers)
-            if task.state == RUNNING and task.worker is not None and task.deadline is not None:
-                task.timed_out = True
-                self._stop_worker(task.worker)
+            w = task.worker
+            if task.state != RUNNING or w is None or task.deadline is None:
+                continue
+            if next(iter(w.tasks), None) != task.id:  # not started yet: count from now
+                task.deadline = now + (task.res.run_time_max or 0.0)
+                heapq.heappush(self._timers, (task.deadline, task.id, task))
+                continue
+            task.timed_out = True
+            self._stop_worker(w)
 
     # ---------------------------------------------------------------- process exits
     def _exited(self, msg: Exited) -> None:
@@ -613,14 +662,14 @@ class Engine:
             return
         if self.workers.pop(w.id, None) is None:
             return
-        task = w.task
-        if task is not None:
-            w.task = None
-            self._finish(task, exc=self._death_error(w, task, reason))
+        self._dirty.discard(w)
+        tasks, w.tasks = list(w.tasks.values()), {}
+        if tasks:  # the first was running: it fails; the others never started
+            self._finish(tasks[0], exc=self._death_error(w, tasks[0], reason))
         if w.persistent:
-            self._replace_block_worker(w)
-        elif w.sched_task is not None:
-            tid, w.sched_task = w.sched_task, None
+            self._replace_block_worker(w, tasks)
+        elif w.held is not None:
+            tid, w.held = w.held, None
             self._starts(self.sched.finish(tid))
 
     def _death_error(self, w: _Worker, task: _Task, reason: str | None) -> BaseException:
@@ -657,16 +706,15 @@ class Engine:
                                   persistent=True, init_payload=init))
 
     def _run_on_block_worker(self, task: _Task, slot: int) -> None:
-        w = self.slot_workers[slot]
-        w.task = task
-        w.sched_task = task.id
+        w = self.slot_workers[slot % self.cfg.block_workers]
+        w.tasks[task.id] = task
         task.worker = w
         setup = None
         if task.res.cwd != self.cfg.worker_res.cwd or task.res.env != self.cfg.worker_res.env:
             setup = TaskSetup(task.res.cwd, task.res.env)
-        self._send(w, RunTask(task.id, task.payload or b"", setup, task.cache_spec))
+        self._send(w, RunTask(task.id, *task.payload, setup, task.cache_spec))
 
-    def _replace_block_worker(self, w: _Worker) -> None:
+    def _replace_block_worker(self, w: _Worker, tasks: list[_Task]) -> None:
         slot = w.slot
         assert slot is not None
         if self._closing and not self.tasks:
@@ -678,11 +726,19 @@ class Engine:
                 f"block-allocation worker {slot} died {self.restarts[slot]} times "
                 f"(restart_limit={self.cfg.restart_limit})"))
             return
-        tid = w.sched_task
         self._spawn_block_worker(slot)
-        if tid is not None:
-            w.sched_task = None
-            self._starts(self.sched.finish(tid))
+        starts: list[Start] = []
+        for task in tasks:
+            starts += self.sched.finish(task.id)
+        self._starts(starts)
+        for task in tasks[1:]:  # queued behind the one that died: run them again
+            if task.state == RUNNING and not task.future.cancelled():
+                task.state = WAITING
+                task.worker = None
+                self._enqueue(task)
+            elif task.state == RUNNING:
+                self._finish(task, exc=CancelledError())
+        self._starts(self.sched.finish_none())
 
     def _init_failed(self, w: _Worker | None, info: ErrorInfo) -> None:
         err = _error_from_info(info, "init_function")
@@ -733,7 +789,7 @@ class Engine:
         self._closing = True
         for w in list(self.workers.values()):
             w.stopping = True
-            w.task = None
+            w.tasks.clear()
         self.workers.clear()
 
     def _teardown(self) -> None:
@@ -770,13 +826,6 @@ def _readable_now(fd: int) -> bool:
 
 
 # ==================================================================== helpers
-def _dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    try:
-        return cloudpickle.dumps((fn, args, kwargs))
-    except Exception as exc:
-        err = SerializationError(_describe_unpicklable(fn, args, kwargs, exc))
-        err.__cause__ = exc
-        raise err from exc
 
 
 def _describe_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],

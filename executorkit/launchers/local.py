@@ -7,6 +7,7 @@ authenticated channel the fork server opens back to the engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
@@ -73,10 +74,8 @@ class LocalLauncher:
     def stop(self) -> None:
         """Ask the fork server to exit (it kills any worker still alive) and reap it."""
         if self.chan is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.chan.send(Stop())
-            except OSError:
-                pass
         if self.process is not None:
             try:
                 self.process.wait(timeout=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import pickle
@@ -13,8 +14,10 @@ from typing import Any
 
 import cloudpickle
 
-from executorkit.transport import CacheSpec, ErrorInfo, RunTask, TaskDone, TaskSetup
+from executorkit._pickling import FunctionCache
+from executorkit.transport import ErrorInfo, RunTask, TaskDone, TaskSetup
 
+_functions = FunctionCache()
 _signature_cache: dict[Any, frozenset[str] | None] = {}
 
 
@@ -51,10 +54,8 @@ def _parameters(fn: Callable[..., Any]) -> frozenset[str] | None:
             names = frozenset(
                 p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
             )
-    try:
+    with contextlib.suppress(TypeError):
         _signature_cache[fn] = names
-    except TypeError:
-        pass
     return names
 
 
@@ -105,17 +106,16 @@ class _Setup:
 
 def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass
 
 
 def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
     """Unpickle, call, pickle: every failure becomes an error payload, never a crash."""
     started = time.time()
     try:
-        fn, args, kwargs = pickle.loads(msg.payload)
+        fn = _functions.loads(msg.fn)
+        args, kwargs = pickle.loads(msg.args)
     except BaseException as exc:
         return _failed(msg, started, error_info(exc, kind="serialization"))
     ok = False
@@ -138,14 +138,14 @@ def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
                             f"cannot be pickled: {info.message}")
         else:
             done = TaskDone(msg.task_id, True, payload, started, time.time())
-            _record(msg.cache, done, msg.payload)
+            _record(msg, done)
             return done
     return _failed(msg, started, info)
 
 
 def _failed(msg: RunTask, started: float, info: ErrorInfo) -> TaskDone:
     done = TaskDone(msg.task_id, False, pickle.dumps(info, protocol=5), started, time.time())
-    _record(msg.cache, done, msg.payload)
+    _record(msg, done)
     return done
 
 
@@ -153,10 +153,10 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def _record(spec: CacheSpec | None, done: TaskDone, call_payload: bytes) -> None:
+def _record(msg: RunTask, done: TaskDone) -> None:
     """Write the finished call to the cache (in the worker: large results never travel twice)."""
-    if spec is None:
+    if msg.cache is None:
         return
     from executorkit.cache._writer import record_call
 
-    record_call(spec, done, call_payload)
+    record_call(msg.cache, msg, done)

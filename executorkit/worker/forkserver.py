@@ -30,7 +30,14 @@ import sys
 import cloudpickle  # noqa: F401
 
 from executorkit.transport import (
-    Exited, FrameReader, Hello, Kill, Spawn, SpawnFailed, Stop, connect,
+    Exited,
+    FrameReader,
+    Hello,
+    Kill,
+    Spawn,
+    SpawnFailed,
+    Stop,
+    connect,
 )
 from executorkit.worker import _call, loop
 
@@ -167,10 +174,8 @@ class ForkServer:
 def main() -> None:
     boot = pickle.loads(sys.stdin.buffer.read())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    try:
+    with contextlib.suppress(ConnectionError, EOFError):
         ForkServer(boot["address"], boot["secret"]).run()
-    except (ConnectionError, EOFError):
-        pass
 
 
 if __name__ == "__main__":

@@ -1,0 +1,422 @@
+"""The on-disk cache: one HDF5 file per task, ``<directory>/<key>.h5``.
+
+File layout (format 1)
+    attributes   ``format`` (int 1) and ``complete`` (int 1, written last).
+    datasets     1-D contiguous ``uint8`` byte strings:
+                 ``meta``: UTF-8 JSON object with ``key``, ``function_name``, ``status``
+                 ("done" or "failed"), ``started``, ``finished`` (epoch seconds),
+                 ``hostname``, ``pid``, ``resource_dict``, ``error_text`` and
+                 ``executorkit_version``;
+                 ``function``, ``args``, ``kwargs``: cloudpickle;
+                 ``output`` (status done only) and ``error`` (status failed, when the
+                 exception could be pickled): cloudpickle.
+    A file has an ``output`` if and only if its status is "done": lookups rely on that and
+    read ``meta`` only when the output is absent.  Keeping all small fields in one JSON
+    dataset makes a listing read one object instead of ten; inspect a file with
+    ``json.loads(h5py.File(path)["meta"][()].tobytes())``.
+
+Writers fill a private temporary file in the same directory and ``os.replace`` it onto
+``<key>.h5``, so readers see either no file or a complete one, and concurrent writers of one
+key leave exactly one valid file (the last rename wins).  The ``complete`` attribute catches
+files damaged some other way (copied partially, truncated by a full disk).
+
+Reads go through h5py's low-level API: a cache hit costs one ``stat``, one HDF5 open and
+two small reads, far less than opening an ``h5py.File``.  h5py is imported on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import pickle
+import re
+import secrets
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from executorkit.errors import ResourceError, SerializationError
+
+__all__ = ["CacheCorruptionWarning", "CacheRecord", "CacheStore", "CorruptEntryError"]
+
+FORMAT_VERSION = 1
+SUFFIX = ".h5"
+CORRUPT_SUFFIX = ".h5.corrupt"
+TMP_SUFFIX = ".tmp"
+STATUSES = ("done", "failed")
+
+# Keys from compute_key may start with "_" (private function names); a leading "." is
+# reserved for temporary files.  200 characters leave room for the suffixes in 255 bytes.
+_STORE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "key": str,
+    "function_name": str,
+    "status": str,
+    "started": (int, float),
+    "finished": (int, float),
+    "hostname": str,
+    "pid": int,
+    "resource_dict": dict,
+    "error_text": (str, type(None)),
+}
+_META_FIELDS = tuple(_META_TYPES)
+_MISSING = object()
+
+
+class CacheCorruptionWarning(UserWarning):
+    """A cache file could not be read; it is ignored (and, on lookup, moved aside)."""
+
+
+class CorruptEntryError(Exception):
+    """Internal: a cache file exists but cannot be read."""
+
+
+@dataclass
+class CacheRecord:
+    """Everything stored about one finished task."""
+
+    key: str
+    function_name: str
+    function: bytes
+    args: bytes
+    kwargs: bytes
+    resource_dict: dict[str, Any]
+    status: str
+    output: bytes | None
+    error: bytes | None
+    error_text: str | None
+    started: float
+    finished: float
+    hostname: str
+    pid: int
+
+    @property
+    def runtime(self) -> float:
+        return self.finished - self.started
+
+
+class CacheStore:
+    """A directory of cache files, one per task key."""
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._dir = os.fspath(self.directory)
+        _hdf5()  # import h5py now rather than inside the first task's lookup
+
+    def __repr__(self) -> str:
+        return f"CacheStore({self._dir!r})"
+
+    def path(self, key: str) -> Path:
+        """Path of the file holding ``key`` (which need not exist)."""
+        return Path(self._file(key))
+
+    def write(self, record: CacheRecord) -> Path:
+        """Store ``record`` atomically, replacing any older entry of the same key."""
+        _check_record(record)
+        final = self._file(record.key)
+        name = f".{record.key}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        tmp = os.path.join(self._dir, name)
+        os.makedirs(self._dir, exist_ok=True)  # the user may have removed the directory
+        try:
+            _write_file(tmp, record)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return Path(final)
+
+    def lookup(self, key: str) -> tuple[bool, Any]:
+        """``(True, result)`` for a stored successful result, else ``(False, None)``.
+
+        Failed entries are misses, so the task is re-run.  A corrupt file is a miss too: it is
+        moved to ``<key>.h5.corrupt`` with a :class:`CacheCorruptionWarning`.  Errors of the
+        environment (too many open files, permissions) are raised: the file may be fine.
+        """
+        path = self._file(key)
+        try:
+            before = os.stat(path)
+        except FileNotFoundError:
+            return False, None
+        try:
+            data = _read_output(path)
+            if data is None:
+                return False, None
+            return True, pickle.loads(data)  # straight from the read buffer, no copy
+        except FileNotFoundError:
+            return False, None  # removed since the stat
+        except MemoryError:
+            raise
+        except Exception as exc:
+            if _environment_error(exc):
+                raise
+            _quarantine(path, before, exc)
+            return False, None
+
+    def read(self, key: str, *, load_output: bool = True) -> CacheRecord:
+        """The full record of ``key``; KeyError if missing, CorruptEntryError if unreadable."""
+        path = self._file(key)
+        return read_record(path, load_output=load_output, missing=key)
+
+    def _file(self, key: str) -> str:
+        return entry_path(self._dir, key)
+
+
+def entry_path(directory: str | os.PathLike[str], key: str) -> str:
+    """Path of the cache file of ``key`` in ``directory``; ResourceError for a malformed key."""
+    if not isinstance(key, str) or not _STORE_KEY.fullmatch(key):
+        raise ResourceError(
+            f"cache key {key!r} is invalid: use 1 to 200 characters of A-Z, a-z, 0-9, "
+            "'.', '_' and '-', not starting with '.' or '-'",
+            key="cache_key",
+            allowed="[A-Za-z0-9_][A-Za-z0-9._-]{0,199}",
+        )
+    return os.path.join(directory, key + SUFFIX)
+
+
+def read_record(
+    path: str | os.PathLike[str],
+    *,
+    load_output: bool = True,
+    load_inputs: bool = True,
+    missing: str | None = None,
+) -> CacheRecord:
+    """Read a whole cache file; raise CorruptEntryError if it is unreadable or incomplete.
+
+    The pickled fields are returned as bytes, not unpickled.  With ``load_output=False`` the
+    output is not read (``None``), with ``load_inputs=False`` neither are the function and
+    its arguments (``b""``).  A missing file raises KeyError naming ``missing`` (the key).
+    """
+    path = os.fspath(path)
+    try:
+        return _read_record(path, load_output, load_inputs)
+    except FileNotFoundError:
+        raise KeyError(f"no cache entry {missing or path!r} in {os.path.dirname(path)}") from None
+    except (MemoryError, CorruptEntryError):
+        raise
+    except Exception as exc:
+        if _environment_error(exc):
+            raise
+        raise CorruptEntryError(_describe(exc)) from exc
+
+
+def entry_files(directory: str | os.PathLike[str]) -> list[str]:
+    """Paths of the entries (``<key>.h5``) in ``directory``, sorted; [] if it does not exist."""
+    try:
+        with os.scandir(directory) as scan:
+            names = [entry.name for entry in scan if is_entry_name(entry.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [os.path.join(directory, name) for name in sorted(names)]
+
+
+def is_entry_name(name: str) -> bool:
+    return name.endswith(SUFFIX) and not name.startswith(".")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _check_record(record: CacheRecord) -> None:
+    if not isinstance(record.key, str) or not _STORE_KEY.fullmatch(record.key):
+        raise ResourceError(f"cache key {record.key!r} is invalid", key="cache_key")
+    if record.status not in STATUSES:
+        raise ValueError(f"status must be 'done' or 'failed', got {record.status!r}")
+    if record.status == "done" and record.output is None:
+        raise ValueError("a record with status 'done' needs its pickled output")
+
+
+def _meta_json(record: CacheRecord) -> bytes:
+    from executorkit._version import __version__
+
+    meta = {name: getattr(record, name) for name in _META_FIELDS}
+    meta["executorkit_version"] = __version__
+    try:
+        # default=str: a resource_dict value like a Path is worth keeping as text.
+        text = json.dumps(meta, sort_keys=True, default=str)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(
+            f"the resource_dict of cache entry {record.key!r} cannot be stored as JSON: {exc}"
+        ) from exc
+    return text.encode("ascii")  # json.dumps escapes everything else
+
+
+def _write_file(path: str, record: CacheRecord) -> None:
+    hdf5 = _hdf5()
+    done = record.status == "done"
+    datasets: dict[str, bytes | None] = {
+        "meta": _meta_json(record),
+        "function": record.function,
+        "args": record.args,
+        "kwargs": record.kwargs,
+        "output": record.output if done else None,
+        "error": None if done else record.error,
+    }
+    fid = hdf5.h5f.create(os.fsencode(path), hdf5.h5f.ACC_EXCL, fapl=hdf5.fapl)
+    with hdf5.h5py.File(fid) as handle:
+        handle.attrs["format"] = hdf5.np.int64(FORMAT_VERSION)
+        for name, data in datasets.items():
+            if data is not None:
+                handle.create_dataset(name, data=hdf5.np.frombuffer(data, dtype="u1"))
+        handle.attrs["complete"] = hdf5.np.int8(1)  # last: see the module docstring
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class _Hdf5:
+    """The parts of h5py (and numpy) used here, imported on first use."""
+
+    def __init__(self) -> None:
+        import h5py
+        import numpy
+        from h5py import h5a, h5d, h5f, h5p, h5s, h5t
+
+        self.h5py, self.np = h5py, numpy
+        self.h5a, self.h5d, self.h5f, self.h5s, self.h5t = h5a, h5d, h5f, h5s, h5t
+        self.fapl = h5p.create(h5p.FILE_ACCESS)
+        if hasattr(self.fapl, "set_file_locking"):
+            # Files never change once renamed into place, so HDF5's advisory locks protect
+            # nothing here, cost time, and fail on some parallel file systems.
+            self.fapl.set_file_locking(False, True)
+
+    def open(self, path: str) -> Any:
+        return self.h5f.open(os.fsencode(path), self.h5f.ACC_RDONLY, self.fapl)
+
+
+@functools.lru_cache(maxsize=1)
+def _hdf5() -> _Hdf5:
+    return _Hdf5()
+
+
+def _read_output(path: str) -> Any:
+    """The pickled output of a complete "done" file, None for a complete "failed" file."""
+    hdf5 = _hdf5()
+    fid = hdf5.open(path)
+    try:
+        _check_complete(hdf5, fid)
+        # Only "done" files have an output, so a hit needs no status read (a fifth of the
+        # cost of a lookup); the status decides only when the output is absent.
+        with contextlib.suppress(KeyError):
+            return _dataset_array(hdf5, fid, b"output")
+        status = _read_meta(hdf5, fid)["status"]
+        if status == "failed":
+            return None
+        raise CorruptEntryError(f"no output for status {status!r}")
+    finally:
+        # Dropping the last reference closes the file; FileID.close() would also scan all
+        # live h5py objects, which costs a quarter of a lookup.
+        fid = None
+
+
+def _read_record(path: str, load_output: bool, load_inputs: bool) -> CacheRecord:
+    hdf5 = _hdf5()
+    fid = hdf5.open(path)
+    try:
+        _check_complete(hdf5, fid)
+        meta = _read_meta(hdf5, fid)
+        done = meta["status"] == "done"
+        blobs: dict[str, Any] = {
+            name: _dataset_bytes(hdf5, fid, name.encode()) if load_inputs else b""
+            for name in ("function", "args", "kwargs")
+        }
+        blobs["output"] = _dataset_bytes(hdf5, fid, b"output") if done and load_output else None
+        blobs["error"] = None if done else _optional_bytes(hdf5, fid, b"error")
+        return CacheRecord(**meta, **blobs)
+    finally:
+        fid = None
+
+
+def _read_meta(hdf5: _Hdf5, fid: Any) -> dict[str, Any]:
+    meta = json.loads(_dataset_bytes(hdf5, fid, b"meta"))
+    if not isinstance(meta, dict):
+        raise CorruptEntryError("the metadata is not a JSON object")
+    wrong = [name for name, kinds in _META_TYPES.items()
+             if not isinstance(meta.get(name, _MISSING), kinds)]
+    if wrong:
+        raise CorruptEntryError(f"the metadata lacks or mistypes {', '.join(wrong)}")
+    if meta["status"] not in STATUSES:
+        raise CorruptEntryError(f"unknown status {meta['status']!r}")
+    return {name: meta[name] for name in _META_FIELDS}
+
+
+def _check_complete(hdf5: _Hdf5, fid: Any) -> None:
+    buf = hdf5.np.zeros((), dtype="i1")
+    # Read as stored (int8): no type conversion on the hot path.
+    with contextlib.suppress(KeyError):
+        hdf5.h5a.open(fid, b"complete").read(buf, mtype=hdf5.h5t.NATIVE_INT8)
+    complete = int(buf)
+    if complete != 1:
+        raise CorruptEntryError("the file was not completely written")
+
+
+def _dataset_bytes(hdf5: _Hdf5, fid: Any, name: bytes) -> bytes:
+    return bytes(_dataset_array(hdf5, fid, name))
+
+
+def _dataset_array(hdf5: _Hdf5, fid: Any, name: bytes) -> Any:
+    """A uint8 dataset as a numpy array (a buffer pickle.loads reads without copying)."""
+    dataset = hdf5.h5d.open(fid, name)
+    size = dataset.get_storage_size()
+    buf = hdf5.np.empty(size, dtype="u1")
+    # An explicit memory space makes HDF5 refuse a dataset whose element count differs from
+    # the buffer (wrong type or layout) instead of writing past the end of the buffer.
+    memory = hdf5.h5s.create_simple((size,))
+    dataset.read(memory, hdf5.h5s.ALL, buf, mtype=hdf5.h5t.NATIVE_UINT8)
+    return buf
+
+
+def _optional_bytes(hdf5: _Hdf5, fid: Any, name: bytes) -> bytes | None:
+    if not fid.links.exists(name):
+        return None
+    return _dataset_bytes(hdf5, fid, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged files
+
+
+def _environment_error(exc: BaseException) -> bool:
+    # h5py sets errno only when the operating system refused (EMFILE, EACCES, ...); damaged
+    # contents raise OSError without errno.
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _quarantine(path: str, before: os.stat_result, exc: BaseException) -> None:
+    """Move a corrupt file aside (unless a writer replaced it meanwhile) and warn."""
+    target = path[: -len(SUFFIX)] + CORRUPT_SUFFIX
+    try:
+        now = os.stat(path)
+        if _identity(now) != _identity(before):
+            return  # a writer renamed a fresh file into place since we opened it
+        os.replace(path, target)
+    except FileNotFoundError:
+        return  # another reader moved it aside and warned
+    except OSError as move_error:
+        warnings.warn(
+            f"cache file {path} is unreadable ({_describe(exc)}) and could not be moved "
+            f"aside ({_describe(move_error)}); the task will be run again",
+            CacheCorruptionWarning,
+            stacklevel=3,
+        )
+        return
+    warnings.warn(
+        f"cache file {path} is unreadable ({_describe(exc)}); moved it to {target}, "
+        "the task will be run again",
+        CacheCorruptionWarning,
+        stacklevel=3,
+    )
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
