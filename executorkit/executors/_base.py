@@ -105,6 +105,10 @@ class BaseExecutor(Executor):
     def _engine_config(self, **params: Any) -> tuple[EngineConfig, Capabilities]:
         raise NotImplementedError
 
+    def _preload(self) -> tuple[str, ...]:
+        """Modules worker processes will need, imported once where the launcher allows."""
+        return ("executorkit.cache._writer", "h5py") if self._defaults.cache_directory else ()
+
     def _check_resources(self, res: Resources) -> Resources:
         """Backend-specific limits beyond :class:`Capabilities` (override as needed)."""
         return res

@@ -53,6 +53,7 @@ import cloudpickle
 
 from executorkit import graph
 from executorkit._pickling import FunctionPickles, dumps_args
+from executorkit.cache._hook import CacheHook
 from executorkit.errors import (
     DependencyError,
     ExecutorBrokenError,
@@ -199,7 +200,6 @@ class EngineConfig:
     init_function: Callable[[], Mapping[str, Any]] | None = None
     restart_limit: int = 10
     disable_dependencies: bool = False
-    cache: Any = None  # executorkit.cache integration, or None
 
 
 @dataclass
@@ -233,6 +233,7 @@ class Engine:
         self._dirty: set[_Worker] = set()
         self._runtime = 1.0  # moving average of call run times (seconds), block allocation
         self._pickles = FunctionPickles()
+        self.cache = CacheHook(config.init_function)
 
         if config.block_workers:
             # DEPTH slots per worker: slot s belongs to worker s % workers. While calls are
@@ -254,16 +255,21 @@ class Engine:
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
 
         self.launcher.start(self.address, self.secret)
-        for fd, stream in ((self.launcher.stdout_fd, "stdout"),
-                           (self.launcher.stderr_fd, "stderr")):
-            if fd is not None:
-                os.set_blocking(fd, False)
-                self.selector.register(fd, selectors.EVENT_READ, (self._forward, stream))
+        self._output_registered = False
+        self._block_started = False
         self.thread = threading.Thread(target=self._run, name="executorkit-engine", daemon=True)
         self.thread.start()
         self._ident = self.thread.ident
-        if config.block_workers:
-            self.post(self._start_block_workers)
+
+    def _spawn(self, spawn: Spawn) -> None:
+        self.launcher.spawn(spawn)
+        if not self._output_registered and self.launcher.started:
+            self._output_registered = True
+            for fd, stream in ((self.launcher.stdout_fd, "stdout"),
+                               (self.launcher.stderr_fd, "stderr")):
+                if fd is not None:
+                    os.set_blocking(fd, False)
+                    self.selector.register(fd, selectors.EVENT_READ, (self._forward, stream))
 
     # ================================================================ caller side
     def post(self, fn: Callable[..., None], *args: Any) -> None:
@@ -295,8 +301,13 @@ class Engine:
                 "a Future was passed as an argument but the executor was created with "
                 "disable_dependencies=True; pass the result instead, or enable dependencies"
             )
-        if self.cfg.cache is not None and not self.cfg.cache.prepare(task, deps):
-            return task.future  # answered from the cache: no process at all
+        try:
+            if not self.cache.prepare(task, deps):
+                return task.future  # answered from the cache: no process at all
+        except SerializationError as exc:
+            task.state = FINISHED
+            task.future.set_exception(exc)
+            return task.future
         self.tasks[task.id] = task
         if deps:
             task.deps = deps
@@ -494,7 +505,12 @@ class Engine:
         args, kwargs = graph.substitute_call(task.args, task.kwargs,
                                              lambda f: results[id(f)])
         task.args, task.kwargs = args, kwargs
-        if self.cfg.cache is not None and not self.cfg.cache.ready(task):
+        try:
+            answered = not self.cache.ready(task)
+        except SerializationError as exc3:
+            self._finish(task, exc=exc3)
+            return
+        if answered:
             self.tasks.pop(task.id, None)
             task.state = FINISHED
             return
@@ -522,6 +538,9 @@ class Engine:
             return
         task.state = QUEUED
         if self.cfg.block_workers:
+            if not self._block_started:  # workers start with the first call that needs one
+                self._block_started = True
+                self._start_block_workers()
             demand = Demand(1)
         else:
             demand = Demand(task.res.cpus, task.res.gpus, task.res.exclusive)
@@ -550,7 +569,7 @@ class Engine:
         self._send(w, RunTask(task.id, *task.payload, None, task.cache_spec))
         env = self._task_env(task.res, len(start.cpus), start.gpus)
         cpus = self._pin(start.cpus)
-        self.launcher.spawn(Spawn(w.id, env, task.res.cwd, cpus, persistent=False))
+        self._spawn(Spawn(w.id, env, task.res.cwd, cpus, persistent=False))
 
     def _task_env(self, res: Resources, ncpus: int, gpus: tuple[int, ...]) -> tuple:
         threads = str(res.threads_per_core)
@@ -702,8 +721,8 @@ class Engine:
         init = None
         if self.cfg.init_function is not None:
             init = cloudpickle.dumps(self.cfg.init_function)
-        self.launcher.spawn(Spawn(w.id, env, self.cfg.worker_res.cwd, self._pin(cpus),
-                                  persistent=True, init_payload=init))
+        self._spawn(Spawn(w.id, env, self.cfg.worker_res.cwd, self._pin(cpus),
+                          persistent=True, init_payload=init))
 
     def _run_on_block_worker(self, task: _Task, slot: int) -> None:
         w = self.slot_workers[slot % self.cfg.block_workers]

@@ -22,15 +22,26 @@ class LocalLauncher:
 
     name = "local"
 
-    def __init__(self, *, forward_output: bool) -> None:
+    def __init__(self, *, forward_output: bool, preload: tuple[str, ...] = ()) -> None:
         self.forward_output = forward_output
+        self.preload = preload
         self.process: subprocess.Popen[bytes] | None = None
         self.chan: BlockingChannel | None = None
         self._queued: deque[object] = deque()
+        self._boot: dict[str, object] = {}
         self.stdout_fd: int | None = None
         self.stderr_fd: int | None = None
 
     def start(self, address: tuple[str, int], secret: bytes) -> None:
+        """Remember where workers connect; the fork server itself starts on first use, so an
+        executor whose calls are all answered from the cache starts no process at all."""
+        self._boot = {"address": address, "secret": secret, "preload": self.preload}
+
+    @property
+    def started(self) -> bool:
+        return self.process is not None
+
+    def _start_process(self) -> None:
         out = err = None
         if self.forward_output:
             # A notebook's sys.stdout is not file descriptor 1: read the workers' output
@@ -50,7 +61,7 @@ class LocalLauncher:
                 if fd is not None:
                     os.close(fd)
         assert self.process.stdin is not None
-        self.process.stdin.write(pickle.dumps({"address": address, "secret": secret}))
+        self.process.stdin.write(pickle.dumps(self._boot))
         self.process.stdin.close()
 
     def attach(self, chan: BlockingChannel) -> None:
@@ -60,6 +71,8 @@ class LocalLauncher:
             chan.send(self._queued.popleft())
 
     def _send(self, msg: object) -> None:
+        if self.process is None:
+            self._start_process()
         if self.chan is None:
             self._queued.append(msg)
         else:
@@ -69,13 +82,17 @@ class LocalLauncher:
         self._send(spawn)
 
     def kill(self, worker_id: int, signum: int = 9) -> None:
-        self._send(Kill(worker_id, signum))
+        if self.process is not None:
+            self._send(Kill(worker_id, signum))
 
     def stop(self) -> None:
         """Ask the fork server to exit (it kills any worker still alive) and reap it."""
         if self.chan is not None:
             with contextlib.suppress(OSError):
                 self.chan.send(Stop())
+        elif self.process is not None:
+            # It never connected, so it has no workers: no need to wait for it.
+            self.process.kill()
         if self.process is not None:
             try:
                 self.process.wait(timeout=10)

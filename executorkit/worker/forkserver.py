@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import os
 import pickle
 import select
@@ -174,6 +175,10 @@ class ForkServer:
 def main() -> None:
     boot = pickle.loads(sys.stdin.buffer.read())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for module in boot.get("preload", ()):
+        # Warm what the executor's calls will need (h5py for the cache) once, not per fork.
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
     with contextlib.suppress(ConnectionError, EOFError):
         ForkServer(boot["address"], boot["secret"]).run()
 
