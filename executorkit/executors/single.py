@@ -110,8 +110,9 @@ class SingleNodeExecutor(BaseExecutor):
         cpus = tuple(available[:pool]) if real else tuple(range(pool))
         forward = sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__
         config = EngineConfig(
-            launcher=LocalLauncher(forward_output=forward, preload=self._preload()), cpus=cpus, gpus=gpus,
-            real_cpus=real, gpu_variable=gpu_variable(), max_running=max_running,
+            launcher=LocalLauncher(forward_output=forward, preload=self._preload()),
+            cpus=cpus, gpus=gpus, real_cpus=real, gpu_variable=gpu_variable(),
+            max_running=max_running,
             block_workers=workers, worker_res=self._defaults, init_function=init_function,
             restart_limit=restart_limit,
         )
