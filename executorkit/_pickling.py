@@ -20,6 +20,7 @@ many times is rebuilt once.
 from __future__ import annotations
 
 import pickle
+import sys
 import types
 import weakref
 from collections import OrderedDict
@@ -30,8 +31,7 @@ import cloudpickle
 
 _ATOMS = frozenset({int, float, str, bytes, bool, type(None), complex, range})
 _PLAIN_CONTAINERS = frozenset({tuple, list, dict, set, frozenset})
-_IMMUTABLE = _ATOMS | {types.FunctionType, types.BuiltinFunctionType, types.ModuleType, type,
-                       frozenset}
+_SCALARS = _ATOMS | {types.ModuleType}
 
 
 def _plain(obj: Any, depth: int = 0) -> bool:
@@ -61,48 +61,88 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _by_reference(obj: Any) -> bool:
+    """True if cloudpickle sends ``obj`` as an import path (so its bytes never go stale).
+
+    Functions and classes of ``__main__`` or of modules registered for pickling by value
+    are sent with their code and state, which may change: those are not frozen.
+    """
+    module_name = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module_name or not qualname or module_name == "__main__" or "<locals>" in qualname:
+        return False
+    module = sys.modules.get(module_name)
+    if module is None or module_name in _by_value_modules():
+        return False
+    target: Any = module
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    return target is obj
+
+
+def _by_value_modules() -> set[str]:
+    registry = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
+    return set(registry)
+
+
 def _frozen(value: Any) -> bool:
+    """Immutable *and* sent by reference or as plain data: its pickle cannot go stale."""
     cls = type(value)
-    if cls is tuple:
+    if cls in _SCALARS:
+        return True
+    if cls is tuple or cls is frozenset:
         return all(_frozen(v) for v in value)
-    return cls in _IMMUTABLE
+    if cls is types.BuiltinFunctionType:
+        # module-level builtins only; a bound method like CONF.get carries its object
+        return isinstance(value.__self__, types.ModuleType) or value.__self__ is None
+    if cls is types.FunctionType or isinstance(value, type):
+        return _by_reference(value)
+    return False
 
 
 class FunctionPickles:
     """Per-executor memo of function bytes, valid while the function cannot have changed."""
 
     def __init__(self) -> None:
-        self._memo: weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[int, ...], bytes]]
+        # fn -> (the objects its pickle captured, bytes). Holding the objects (not their
+        # ids) keeps them alive, so an id can never be reused by a new object.
+        self._memo: weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], bytes]]
         self._memo = weakref.WeakKeyDictionary()
         self._names: dict[types.CodeType, tuple[str, ...]] = {}
 
-    def _fingerprint(self, fn: types.FunctionType) -> tuple[int, ...] | None:
+    def _fingerprint(self, fn: types.FunctionType) -> tuple[Any, ...] | None:
+        """Everything the pickle of ``fn`` captured, or None if any of it may change."""
+        captured: list[Any] = []
+        return tuple(captured) if self._capture(fn, captured, 0) else None
+
+    def _capture(self, fn: types.FunctionType, captured: list[Any], depth: int) -> bool:
         code = fn.__code__
         names = self._names.get(code)
         if names is None:
             names = self._names[code] = _global_names(code)
+        captured.append(code)  # (fn itself is the memo's weak key: never hold it here)
+        values: list[Any] = []
         glob = fn.__globals__
-        ids = [id(code)]
-        for name in names:
-            if name in glob:
-                value = glob[name]
-                if not _frozen(value):
-                    return None
-                ids.append(id(value))
+        values.extend(glob[name] for name in names if name in glob)
         for extra in (fn.__defaults__, fn.__kwdefaults__):
             if extra:
-                if not _frozen(tuple(extra.values()) if isinstance(extra, dict) else extra):
-                    return None
-                ids.append(id(extra))
+                captured.append(extra)
+                values.extend(extra.values() if isinstance(extra, dict) else extra)
         for cell in fn.__closure__ or ():
             try:
-                value = cell.cell_contents
+                values.append(cell.cell_contents)
             except ValueError:  # empty cell
-                return None
-            if not _frozen(value):
-                return None
-            ids.append(id(value))
-        return tuple(ids)
+                return False
+        for value in values:
+            captured.append(value)
+            if _frozen(value):
+                continue
+            # a helper function sent by value: frozen if everything *it* captured is
+            if type(value) is not types.FunctionType or depth >= 3 or value is fn:
+                return False
+            if not self._capture(value, captured, depth + 1):
+                return False
+        return True
 
     def dumps(self, fn: Callable[..., Any]) -> bytes:
         if type(fn) is not types.FunctionType:
@@ -110,12 +150,16 @@ class FunctionPickles:
         fingerprint = self._fingerprint(fn)
         if fingerprint is not None:
             memo = self._memo.get(fn)
-            if memo is not None and memo[0] == fingerprint:
+            if memo is not None and _same(memo[0], fingerprint):
                 return memo[1]
         blob = cloudpickle.dumps(fn, protocol=5)
         if fingerprint is not None:
             self._memo[fn] = (fingerprint, blob)
         return blob
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 class FunctionCache:

@@ -67,11 +67,13 @@ def find_futures(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Futur
     return found
 
 
-def substitute(obj: Any, value_of: Callable[[Future], Any]) -> Any:
+def substitute(obj: Any, value_of: Callable[[Future], Any],
+               _memo: dict[int, Any] | None = None) -> Any:
     """A copy of ``obj`` with every future replaced by ``value_of(future)``.
 
     Containers without futures are returned as they are (no copy); those with futures are
-    rebuilt with their own type (subclasses of list/dict/tuple included).
+    rebuilt with their own type (subclasses of list/dict/tuple included). A container that
+    contains itself is rebuilt once; for lists and dicts the loop is kept.
     """
     if type(obj) in _ATOMS:
         return obj
@@ -79,20 +81,40 @@ def substitute(obj: Any, value_of: Callable[[Future], Any]) -> Any:
         return value_of(obj)
     if not (isinstance(obj, _CONTAINERS) or _is_dataclass_instance(obj)):
         return obj
+    if _memo is None:
+        _memo = {}
+    elif id(obj) in _memo:
+        return _memo[id(obj)]
     if not find_futures((obj,), {}):
         return obj
+    if type(obj) is list:  # fill in place so a self-reference points at the copy
+        out: list[Any] = []
+        _memo[id(obj)] = out
+        out.extend(substitute(v, value_of, _memo) for v in obj)
+        return out
+    if type(obj) is dict:
+        new: dict[Any, Any] = {}
+        _memo[id(obj)] = new
+        new.update((k, substitute(v, value_of, _memo)) for k, v in obj.items())
+        return new
+    _memo[id(obj)] = obj  # a loop through an immutable container keeps the original
     if isinstance(obj, Mapping):
-        return _rebuild(obj, {k: substitute(v, value_of) for k, v in obj.items()})
-    if _is_dataclass_instance(obj):
-        clone = copy.copy(obj)
+        result = _rebuild(obj, {k: substitute(v, value_of, _memo) for k, v in obj.items()})
+    elif _is_dataclass_instance(obj):
+        result = copy.copy(obj)
+        _memo[id(obj)] = result
         for f in dataclasses.fields(obj):
             # object.__setattr__ also works for frozen dataclasses
-            object.__setattr__(clone, f.name, substitute(getattr(obj, f.name), value_of))
-        return clone
-    items = [substitute(v, value_of) for v in obj]
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*items)
-    return _rebuild(obj, items)
+            object.__setattr__(result, f.name,
+                               substitute(getattr(obj, f.name), value_of, _memo))
+    else:
+        items = [substitute(v, value_of, _memo) for v in obj]
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+            result = type(obj)(*items)
+        else:
+            result = _rebuild(obj, items)
+    _memo[id(obj)] = result
+    return result
 
 
 def _rebuild(obj: Any, items: Any) -> Any:

@@ -214,7 +214,7 @@ def parse(resource_dict: Mapping[str, Any] | None, base: Resources = Resources()
         from executorkit.cache import validate_cache_key
 
         validate_cache_key(changes["cache_key"])
-    return replace(base, **changes, given=base.given | changes.keys())
+    return replace(base, **changes, given=base.given | frozenset(changes))
 
 
 def merge(defaults: Resources, resource_dict: Mapping[str, Any] | None) -> Resources:
@@ -248,7 +248,7 @@ class Capabilities:
                     allowed=f"keys other than {key!r} on {self.backend}",
                 )
         limit = self.per_task_cpus if self.per_task_cpus is not None else self.max_cpus
-        if res.cpus > limit and not res.exclusive:
+        if res.cpus > limit:
             what = "one worker has" if self.per_task_cpus is not None else "the executor has"
             raise ResourceError(
                 f"the call asks for cores x threads_per_core = {res.cores} x "

@@ -68,7 +68,9 @@ class Scheduler:
         self._seq = itertools.count()
         # shape -> heap of (-priority, seq, task); entries of withdrawn tasks stay until popped
         self._queues: dict[tuple[int, int], list[tuple[int, int, Hashable]]] = {}
-        self._waiting: dict[Hashable, tuple[int, int]] = {}  # task -> shape
+        # task -> (shape, seq of its live heap entry); older entries of a task that was
+        # withdrawn and submitted again are recognised as stale by their seq.
+        self._waiting: dict[Hashable, tuple[tuple[int, int], int]] = {}
         self._running: dict[Hashable, Start] = {}
         self._overtaken = 0  # times the current best waiting task was passed over
         self._best_seen: Hashable = None
@@ -80,8 +82,9 @@ class Scheduler:
         shape = self._shape(demand)
         if shape[0] > len(self._all_cpus) or shape[1] > len(self._all_gpus):
             raise ValueError(f"demand {demand} exceeds the pool")
-        heapq.heappush(self._queues.setdefault(shape, []), (-priority, next(self._seq), task))
-        self._waiting[task] = shape
+        seq = next(self._seq)
+        heapq.heappush(self._queues.setdefault(shape, []), (-priority, seq, task))
+        self._waiting[task] = (shape, seq)
         return self._admit()
 
     def finish(self, task: Hashable) -> list[Start]:
@@ -146,7 +149,7 @@ class Scheduler:
         queue = self._queues[shape]
         while queue:
             entry = queue[0]
-            if self._waiting.get(entry[2]) == shape:
+            if self._waiting.get(entry[2]) == (shape, entry[1]):
                 return entry
             heapq.heappop(queue)
         del self._queues[shape]

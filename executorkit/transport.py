@@ -64,6 +64,7 @@ class TaskSetup(_Message):
 
     cwd: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    unset: tuple[str, ...] = ()  # worker-level variables this call's env replaces
 
 
 @dataclass(slots=True)

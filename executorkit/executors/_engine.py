@@ -729,8 +729,13 @@ class Engine:
         w.tasks[task.id] = task
         task.worker = w
         setup = None
-        if task.res.cwd != self.cfg.worker_res.cwd or task.res.env != self.cfg.worker_res.env:
-            setup = TaskSetup(task.res.cwd, task.res.env)
+        base = self.cfg.worker_res
+        if task.res.cwd != base.cwd or task.res.env != base.env:
+            # resource_dict keys override the defaults as a whole: a per-call env replaces
+            # the executor-level env, as it does for a per-task process
+            names = {k for k, _ in task.res.env}
+            unset = tuple(k for k, _ in base.env if k not in names)
+            setup = TaskSetup(task.res.cwd, task.res.env, unset)
         self._send(w, RunTask(task.id, *task.payload, setup, task.cache_spec))
 
     def _replace_block_worker(self, w: _Worker, tasks: list[_Task]) -> None:

@@ -86,8 +86,10 @@ class _Setup:
     def __enter__(self) -> None:
         if self.setup is None:
             return
+        for key in self.setup.unset:
+            self.old_env[key] = os.environ.pop(key, None)
         for key, value in self.setup.env:
-            self.old_env[key] = os.environ.get(key)
+            self.old_env.setdefault(key, os.environ.get(key))
             os.environ[key] = value
         if self.setup.cwd:
             self.old_cwd = os.getcwd()

@@ -1,0 +1,152 @@
+"""Functions the tests run in worker processes (importable by name, cheap to import)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+
+def inc(x):
+    return x + 1
+
+
+def add(*xs):
+    return sum(xs)
+
+
+def identity(x):
+    return x
+
+
+def fail(message):
+    raise ValueError(message)
+
+
+def exit_now(code):
+    os._exit(code)
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def segfault():
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def env(*names):
+    return {name: os.environ.get(name) for name in names}
+
+
+def cwd():
+    return os.getcwd()
+
+
+def affinity():
+    return sorted(os.sched_getaffinity(0))
+
+
+def pid():
+    return os.getpid()
+
+
+def mark(directory, name, value=None):
+    """Record that this call ran (one file per run) and return ``value``."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.{os.getpid()}.{time.monotonic_ns()}"), "w"):
+        pass
+    return value
+
+
+def runs(directory, name=None):
+    if not os.path.isdir(directory):
+        return 0
+    return sum(1 for f in os.listdir(directory) if name is None or f.startswith(f"{name}."))
+
+
+def gate(directory, name, value=None, timeout=120.0):
+    """Say "started", then wait until the test creates the release file."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.started"), "w") as fh:
+        fh.write(str(os.getpid()))
+    release = os.path.join(directory, f"{name}.release")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {name} was never released")
+        time.sleep(0.005)
+    return value
+
+
+def started(directory, name):
+    return os.path.exists(os.path.join(directory, f"{name}.started"))
+
+
+def release(directory, name):
+    with open(os.path.join(directory, f"{name}.release"), "w"):
+        pass
+
+
+def append_line(path, text):
+    with open(path, "a") as fh:
+        fh.write(text + "\n")
+    return text
+
+
+def sleep_forever():
+    while True:
+        time.sleep(1)
+
+
+def return_lock():
+    return threading.Lock()
+
+
+class UnpicklableError(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable():
+    raise UnpicklableError("carries a lock")
+
+
+class NeedsTwoArgs(Exception):
+    """Pickles, but cannot be rebuilt from ``args`` alone."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}-{b}")
+
+
+def raise_needs_two():
+    raise NeedsTwoArgs(1, 2)
+
+
+def say(text):
+    print(text, flush=True)
+    return len(text)
+
+
+def with_state(x, state=None, counter=None):
+    return (x, state, counter)
+
+
+def nested_executor():
+    from executorkit import SingleNodeExecutor
+
+    with SingleNodeExecutor() as inner:
+        results = [f.result(timeout=60) for f in [inner.submit(inc, i) for i in range(3)]]
+        return inner.max_cores, inner.max_gpus, results
+
+
+def gate_env(directory, name, var):
+    """Like gate(), but the started file holds the value of ``var`` this process sees."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{name}.env"), "w") as fh:
+        fh.write(os.environ.get(var, ""))
+    return gate(directory, name)
