@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian/Ubuntu machine for executorkit: a virtual environment in .venv with
+# the package (editable) and everything the tests and notebooks need. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3 python3.13 python3.12 python3.11 python3.10; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+      PY=$cand; break
+    fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup: needs Python >= 3.10 (set PYTHON=...)" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  if ! "$PY" -m venv .venv 2>/dev/null; then
+    # Debian ships venv separately; install it when we can.
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+      rm -rf .venv && "$PY" -m venv .venv
+    else
+      echo "setup: '$PY -m venv' failed; install python3-venv" >&2; exit 1
+    fi
+  fi
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[all,test]"
+echo "setup: ready ($(.venv/bin/python --version), executorkit $(.venv/bin/python -c 'import executorkit; print(executorkit.__version__)'))"
