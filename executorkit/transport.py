@@ -132,6 +132,8 @@ class Spawn(_Message):
     cpus: tuple[int, ...] | None  # CPU affinity, None = inherit
     persistent: bool
     init_payload: bytes | None = None  # cloudpickled init_function (persistent workers)
+    mpi_command: tuple[str, ...] = ()  # run under this launcher prefix (cores > 1)
+    errdir: str | None = None  # private directory of this worker (MPI error reports)
 
 
 @dataclass(slots=True)

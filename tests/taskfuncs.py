@@ -150,3 +150,45 @@ def gate_env(directory, name, var):
     with open(os.path.join(directory, f"{name}.env"), "w") as fh:
         fh.write(os.environ.get(var, ""))
     return gate(directory, name)
+
+
+def mpi_ranks(x):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    return comm.Get_rank(), comm.Get_size(), x, os.environ.get("OMP_NUM_THREADS")
+
+
+def mpi_allreduce(x):
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.allreduce(x * (MPI.COMM_WORLD.Get_rank() + 1))
+
+
+def mpi_fail_on(rank_to_fail):
+    """The failing rank raises before the barrier the others wait in."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_rank() == rank_to_fail:
+        raise ValueError(f"rank {rank_to_fail} failed")
+    comm.barrier()
+    return comm.Get_rank()
+
+
+def mpi_exit_on(rank_to_exit):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_rank() == rank_to_exit:
+        os._exit(7)
+    comm.barrier()
+    return comm.Get_rank()
+
+
+def mpi_unpicklable_on(rank):
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() == rank:
+        return threading.Lock()
+    return 1

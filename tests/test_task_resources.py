@@ -156,7 +156,7 @@ def test_exclusive_runs_alone(tmp_path):
     ({"gpus_per_core": 1}, "gpus_per_core"),  # no GPU pool declared
     ({"num_nodes": 2}, "num_nodes"),
     ({"slurm_cmd_args": ["--mem=1G"]}, "slurm_cmd_args"),
-    ({"cores": 2}, "cores"),  # MPI not available yet
+    ({"cores": 3}, "cores"),  # more ranks than the pool has CPUs
     ({"threads_per_core": 64}, "cores"),  # larger than the pool
     ({"run_time_max": 0}, "run_time_max"),
     ({"env": {"A": 1}}, "env"),

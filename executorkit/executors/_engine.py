@@ -38,8 +38,10 @@ import os
 import pickle
 import secrets
 import selectors
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -166,8 +168,8 @@ class _Worker:
     only) wait in the worker's own queue."""
 
     __slots__ = (
-        "chan", "eof", "exit_status", "held", "host", "id", "out", "persistent", "pid",
-        "slot", "stopping", "tasks",
+        "chan", "eof", "errdir", "exit_status", "held", "host", "id", "out", "persistent",
+        "pid", "slot", "stopping", "tasks",
     )
 
     def __init__(self, worker_id: int, *, persistent: bool, slot: int | None = None) -> None:
@@ -183,6 +185,7 @@ class _Worker:
         self.eof = False
         self.exit_status: int | None = None
         self.stopping = False  # killed on purpose (cancel, timeout, shutdown)
+        self.errdir: str | None = None  # MPI workers: where a failing rank reports
 
 
 @dataclass
@@ -200,6 +203,8 @@ class EngineConfig:
     init_function: Callable[[], Mapping[str, Any]] | None = None
     restart_limit: int = 10
     disable_dependencies: bool = False
+    # cores -> launcher prefix for an MPI call; None: this executor cannot run cores > 1
+    mpi_command: Callable[[int], tuple[str, ...]] | None = None
 
 
 @dataclass
@@ -256,6 +261,7 @@ class Engine:
 
         self.launcher.start(self.address, self.secret)
         self._output_registered = False
+        self._tmp: str | None = None  # private directory for MPI workers, made on demand
         self._block_started = False
         self.thread = threading.Thread(target=self._run, name="executorkit-engine", daemon=True)
         self.thread.start()
@@ -569,7 +575,21 @@ class Engine:
         self._send(w, RunTask(task.id, *task.payload, None, task.cache_spec))
         env = self._task_env(task.res, len(start.cpus), start.gpus)
         cpus = self._pin(start.cpus)
-        self._spawn(Spawn(w.id, env, task.res.cwd, cpus, persistent=False))
+        spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False)
+        self._mpi(w, spawn, task.res.cores)
+        self._spawn(spawn)
+
+    def _mpi(self, w: _Worker, spawn: Spawn, cores: int) -> None:
+        """Make ``spawn`` start ``cores`` MPI ranks (when cores > 1)."""
+        if cores <= 1:
+            return
+        assert self.cfg.mpi_command is not None, "checked at submit"
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="executorkit-")
+        w.errdir = os.path.join(self._tmp, f"worker-{w.id}")
+        os.mkdir(w.errdir, 0o700)
+        spawn.mpi_command = self.cfg.mpi_command(cores)
+        spawn.errdir = w.errdir
 
     def _task_env(self, res: Resources, ncpus: int, gpus: tuple[int, ...]) -> tuple:
         threads = str(res.threads_per_core)
@@ -696,6 +716,9 @@ class Engine:
             return TaskTimeoutError(
                 f"{task.name()} exceeded run_time_max={task.res.run_time_max:g} s and was "
                 f"stopped")
+        reported = _rank_error(w.errdir, task.id) if w.errdir else None
+        if reported is not None:
+            return _error_from_info(reported, task.name())
         status = w.exit_status if w.exit_status is not None else -1
         how, code, signum = describe_exit(status)
         where = f"pid {w.pid} on {w.host}" if w.pid else "its process"
@@ -721,8 +744,10 @@ class Engine:
         init = None
         if self.cfg.init_function is not None:
             init = cloudpickle.dumps(self.cfg.init_function)
-        self._spawn(Spawn(w.id, env, self.cfg.worker_res.cwd, self._pin(cpus),
-                          persistent=True, init_payload=init))
+        spawn = Spawn(w.id, env, self.cfg.worker_res.cwd, self._pin(cpus), persistent=True,
+                      init_payload=init)
+        self._mpi(w, spawn, self.cfg.worker_res.cores)
+        self._spawn(spawn)
 
     def _run_on_block_worker(self, task: _Task, slot: int) -> None:
         w = self.slot_workers[slot % self.cfg.block_workers]
@@ -841,6 +866,25 @@ class Engine:
         self.selector.close()
         with contextlib.suppress(OSError):
             self._wake_w.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _rank_error(errdir: str, task_id: int) -> ErrorInfo | None:
+    """The error report of the lowest MPI rank that failed ``task_id``, if any."""
+    prefix = f"task-{task_id}-rank-"
+    try:
+        names = [n for n in os.listdir(errdir) if n.startswith(prefix) and n.endswith(".pkl")]
+    except OSError:
+        return None
+    if not names:
+        return None
+    first = min(names, key=lambda n: int(n[len(prefix):-4]))
+    try:
+        with open(os.path.join(errdir, first), "rb") as fh:
+            return pickle.load(fh)
+    except Exception:
+        return None
 
 
 def _readable_now(fd: int) -> bool:

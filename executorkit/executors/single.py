@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -10,7 +12,7 @@ from typing import Any
 from executorkit.errors import ResourceError
 from executorkit.executors._base import BaseExecutor, gpu_pool, gpu_variable
 from executorkit.executors._engine import EngineConfig
-from executorkit.launchers.local import LocalLauncher
+from executorkit.launchers.local import LocalLauncher, find_mpiexec, mpi_flavor, mpiexec_command
 from executorkit.resources import Capabilities, Resources
 
 
@@ -114,13 +116,23 @@ class SingleNodeExecutor(BaseExecutor):
             cpus=cpus, gpus=gpus, real_cpus=real, gpu_variable=gpu_variable(),
             max_running=max_running,
             block_workers=workers, worker_res=self._defaults, init_function=init_function,
-            restart_limit=restart_limit,
+            restart_limit=restart_limit, mpi_command=self._mpi_command(),
         )
         return config, caps
 
     def _check_resources(self, res: Resources) -> Resources:
-        if res.cores > 1:
+        if res.cores > 1 and self._mpi_command() is None:
             raise ResourceError(
-                f"resource_dict['cores']={res.cores}: MPI-parallel calls are not supported by "
-                f"SingleNodeExecutor yet", key="cores", allowed="cores=1")
+                f"resource_dict['cores']={res.cores} runs the function on MPI ranks, which "
+                f"needs mpi4py and an mpiexec (pip install mpi4py mpich)", key="cores",
+                allowed="cores=1 without MPI")
         return res
+
+    def _mpi_command(self) -> Callable[[int], tuple[str, ...]] | None:
+        mpiexec = find_mpiexec()
+        if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
+            return None
+        flavor = mpi_flavor(mpiexec)
+        oversubscribe = self._openmpi_oversubscribe
+        return functools.partial(mpiexec_command, mpiexec=mpiexec, flavor=flavor,
+                                 oversubscribe=oversubscribe)

@@ -8,13 +8,47 @@ authenticated channel the fork server opens back to the engine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from collections import deque
 
 from executorkit.transport import BlockingChannel, Kill, Spawn, Stop
+
+
+@functools.cache
+def mpi_flavor(mpiexec: str) -> str:
+    """"openmpi", "mpich" or "unknown", from ``mpiexec --version``."""
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if "Open MPI" in out or "OpenRTE" in out:
+        return "openmpi"
+    if "HYDRA" in out or "MPICH" in out:
+        return "mpich"
+    return "unknown"
+
+
+def find_mpiexec() -> str | None:
+    """The ``mpiexec`` next to this interpreter (a venv with the mpich wheel), else on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("mpiexec")
+
+
+def mpiexec_command(ranks: int, *, mpiexec: str, flavor: str,
+                    oversubscribe: bool = False) -> tuple[str, ...]:
+    """The launcher prefix that starts ``ranks`` MPI workers (the boot file goes last)."""
+    cmd = [mpiexec, "-n", str(ranks)]
+    if oversubscribe and flavor == "openmpi":
+        cmd.append("--oversubscribe")  # MPICH allows oversubscription without a flag
+    return (*cmd, sys.executable, "-m", "executorkit.worker.mpi")
 
 
 class LocalLauncher:

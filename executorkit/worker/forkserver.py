@@ -130,8 +130,22 @@ class ForkServer:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, msg.cpus)
         setup = _call.TaskSetup(cwd=msg.cwd) if msg.cwd else None
+        if msg.mpi_command:
+            self._exec_mpi(msg, setup)
         return loop.serve(self.address, self.secret, msg.worker_id, persistent=msg.persistent,
                           init_payload=msg.init_payload, setup=setup)
+
+    def _exec_mpi(self, msg: Spawn, setup: _call.TaskSetup | None) -> None:
+        """Become ``mpiexec``; its ranks find the driver through a private boot file."""
+        assert msg.errdir is not None
+        boot = {"address": self.address, "secret": self.secret, "worker_id": msg.worker_id,
+                "persistent": msg.persistent, "init_payload": msg.init_payload,
+                "errdir": msg.errdir, "setup": setup}
+        path = os.path.join(msg.errdir, "boot.pkl")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(boot, fh)
+        os.execv(msg.mpi_command[0], [*msg.mpi_command, path])
 
     def _kill(self, worker_id: int, signum: int) -> None:
         pid = self.pids.get(worker_id)
