@@ -192,3 +192,18 @@ def mpi_unpicklable_on(rank):
     if MPI.COMM_WORLD.Get_rank() == rank:
         return threading.Lock()
     return 1
+
+
+def counted(directory, x):
+    """x * 10, recording each execution as a file in ``directory``."""
+    mark(directory, "counted")
+    return x * 10
+
+
+def counted_fail(directory, x):
+    mark(directory, "counted_fail")
+    raise RuntimeError(f"failed for {x}")
+
+
+def uses_state(x, state=None):
+    return (x, state)
