@@ -48,7 +48,7 @@ import math
 import os
 import re
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
@@ -527,8 +527,7 @@ def _render(graph: _Graph, fmt: str) -> bytes:
     from matplotlib.figure import Figure
 
     positions = _layout(graph)
-    width = max((sum(1 for p in positions.values() if p[1] == y) for _, y in
-                 positions.values()), default=1)
+    width = max(Counter(y for _, y in positions.values()).values(), default=1)
     depth = 1 - min((y for _, y in positions.values()), default=0.0)
     fig = Figure(figsize=(min(max(3.0, 1.6 * width), 150.0), min(max(2.0, depth), 150.0)))
     FigureCanvasAgg(fig)
@@ -773,8 +772,8 @@ def _split_ports(fn: Callable[..., Any], ports: Mapping[str, Any],
     for port, value in ports.items():
         index, kind = named.get(port, (None, None))
         match = _ARG_PORT.fullmatch(port)
-        if kind is inspect.Parameter.POSITIONAL_ONLY:
-            positional[index] = value  # type: ignore[index]
+        if kind is inspect.Parameter.POSITIONAL_ONLY and index is not None:
+            positional[index] = value
         elif kind is None and match and varargs:
             positional[int(match[1])] = value
         else:

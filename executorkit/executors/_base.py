@@ -60,6 +60,7 @@ class BaseExecutor(Executor):
         restart_limit: int = 10,
         openmpi_oversubscribe: bool = False,
         max_gpus: int | Iterable[int] | None = None,
+        progress: bool = False,
     ) -> None:
         _check_count("max_workers", max_workers)
         _check_count("max_cores", max_cores)
@@ -96,6 +97,10 @@ class BaseExecutor(Executor):
             init_function=init_function, restart_limit=restart_limit,
         )
         config.disable_dependencies = disable_dependencies
+        if progress:
+            from executorkit._progress import Progress
+
+            config.progress = Progress()
         self._engine = Engine(config)
         _live_engines.add(self._engine)
         self._finalizer = weakref.finalize(self, self._engine.shutdown, False, False)

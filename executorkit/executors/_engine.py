@@ -205,6 +205,7 @@ class EngineConfig:
     disable_dependencies: bool = False
     # cores -> launcher prefix for an MPI call; None: this executor cannot run cores > 1
     mpi_command: Callable[[int], tuple[str, ...]] | None = None
+    progress: Any = None  # executorkit._progress.Progress, or None
 
 
 @dataclass
@@ -235,6 +236,9 @@ class Engine:
         self.broken: BaseException | None = None
         self._wake_pending = False
         self._counts = {"done": 0, "failed": 0, "cancelled": 0}
+        self._submitted = 0
+        self._running = 0
+        self.progress = config.progress
         self._dirty: set[_Worker] = set()
         self._runtime = 1.0  # moving average of call run times (seconds), block allocation
         self._pickles = FunctionPickles()
@@ -300,6 +304,7 @@ class Engine:
                res: Resources) -> TaskFuture:
         if self.broken is not None:
             raise ExecutorBrokenError(f"the executor is broken: {self.broken}") from self.broken
+        self._submitted += 1
         task = _Task(self, next(self._ids), fn, args, kwargs, res)
         deps = graph.find_futures(args, kwargs)
         if deps and self.cfg.disable_dependencies:
@@ -349,10 +354,10 @@ class Engine:
             raise SerializationError(_describe_unpicklable(fn, args, kwargs, exc)) from exc
 
     def counts(self) -> dict[str, int]:
-        """Progress figures: done, failed, cancelled, running, waiting (approximate)."""
-        running = sum(1 for t in list(self.tasks.values()) if t.state == RUNNING)
-        return {**self._counts, "running": running,
-                "waiting": len(self.tasks) - running}
+        """Progress figures: submitted, done, failed, cancelled, running, waiting."""
+        running = self._running
+        return {**self._counts, "submitted": self._submitted, "running": running,
+                "waiting": max(0, len(self.tasks) - running)}
 
     # ================================================================ engine thread
     def _run(self) -> None:
@@ -558,6 +563,7 @@ class Engine:
             if task is None:
                 continue
             task.state = RUNNING
+            self._running += 1
             if task.res.run_time_max is not None:
                 task.deadline = time.monotonic() + task.res.run_time_max
                 heapq.heappush(self._timers, (task.deadline, task.id, task))
@@ -624,6 +630,8 @@ class Engine:
         if task.state == FINISHED:
             return
         was_queued = task.state == QUEUED
+        if task.state == RUNNING:
+            self._running -= 1
         task.state = FINISHED
         self.tasks.pop(task.id, None)
         if was_queued:
@@ -648,6 +656,8 @@ class Engine:
                 fut.set_exception(exc)
                 self._counts["failed"] += 1
         task.release()
+        if self.progress is not None:
+            self.progress.update(self.counts())
 
     def cancelled(self, task: _Task) -> None:
         """The user cancelled the task's future (it is already CANCELLED)."""
@@ -842,6 +852,9 @@ class Engine:
         self.workers.clear()
 
     def _teardown(self) -> None:
+        if self.progress is not None:
+            with contextlib.suppress(Exception):
+                self.progress.close(self.counts())
         if self.broken is None:
             self.broken = ExecutorBrokenError("the executor has shut down")
         for task in list(self.tasks.values()):  # only after a crash of the loop itself

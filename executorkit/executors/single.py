@@ -54,6 +54,8 @@ class SingleNodeExecutor(BaseExecutor):
         Make a Future argument an error instead of a dependency.
     wait
         Whether leaving the ``with`` block waits for running calls.
+    progress
+        Show a progress bar (tqdm): done, running, waiting and failed calls.
     log_obj_size
         Log the pickled size of every call and result (logger ``executorkit``, INFO).
     hostname_localhost, refresh_rate, openmpi_oversubscribe

@@ -1,0 +1,808 @@
+"""Benchmark executorkit against the stdlib ProcessPoolExecutor (and executorlib if installed).
+
+    python benchmarks/run.py                       # full run (a few minutes)
+    python benchmarks/run.py --quick               # smaller sizes, under a minute
+    python benchmarks/run.py --json out.json --markdown out.md
+
+Every figure of DESIGN.md section 6 is measured in the same run, with ``max_workers=2`` and
+the tiny task ``inc(x) = x + 1`` defined at the top level of this script (so, run as a
+script, in ``__main__``). The table goes to stdout, progress to stderr. See
+benchmarks/README.md for the exact definition of every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib
+import json
+import multiprocessing
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import tracemalloc
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+import executorkit
+from executorkit import SingleNodeExecutor
+from executorkit.cache import CacheStore
+
+EK, STDLIB, EL = "executorkit", "ProcessPoolExecutor", "executorlib"
+PEERS = (EK, STDLIB, EL)
+WORKERS = 2
+
+
+# ----------------------------------------------------------------------------- the tasks
+def inc(x: int) -> int:
+    return x + 1
+
+
+def timed_sleep(seconds: float) -> float:
+    """Sleep; return the run time measured inside the task."""
+    start = time.perf_counter()
+    time.sleep(seconds)
+    return time.perf_counter() - start
+
+
+def inc_logged(x: int, log_path: str) -> int:
+    """``x + 1``, appending this process's pid to ``log_path`` (one line per execution)."""
+    with open(log_path, "a") as log:
+        log.write(f"{os.getpid()}\n")
+    return x + 1
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    peers: tuple[str, ...]
+    n_per_task: int  # figure 1
+    n_block: int  # figure 2
+    stdlib_per_task_divisor: int  # the stdlib per-task pool is ~20x slower: N / divisor tasks
+    chain_per_task: int  # figure 3
+    chain_block: int
+    busy_repeats: int  # figure 4
+    cache_tasks: int  # figure 5
+    lookup_entries: tuple[int, ...]
+    lookup_calls: int
+    waiting: int  # figure 6
+    repeats: int = 3  # best (or median) of this many, where cheap
+    cheap: float = 10.0  # a measurement longer than this (s) is not repeated
+
+    @classmethod
+    def make(cls, quick: bool, peers: tuple[str, ...]) -> Config:
+        if quick:
+            return cls(quick, peers, n_per_task=300, n_block=5000, stdlib_per_task_divisor=5,
+                       chain_per_task=50, chain_block=500, busy_repeats=1, cache_tasks=300,
+                       lookup_entries=(2000,), lookup_calls=2000, waiting=20_000, cheap=1.5)
+        return cls(quick, peers, n_per_task=1000, n_block=20_000, stdlib_per_task_divisor=5,
+                   chain_per_task=200, chain_block=2000, busy_repeats=3, cache_tasks=1000,
+                   lookup_entries=(2000, 20_000), lookup_calls=2000, waiting=100_000)
+
+
+def timeout_for(peer: str, tasks: int) -> float:
+    """Generous wall-clock limit for ``tasks`` tiny calls (executorlib: ~13/s per-task)."""
+    return 120.0 + tasks * (0.5 if peer == EL else 0.05)
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class Failure:
+    """A measurement that did not produce a number; shown as ``error: ...``."""
+
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    target: str = "-"
+    # check(executorkit value, all values) -> passed; None: an informational row
+    check: Callable[[float, dict[str, Any]], bool] | None = None
+    fmt: str = "{:.2f}"
+    ratio: bool = True  # show executorkit / ProcessPoolExecutor
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def cell(self, peer: str) -> str:
+        return _fmt(self.values.get(peer, "n/a"), self.fmt)
+
+    def ratio_cell(self) -> str:
+        ours, theirs = self.values.get(EK), self.values.get(STDLIB)
+        if not self.ratio or not _number(ours) or not _number(theirs) or theirs == 0:
+            return "-"
+        return f"{ours / theirs:.2f}"
+
+    def verdict(self) -> str:
+        value = self.values.get(EK)
+        if self.check is None:
+            return "info"
+        if not _number(value):
+            return "error"
+        return "pass" if self.check(value, self.values) else "FAIL"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if _number(value):
+        return fmt.format(value)
+    text = str(value)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+class Report:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.rows: list[Row] = []
+        self.details: list[str] = []
+        self.warnings: list[str] = []
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        return row
+
+    def note(self, text: str) -> None:
+        self.details.append(text)
+        progress(f"  {text}")
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+        progress(f"WARNING: {text}")
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def attempt(report: Report, what: str, peer: str, measure: Callable[[], Any]) -> Any:
+    """Run one measurement; an exception becomes a :class:`Failure` (the run goes on)."""
+    progress(f"[{what}] {peer} ...")
+    start = time.perf_counter()
+    try:
+        value = measure()
+    except Exception as exc:
+        report.note(f"{what}, {peer}: {type(exc).__name__}: {exc}")
+        report.details.append("".join(traceback.format_exception(exc)).rstrip())
+        return Failure(f"error: {type(exc).__name__}: {exc}")
+    progress(f"[{what}] {peer}: {time.perf_counter() - start:.1f} s")
+    return value
+
+
+# ----------------------------------------------------------------------------- executors
+def make_executor(peer: str, block: bool, **kwargs: Any) -> Executor:
+    """A 2-worker pool of ``peer``. ``block=False`` means one process per call:
+    executorkit/executorlib's default mode, and for the stdlib a ProcessPoolExecutor whose
+    workers exit after one task (``max_tasks_per_child=1``, started by a forkserver)."""
+    if peer == EK:
+        return SingleNodeExecutor(max_workers=WORKERS, block_allocation=block, **kwargs)
+    if peer == STDLIB:
+        if block:
+            return ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("fork"))
+        return ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("forkserver"),
+                                   max_tasks_per_child=1)
+    if peer == EL:
+        import executorlib
+
+        return executorlib.SingleNodeExecutor(max_workers=WORKERS, block_allocation=block,
+                                              **kwargs)
+    raise ValueError(peer)
+
+
+def shutdown(exe: Executor, *, cancel: bool, timeout: float) -> float:
+    """``exe.shutdown(wait=True)`` with a time limit (in a helper thread); its duration."""
+    start = time.perf_counter()
+    thread = threading.Thread(target=exe.shutdown, kwargs={"wait": True, "cancel_futures": cancel},
+                              name="benchmark-shutdown", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"{type(exe).__name__}.shutdown() took more than {timeout:.0f} s")
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def running(peer: str, block: bool, **kwargs: Any) -> Iterator[Executor]:
+    """An executor, shut down at the end (cancelling what is left if the body failed)."""
+    exe = make_executor(peer, block, **kwargs)
+    try:
+        yield exe
+    except BaseException:
+        with contextlib.suppress(Exception):
+            shutdown(exe, cancel=True, timeout=30)
+        raise
+    shutdown(exe, cancel=False, timeout=60)
+
+
+def wait_all(futures: Sequence[Future], timeout: float) -> list[Any]:
+    """All results, within ``timeout`` seconds in total."""
+    deadline = time.monotonic() + timeout
+    return [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
+
+
+def warm_up(exe: Executor, timeout: float = 120.0) -> None:
+    """Start the workers (or fork server) outside the timed part."""
+    assert wait_all([exe.submit(inc, i) for i in range(2 * WORKERS)], timeout) == [1, 2, 3, 4]
+
+
+def repeated(once: Callable[[], Any], config: Config, times: int | None = None) -> list[Any]:
+    """Up to ``times`` (default ``config.repeats``) samples; a slow one is not repeated."""
+    samples = []
+    for _ in range(times or config.repeats):
+        start = time.perf_counter()
+        samples.append(once())
+        if time.perf_counter() - start > config.cheap:
+            break
+    return samples
+
+
+def _samples(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+    return ", ".join(fmt.format(v) for v in values)
+
+
+# ----------------------------------------------------------------------------- figure 1, 2
+def tasks_per_second(exe: Executor, n: int, timeout: float) -> float:
+    start = time.perf_counter()
+    futures = [exe.submit(inc, i) for i in range(n)]
+    results = wait_all(futures, timeout)
+    elapsed = time.perf_counter() - start
+    if results != list(range(1, n + 1)):
+        raise AssertionError("wrong results")
+    return n / elapsed
+
+
+def throughput(report: Report, what: str, peer: str, block: bool, n: int) -> float:
+    def measure() -> float:
+        with running(peer, block) as exe:
+            warm_up(exe)
+            rates = repeated(lambda: tasks_per_second(exe, n, timeout_for(peer, n)),
+                             report.config)
+        report.note(f"{what}, {peer}: N={n}, tasks/s per round: {_samples(rates)} -> best")
+        return max(rates)
+
+    return attempt(report, what, peer, measure)
+
+
+def figure_1(report: Report) -> None:
+    cfg = report.config
+    row = report.add(Row("1", "tiny tasks/s, per-task process", ">= 300/s",
+                         lambda v, _: v >= 300, "{:,.0f}"))
+    for peer in cfg.peers:
+        n = cfg.n_per_task // cfg.stdlib_per_task_divisor if peer == STDLIB else cfg.n_per_task
+        row.values[peer] = throughput(report, "fig 1", peer, False, n)
+
+
+def figure_2(report: Report) -> None:
+    cfg = report.config
+    row = report.add(Row("2", "tiny tasks/s, block allocation", ">= 1.0 x stdlib",
+                         lambda v, vals: _number(vals.get(STDLIB)) and v >= vals[STDLIB],
+                         "{:,.0f}"))
+    for peer in cfg.peers:
+        row.values[peer] = throughput(report, "fig 2", peer, True, cfg.n_block)
+
+
+# ----------------------------------------------------------------------------- figure 3
+def chain_of_futures(exe: Executor, steps: int, timeout: float) -> float:
+    """ms per step of a chain where every call takes the previous call's future."""
+    start = time.perf_counter()
+    future = exe.submit(inc, 0)
+    for _ in range(steps - 1):
+        future = exe.submit(inc, future)
+    value = future.result(timeout=timeout)
+    elapsed = time.perf_counter() - start
+    if value != steps:
+        raise AssertionError(f"chain ended with {value}, expected {steps}")
+    return elapsed / steps * 1e3
+
+
+def chain_of_results(exe: Executor, steps: int, timeout: float) -> float:
+    """The stdlib equivalent: wait for each result and submit the next call with it."""
+    deadline = time.monotonic() + timeout
+    start = time.perf_counter()
+    value = 0
+    for _ in range(steps):
+        value = exe.submit(inc, value).result(timeout=max(0.0, deadline - time.monotonic()))
+    elapsed = time.perf_counter() - start
+    if value != steps:
+        raise AssertionError(f"chain ended with {value}, expected {steps}")
+    return elapsed / steps * 1e3
+
+
+def chain(report: Report, what: str, peer: str, block: bool, steps: int) -> float:
+    def measure() -> float:
+        chain_fn = chain_of_results if peer == STDLIB else chain_of_futures
+        with running(peer, block) as exe:
+            warm_up(exe)
+            times = repeated(lambda: chain_fn(exe, steps, timeout_for(peer, steps)),
+                             report.config)
+        report.note(f"{what}, {peer}: {steps} steps, ms/step per round: "
+                    f"{_samples(times, '{:.3f}')} -> best")
+        return min(times)
+
+    return attempt(report, what, peer, measure)
+
+
+def figure_3(report: Report) -> None:
+    cfg = report.config
+    for key, block, steps, limit in (("3a", False, cfg.chain_per_task, 5.0),
+                                     ("3b", True, cfg.chain_block, 0.3)):
+        mode = "block allocation" if block else "per-task process"
+        row = report.add(Row(key, f"dependency chain, ms/step, {mode}", f"<= {limit} ms",
+                             lambda v, _, limit=limit: v <= limit, "{:.3f}"))
+        for peer in cfg.peers:
+            row.values[peer] = chain(report, f"fig {key}", peer, block, steps)
+
+
+# ----------------------------------------------------------------------------- figure 4
+def sleep_durations() -> list[float]:
+    rng = random.Random(1234)
+    return [rng.uniform(0.05, 0.3) for _ in range(24)]
+
+
+def fifo_makespan(durations: Sequence[float], machines: int = WORKERS) -> float:
+    """Makespan of the list schedule in submission order (each task to the first free
+    worker): the best any first-come-first-served executor can do."""
+    free = [0.0] * machines
+    for d in durations:
+        i = free.index(min(free))
+        free[i] += d
+    return max(free)
+
+
+def optimal_makespan(durations: Sequence[float], resolution: float = 1e-4) -> float:
+    """Optimal 2-machine makespan (a partition problem), to ``resolution`` seconds."""
+    sizes = [round(d / resolution) for d in durations]
+    reachable = 1  # bit s set: some subset sums to s
+    for s in sizes:
+        reachable |= reachable << s
+    total = sum(sizes)
+    best = min(max(s, total - s) for s in range(total + 1) if reachable >> s & 1)
+    return best * resolution
+
+
+def busy_once(exe: Executor, durations: Sequence[float], timeout: float) -> tuple[float, float]:
+    """(busy, busy / best achievable) of one run; see README."""
+    start = time.perf_counter()
+    futures = [exe.submit(timed_sleep, d) for d in durations]
+    runtimes = wait_all(futures, timeout)
+    wall = time.perf_counter() - start
+    total = sum(runtimes)
+    bound = max(total / WORKERS, max(runtimes))  # lower bound of the makespan
+    return total / (WORKERS * wall), bound / wall
+
+
+def figure_4(report: Report) -> None:
+    cfg = report.config
+    durations = sleep_durations()
+    total = sum(durations)
+    bound = max(total / WORKERS, max(durations))
+    report.note(f"fig 4: 24 sleeps, total {total:.3f} s, longest {max(durations):.3f} s; "
+                f"ideal busy: lower bound {total / (WORKERS * bound):.4f}, "
+                f"optimal partition {total / (WORKERS * optimal_makespan(durations)):.4f}, "
+                f"FIFO list schedule {total / (WORKERS * fifo_makespan(durations)):.4f}")
+    for key, block in (("4a", False), ("4b", True)):
+        mode = "block allocation" if block else "per-task process"
+        busy = report.add(Row(key, f"busy fraction, {mode}", ">= 0.97",
+                              lambda v, _: v >= 0.97, "{:.3f}"))
+        rel = report.add(Row(f"{key}'", "  busy / best achievable (lower bound)", "-",
+                             None, "{:.3f}"))
+        for peer in cfg.peers:
+
+            def measure(peer: str = peer, block: bool = block,
+                        key: str = key) -> tuple[float, float]:
+                with running(peer, block) as exe:
+                    warm_up(exe)
+                    runs = repeated(lambda: busy_once(exe, durations, timeout_for(peer, 24)),
+                                    cfg, cfg.busy_repeats)
+                runs.sort()
+                report.note(f"fig {key}, {peer}: busy per round: "
+                            f"{_samples([r[0] for r in runs], '{:.3f}')}; busy/bound: "
+                            f"{_samples([r[1] for r in runs], '{:.3f}')} -> median round")
+                return runs[len(runs) // 2]
+
+            value = attempt(report, f"fig {key}", peer, measure)
+            if isinstance(value, Failure):
+                busy.values[peer] = rel.values[peer] = value
+            else:
+                busy.values[peer], rel.values[peer] = value
+
+
+# ----------------------------------------------------------------------------- figure 5
+class ProcessWatch:
+    """Pids of this process's descendants seen while active (sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        self.me = psutil.Process()
+        self.before = {p.pid for p in self.me.children(recursive=True)}
+        self.seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="benchmark-watch", daemon=True)
+
+    def _sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            self.seen.update(p.pid for p in self.me.children(recursive=True))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def __enter__(self) -> ProcessWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def new(self) -> set[int]:
+        return self.seen - self.before
+
+
+def _lines(path: str) -> list[str]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as log:
+        return log.read().split()
+
+
+def cache_run(directory: str, log_path: str, n: int) -> float:
+    """ms per task of ``n`` logged calls on a per-task executor caching in ``directory``.
+    The warm-up call (-1) starts the fork server on a cold cache and is a hit on a warm one."""
+    with running(EK, False, cache_directory=directory) as exe:
+        assert exe.submit(inc_logged, -1, log_path).result(timeout=120) == 0
+        start = time.perf_counter()
+        futures = [exe.submit(inc_logged, i, log_path) for i in range(n)]
+        results = wait_all(futures, timeout_for(EK, n))
+        elapsed = time.perf_counter() - start
+    if results != list(range(1, n + 1)):
+        raise AssertionError("wrong results")
+    return elapsed / n * 1e3
+
+
+def lookup_cost(base: str, entries: int, calls: int) -> tuple[float, list[float]]:
+    """ms per ``CacheStore.lookup`` hit (median round) in a directory of ``entries`` entries,
+    and the per-round means in us."""
+    # The filling and timing helpers of the stand-alone cache benchmark.
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from cache_lookup import fill, time_per_call
+
+    store = CacheStore(os.path.join(base, f"entries-{entries}"))
+    start = time.perf_counter()
+    keys = fill(store, entries)
+    filled = time.perf_counter() - start
+    rng = random.Random(0)
+    hits = [rng.choice(keys) for _ in range(calls)]
+    if not all(store.lookup(key)[0] for key in hits[:100]):
+        raise AssertionError("a stored key was not found")
+    median, means = time_per_call(store, hits, rounds=3)
+    progress(f"  ({entries} entries written in {filled:.1f} s)")
+    return median / 1e3, means
+
+
+def figure_5(report: Report) -> None:
+    cfg = report.config
+    n = cfg.cache_tasks
+    cold = report.add(Row("5a", "cache cold, ms/task (per-task, writes the cache)", "-",
+                          None, "{:.2f}", ratio=False))
+    warm = report.add(Row("5b", "cache warm, ms/task (all hits)", "<= 0.2 ms",
+                          lambda v, _: v <= 0.2, "{:.3f}", ratio=False))
+    procs = report.add(Row("5c", "processes started in the warm runs", "0",
+                           lambda v, _: v == 0, "{:d}", ratio=False))
+    lookups = [report.add(Row(f"5{'de'[i]}", f"CacheStore.lookup, ms/hit, {entries:,} entries",
+                              "<= 0.2 ms", lambda v, _: v <= 0.2, "{:.3f}", ratio=False))
+               for i, entries in enumerate(cfg.lookup_entries)]
+    for row in (cold, warm, procs, *lookups):
+        row.values[STDLIB] = "n/a"
+        if EL in cfg.peers:
+            row.values[EL] = "n/a"
+
+    base = tempfile.mkdtemp(prefix="executorkit-bench-")
+    try:
+        directory, log_path = os.path.join(base, "cache"), os.path.join(base, "executions.log")
+
+        def measure_cold() -> float:
+            value = cache_run(directory, log_path, n)
+            report.note(f"fig 5a: {n} calls, {len(_lines(log_path)) - 1} executions logged")
+            return value
+
+        cold.values[EK] = attempt(report, "fig 5a", EK, measure_cold)
+
+        def measure_warm() -> tuple[float, int]:
+            executed = len(_lines(log_path))
+            with ProcessWatch() as watch:
+                times = repeated(lambda: cache_run(directory, log_path, n), cfg)
+            lines = _lines(log_path)[executed:]
+            started = watch.new | {int(pid) for pid in lines}
+            report.note(f"fig 5b/5c: {len(times)} warm runs of {n} calls, ms/task: "
+                        f"{_samples(times, '{:.3f}')} -> best; executions logged: "
+                        f"{len(lines)}; new processes seen: {sorted(started) or 'none'}")
+            return min(times), len(started)
+
+        value = attempt(report, "fig 5b", EK, measure_warm)
+        if isinstance(value, Failure):
+            warm.values[EK] = procs.values[EK] = value
+        else:
+            warm.values[EK], procs.values[EK] = value
+
+        for entries, row in zip(cfg.lookup_entries, lookups, strict=True):
+
+            def measure_lookup(entries: int = entries, row: Row = row) -> float:
+                per_hit, means = lookup_cost(base, entries, cfg.lookup_calls)
+                report.note(f"fig {row.key}: {cfg.lookup_calls} random hits per round, us/hit: "
+                            f"{_samples(means)} -> median")
+                return per_hit
+
+            row.values[EK] = attempt(report, f"fig {row.key}", EK, measure_lookup)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- figure 6
+def waiting_rate(peer: str, block: bool, n: int) -> tuple[float, float, int, float]:
+    """Submit ``n`` calls waiting on one unfinished future, then shutdown(cancel_futures).
+    Returns (submits/s, shutdown seconds, futures cancelled, seconds to complete the gate)."""
+    exe = make_executor(peer, block)
+    closed = False
+    try:
+        warm_up(exe)
+        gate: Future = Future()
+        gc.collect()
+        start = time.perf_counter()
+        futures = [exe.submit(inc, gate) for _ in range(n)]
+        rate = n / (time.perf_counter() - start)
+        seconds = shutdown(exe, cancel=True, timeout=60 + n * 1e-3)
+        closed = True
+        cancelled = sum(f.cancelled() for f in futures)
+        start = time.perf_counter()
+        gate.set_result(0)  # the end: the gate completes after everything was cancelled
+        gate_seconds = time.perf_counter() - start
+        return rate, seconds, cancelled, gate_seconds
+    finally:
+        if not closed:
+            with contextlib.suppress(Exception):
+                shutdown(exe, cancel=True, timeout=30)
+
+
+def traced_bytes(make: Callable[[], list[Any]]) -> tuple[float, list[Any]]:
+    """Driver memory (tracemalloc) allocated by ``make()`` and still held afterwards."""
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    held = make()
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0] - before, held
+
+
+def waiting_memory(peer: str, block: bool, n: int) -> float:
+    """KiB of driver memory per call waiting on one unfinished future."""
+    exe = make_executor(peer, block)
+    try:
+        warm_up(exe)
+        gate: Future = Future()
+        tracemalloc.start()
+        try:
+            size, futures = traced_bytes(lambda: [exe.submit(inc, gate) for _ in range(n)])
+        finally:
+            tracemalloc.stop()
+        del futures
+        return size / n / 1024
+    finally:
+        shutdown(exe, cancel=True, timeout=60 + n * 1e-3)
+
+
+def bare_future_kib(n: int) -> float:
+    tracemalloc.start()
+    try:
+        size, futures = traced_bytes(lambda: [Future() for _ in range(n)])
+    finally:
+        tracemalloc.stop()
+    del futures
+    return size / n / 1024
+
+
+def figure_6(report: Report) -> None:
+    cfg = report.config
+    n = cfg.waiting
+    bare = report.add(Row("6", "bare concurrent.futures.Future, KiB (reference)", "-", None,
+                          "{:.2f}", ratio=False))
+    bare.values[EK] = "n/a"
+    bare.values[STDLIB] = attempt(report, "fig 6", "bare Future", lambda: bare_future_kib(n))
+    if EL in cfg.peers:
+        bare.values[EL] = "n/a"
+    for key, block in (("6a", False), ("6b", True)):
+        mode = "block" if block else "per-task"
+        rate = report.add(Row(key, f"submits/s waiting on a future, {mode}", ">= 50,000/s",
+                              lambda v, _: v >= 50_000, "{:,.0f}", ratio=False))
+        memory = report.add(Row(f"{key}'", "  driver KiB per waiting task", "<= 2.5 KiB",
+                                lambda v, _: v <= 2.5, "{:.2f}", ratio=False))
+        cancel = report.add(Row(f"{key}''", f"  shutdown(cancel_futures=True) of {n:,}, s",
+                                "<= 1 s (informal)", lambda v, _: v <= 1.0, "{:.2f}",
+                                ratio=False))
+        for row in (rate, memory, cancel):
+            row.values[STDLIB] = "n/a (no deps)"
+        for peer in cfg.peers:
+            if peer == STDLIB:
+                continue
+
+            def measure(peer: str = peer, block: bool = block, key: str = key) -> tuple:
+                submits, seconds, cancelled, gate_s = waiting_rate(peer, block, n)
+                kib = waiting_memory(peer, block, n)
+                report.note(f"fig {key}, {peer}: {n} submits at {submits:,.0f}/s; shutdown "
+                            f"with cancel_futures {seconds:.2f} s, {cancelled} of {n} "
+                            f"cancelled; completing the gate afterwards {gate_s:.2f} s; "
+                            f"{kib:.2f} KiB per waiting task (tracemalloc, separate run)")
+                if cancelled != n:
+                    report.warn(f"fig {key}, {peer}: only {cancelled} of {n} waiting futures "
+                                f"were cancelled by shutdown(cancel_futures=True)")
+                return submits, kib, seconds
+
+            value = attempt(report, f"fig {key}", peer, measure)
+            if isinstance(value, Failure):
+                rate.values[peer] = memory.values[peer] = cancel.values[peer] = value
+            else:
+                rate.values[peer], memory.values[peer], cancel.values[peer] = value
+
+
+# ----------------------------------------------------------------------------- output
+COLUMNS = ("figure", EK, STDLIB, EL, "ratio vs stdlib", "target", "pass/fail")
+
+
+def table_rows(report: Report) -> list[list[str]]:
+    return [[f"{row.key} {row.label}", row.cell(EK), row.cell(STDLIB), row.cell(EL),
+             row.ratio_cell(), row.target, row.verdict()] for row in report.rows]
+
+
+def text_table(report: Report) -> str:
+    rows = [list(COLUMNS), *table_rows(report)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = []
+    for index, row in enumerate(rows):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append(" | ".join(cells).rstrip())
+        if index == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(report: Report, meta: dict[str, Any]) -> str:
+    out = [f"## Results of `python benchmarks/run.py{' --quick' if report.config.quick else ''}`",
+           "", *(f"- {k}: {v}" for k, v in meta.items()), "",
+           "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+            for row in table_rows(report)]
+    out += ["", "Ratio: executorkit / ProcessPoolExecutor (for ms rows lower is better).", "",
+            "### Details", "", "```", *report.details, "```"]
+    if report.warnings:
+        out += ["", "### Warnings", "", *(f"- {w}" for w in report.warnings)]
+    return "\n".join(out) + "\n"
+
+
+def as_json(report: Report, meta: dict[str, Any]) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        return value if _number(value) or value is None else str(value)
+
+    return {
+        "meta": meta,
+        "rows": [{"key": r.key, "label": r.label.strip(), "target": r.target,
+                  "values": {p: plain(r.values.get(p, "n/a")) for p in PEERS},
+                  "ratio_vs_stdlib": r.ratio_cell(), "verdict": r.verdict()}
+                 for r in report.rows],
+        "details": report.details,
+        "warnings": report.warnings,
+    }
+
+
+# ----------------------------------------------------------------------------- clean-up
+def stop_multiprocessing_helpers() -> None:
+    """The stdlib's forkserver and resource tracker live until interpreter exit; stop them
+    now so the check below sees only what the executors left behind."""
+    for module, name in (("multiprocessing.forkserver", "_forkserver"),
+                         ("multiprocessing.resource_tracker", "_resource_tracker")):
+        with contextlib.suppress(Exception):
+            getattr(importlib.import_module(module), name)._stop()
+
+
+def leftover_processes(grace: float = 10.0) -> list[str]:
+    """Kill (by pid) descendants still alive ``grace`` seconds after the last shutdown."""
+    me = psutil.Process()
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(child)
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    found = []
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            found.append(f"{child.pid} {' '.join(child.cmdline())[:100]}")
+            child.kill()
+    return found
+
+
+# ----------------------------------------------------------------------------- main
+def executorlib_version() -> str | None:
+    try:
+        import executorlib
+    except Exception:
+        return None
+    return getattr(executorlib, "__version__", "unknown")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--markdown", metavar="FILE", help="also write a Markdown report")
+    parser.add_argument("--no-executorlib", action="store_true",
+                        help="skip executorlib even if it is installed")
+    args = parser.parse_args(argv)
+
+    el_version = None if args.no_executorlib else executorlib_version()
+    peers = (EK, STDLIB, EL) if el_version else (EK, STDLIB)
+    config = Config.make(args.quick, peers)
+    report = Report(config)
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full",
+        "python": platform.python_version(),
+        "executorkit": executorkit.__version__,
+        "executorlib": el_version or "not installed",
+        "cpus": f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} usable)",
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "max_workers": WORKERS,
+        "task": f"{inc.__module__}.inc (x + 1)",
+    }
+    progress(" ".join(f"{k}={v}" for k, v in meta.items()))
+    started = time.perf_counter()
+    for figure in (figure_1, figure_2, figure_3, figure_4, figure_5, figure_6):
+        figure(report)
+    stop_multiprocessing_helpers()
+    leftovers = leftover_processes()
+    if leftovers:
+        report.warn(f"child processes still alive after every shutdown (killed): {leftovers}")
+    meta["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    meta["duration"] = f"{time.perf_counter() - started:.0f} s"
+
+    print(text_table(report))
+    print("\nratio: executorkit / ProcessPoolExecutor (for ms rows lower is better); "
+          f"{meta['mode']} run, {meta['duration']}, load average {meta['load average at start']}"
+          f" -> {meta['load average at end']}")
+    for warning in report.warnings:
+        print(f"WARNING: {warning}")
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            out.write(markdown(report, meta))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(as_json(report, meta), out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
