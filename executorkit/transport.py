@@ -134,6 +134,7 @@ class Spawn(_Message):
     init_payload: bytes | None = None  # cloudpickled init_function (persistent workers)
     mpi_command: tuple[str, ...] = ()  # run under this launcher prefix (cores > 1)
     errdir: str | None = None  # private directory of this worker (MPI error reports)
+    res: Any = None  # the Resources of the call (launchers that ask a scheduler need them)
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from typing import Any
 
 from executorkit.errors import ResourceError
@@ -114,6 +115,39 @@ class BaseExecutor(Executor):
         """Modules worker processes will need, imported once where the launcher allows."""
         return ("executorkit.cache._writer", "h5py") if self._defaults.cache_directory else ()
 
+    def _plan_pool(self, *, max_workers: int | None, max_cores: int | None,
+                   default_cores: int, gpus: int, unsupported: dict[str, str],
+                   max_nodes: int = 1) -> PoolPlan:
+        """Size the pool and the workers from the parameters the user gave."""
+        per_call = self._defaults.cpus
+        if self._block:
+            workers = max_workers or max(1, (max_cores or default_cores) // per_call)
+            pool = workers * per_call
+            if max_cores is not None and pool > max_cores:
+                raise ResourceError(
+                    f"max_workers={workers} workers of {per_call} CPUs need {pool} CPUs but "
+                    f"max_cores={max_cores}", key="max_workers",
+                    allowed=f"max_workers <= {max_cores // per_call}")
+            need_gpus = workers * self._defaults.gpus
+            if need_gpus > gpus:
+                raise ResourceError(
+                    f"{workers} workers with {self._defaults.gpus} GPUs each need {need_gpus} "
+                    f"GPUs but the pool has {gpus} (max_gpus)", key="gpus_per_core",
+                    allowed=f"gpus_per_core <= {gpus // max(workers, 1)}")
+            unsupported = {**unsupported,
+                           "exclusive": "block-allocation workers have a fixed size"}
+            caps = Capabilities(self._backend, pool, gpus, unsupported,
+                                per_task_cpus=per_call, per_task_gpus=self._defaults.gpus,
+                                max_nodes=max_nodes)
+            plan = PoolPlan(pool, workers, None, caps)
+        else:
+            pool = max_cores or (max_workers * per_call if max_workers else default_cores)
+            caps = Capabilities(self._backend, pool, gpus, unsupported, max_nodes=max_nodes)
+            plan = PoolPlan(pool, 0, max_workers if (max_workers and max_cores) else None, caps)
+        caps.check(self._defaults)
+        self._check_resources(self._defaults)
+        return plan
+
     def _check_resources(self, res: Resources) -> Resources:
         """Backend-specific limits beyond :class:`Capabilities` (override as needed)."""
         return res
@@ -166,6 +200,14 @@ class BaseExecutor(Executor):
     def info(self) -> dict[str, int]:
         """Counts of done, failed, cancelled, running and waiting tasks."""
         return self._engine.counts()
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    pool: int  # CPU slots
+    workers: int  # block-allocation workers (0: per-task processes)
+    max_running: int | None
+    caps: Capabilities
 
 
 def _check_count(name: str, value: int | None) -> None:

@@ -206,6 +206,8 @@ class EngineConfig:
     # cores -> launcher prefix for an MPI call; None: this executor cannot run cores > 1
     mpi_command: Callable[[int], tuple[str, ...]] | None = None
     progress: Any = None  # executorkit._progress.Progress, or None
+    bind_host: str = "127.0.0.1"  # where workers connect (loopback for local work)
+    tmp_dir: str | None = None  # parent of private worker directories (shared for Slurm)
 
 
 @dataclass
@@ -253,7 +255,7 @@ class Engine:
         else:
             self.sched = Scheduler(config.cpus, config.gpus, max_running=config.max_running)
 
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.listener = socket.create_server((config.bind_host, 0), backlog=1024)
         self.listener.setblocking(False)
         self.address = self.listener.getsockname()[:2]
         self.selector = selectors.DefaultSelector()
@@ -264,6 +266,8 @@ class Engine:
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
 
         self.launcher.start(self.address, self.secret)
+        if hasattr(self.launcher, "on_exit"):  # launchers that watch their own processes
+            self.launcher.on_exit = lambda exited: self.post(self._exited, exited)
         self._output_registered = False
         self._tmp: str | None = None  # private directory for MPI workers, made on demand
         self._block_started = False
@@ -581,7 +585,7 @@ class Engine:
         self._send(w, RunTask(task.id, *task.payload, None, task.cache_spec))
         env = self._task_env(task.res, len(start.cpus), start.gpus)
         cpus = self._pin(start.cpus)
-        spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False)
+        spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res)
         self._mpi(w, spawn, task.res.cores)
         self._spawn(spawn)
 
@@ -589,13 +593,13 @@ class Engine:
         """Make ``spawn`` start ``cores`` MPI ranks (when cores > 1)."""
         if cores <= 1:
             return
-        assert self.cfg.mpi_command is not None, "checked at submit"
         if self._tmp is None:
-            self._tmp = tempfile.mkdtemp(prefix="executorkit-")
+            self._tmp = tempfile.mkdtemp(prefix="executorkit-", dir=self.cfg.tmp_dir)
         w.errdir = os.path.join(self._tmp, f"worker-{w.id}")
         os.mkdir(w.errdir, 0o700)
-        spawn.mpi_command = self.cfg.mpi_command(cores)
         spawn.errdir = w.errdir
+        if self.cfg.mpi_command is not None:  # else the launcher starts the ranks (srun)
+            spawn.mpi_command = self.cfg.mpi_command(cores)
 
     def _task_env(self, res: Resources, ncpus: int, gpus: tuple[int, ...]) -> tuple:
         threads = str(res.threads_per_core)
@@ -755,7 +759,7 @@ class Engine:
         if self.cfg.init_function is not None:
             init = cloudpickle.dumps(self.cfg.init_function)
         spawn = Spawn(w.id, env, self.cfg.worker_res.cwd, self._pin(cpus), persistent=True,
-                      init_payload=init)
+                      init_payload=init, res=self.cfg.worker_res)
         self._mpi(w, spawn, self.cfg.worker_res.cores)
         self._spawn(spawn)
 

@@ -80,47 +80,21 @@ class SingleNodeExecutor(BaseExecutor):
         available = sorted(os.sched_getaffinity(0))
         granted = os.environ.get("EXECUTORKIT_CPUS")  # nested inside an executorkit task
         default_cores = int(granted) if granted and granted.isdigit() else len(available)
-        per_call = self._defaults.cpus
-        unsupported = {
-            "slurm_cmd_args": "it is for Slurm executors only",
-        }
         gpus = gpu_pool(max_gpus)
-        if self._block:
-            workers = max_workers or max(1, (max_cores or default_cores) // per_call)
-            pool = workers * per_call
-            if max_cores is not None and pool > max_cores:
-                raise ResourceError(
-                    f"max_workers={workers} workers of {per_call} CPUs need {pool} CPUs but "
-                    f"max_cores={max_cores}", key="max_workers",
-                    allowed=f"max_workers <= {max_cores // per_call}")
-            need_gpus = workers * self._defaults.gpus
-            if need_gpus > len(gpus):
-                raise ResourceError(
-                    f"{workers} workers with {self._defaults.gpus} GPUs each need {need_gpus} "
-                    f"GPUs but the pool has {len(gpus)} (max_gpus)", key="gpus_per_core",
-                    allowed=f"gpus_per_core <= {len(gpus) // max(workers, 1)}")
-            unsupported["exclusive"] = "block-allocation workers have a fixed size"
-            caps = Capabilities(self._backend, pool, len(gpus), unsupported,
-                                per_task_cpus=per_call, per_task_gpus=self._defaults.gpus)
-            max_running = None
-        else:
-            workers = 0
-            pool = max_cores or (max_workers * per_call if max_workers else default_cores)
-            caps = Capabilities(self._backend, pool, len(gpus), unsupported)
-            max_running = max_workers if (max_workers and max_cores) else None
-        caps.check(self._defaults)
-        self._check_resources(self._defaults)
-        real = pool <= len(available)
-        cpus = tuple(available[:pool]) if real else tuple(range(pool))
+        plan = self._plan_pool(
+            max_workers=max_workers, max_cores=max_cores, default_cores=default_cores,
+            gpus=len(gpus), unsupported={"slurm_cmd_args": "it is for Slurm executors only"})
+        real = plan.pool <= len(available)
+        cpus = tuple(available[:plan.pool]) if real else tuple(range(plan.pool))
         forward = sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__
         config = EngineConfig(
             launcher=LocalLauncher(forward_output=forward, preload=self._preload()),
             cpus=cpus, gpus=gpus, real_cpus=real, gpu_variable=gpu_variable(),
-            max_running=max_running,
-            block_workers=workers, worker_res=self._defaults, init_function=init_function,
+            max_running=plan.max_running, block_workers=plan.workers,
+            worker_res=self._defaults, init_function=init_function,
             restart_limit=restart_limit, mpi_command=self._mpi_command(),
         )
-        return config, caps
+        return config, plan.caps
 
     def _check_resources(self, res: Resources) -> Resources:
         if res.cores > 1 and self._mpi_command() is None:

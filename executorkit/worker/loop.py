@@ -80,11 +80,14 @@ def _flush(sock: socket.socket, replies: list[bytes]) -> None:
         sock.sendall(data)
 
 
-def _main() -> None:  # pragma: no cover - used by launchers that start a fresh interpreter
-    boot = pickle.loads(sys.stdin.buffer.read())
+def _main(bootfile: str) -> None:
+    """Entry point of launchers that start a fresh interpreter (srun): a private boot file."""
+    with open(bootfile, "rb") as fh:
+        boot = pickle.load(fh)
     sys.exit(serve(boot["address"], boot["secret"], boot["worker_id"],
-                   persistent=boot["persistent"], init_payload=boot.get("init_payload")))
+                   persistent=boot["persistent"], init_payload=boot.get("init_payload"),
+                   setup=boot.get("setup")))
 
 
 if __name__ == "__main__":
-    _main()
+    _main(sys.argv[1])

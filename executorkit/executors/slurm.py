@@ -1,0 +1,69 @@
+"""Slurm executors: SlurmJobExecutor (job steps inside an allocation)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from executorkit.executors._base import BaseExecutor
+from executorkit.executors._engine import EngineConfig
+from executorkit.launchers.slurm import SrunLauncher, allocation, pool_of
+from executorkit.resources import Capabilities
+
+
+class SlurmJobExecutor(BaseExecutor):
+    """Run each call as a Slurm job step (``srun``) inside the current allocation.
+
+    Use it in a batch script or an ``salloc`` session: the pool is the allocation
+    (``SLURM_JOB_CPUS_PER_NODE``, ``SLURM_JOB_NUM_NODES``, ``SLURM_GPUS_ON_NODE``), and calls
+    run side by side as steps, started as soon as the CPUs they ask for are free. Every
+    resource_dict key maps to ``srun``: ``cores`` -> ``--ntasks`` (MPI ranks, results in rank
+    order), ``threads_per_core`` -> ``--cpus-per-task``, ``gpus_per_core`` ->
+    ``--gpus-per-task``, ``num_nodes`` -> ``--nodes``, ``exclusive`` -> ``--exclusive``,
+    ``run_time_max`` -> ``--time`` (and a precise timer of our own), ``cwd`` -> ``--chdir``,
+    ``slurm_cmd_args`` are appended as they are. Steps use ``--exact`` so they share the
+    allocation; on clusters where memory is a consumable resource, add e.g.
+    ``"slurm_cmd_args": ["--mem-per-cpu=2G"]`` so steps do not each claim all memory.
+
+    Parameters as :class:`~executorkit.SingleNodeExecutor`, plus ``pmi_mode`` (``srun
+    --mpi``, e.g. ``"pmi2"`` or ``"pmix"``; default: the cluster's ``MpiDefault``).
+    ``max_cores`` may shrink the pool below the allocation. Workers connect back to this
+    host's name (``hostname_localhost=True``: to 127.0.0.1, enough for one node).
+    """
+
+    _backend = "SlurmJobExecutor"
+
+    def __init__(self, max_workers: int | None = None, *, pmi_mode: str | None = None,
+                 **kwargs: Any) -> None:
+        self._pmi_mode = pmi_mode
+        super().__init__(max_workers, **kwargs)
+
+    def _engine_config(
+        self, *, max_workers: int | None, max_cores: int | None,
+        max_gpus: int | Iterable[int] | None,
+        init_function: Callable[[], Mapping[str, Any]] | None, restart_limit: int,
+    ) -> tuple[EngineConfig, Capabilities]:
+        cpus, nodes, gpus = allocation(os.environ)
+        pool = pool_of(max_cores, cpus)
+        if max_gpus is not None:
+            gpus = max_gpus if isinstance(max_gpus, int) else len(tuple(max_gpus))
+        plan = self._plan_pool(max_workers=max_workers, max_cores=pool, default_cores=pool,
+                               gpus=gpus, unsupported={}, max_nodes=nodes)
+        host = "127.0.0.1" if self._hostname_localhost else _host_address()
+        config = EngineConfig(
+            launcher=SrunLauncher(pmi_mode=self._pmi_mode), cpus=tuple(range(plan.pool)),
+            gpus=tuple(range(gpus)), real_cpus=False, max_running=plan.max_running,
+            block_workers=plan.workers, worker_res=self._defaults,
+            init_function=init_function, restart_limit=restart_limit, bind_host=host,
+        )
+        return config, plan.caps
+
+
+def _host_address() -> str:
+    """An address of this host that other nodes of the allocation can reach."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "0.0.0.0"
