@@ -59,6 +59,7 @@ from executorkit.graph import find_futures, substitute_call
 
 __all__ = [
     "PWD_VERSION",
+    "GraphImage",
     "WorkflowError",
     "WorkflowRecorder",
     "build_dict",
@@ -344,6 +345,13 @@ class WorkflowRecorder:
             self._calls.append(call)
         return future
 
+    def cancel_all(self) -> None:
+        """Cancel every recorded future (the dry run is over: nothing will compute them)."""
+        with self._lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.future.cancel()
+
     def _graph(self) -> _Graph:
         with self._lock:
             calls = list(self._calls)
@@ -442,6 +450,11 @@ class GraphImage:
         return self.data if self.format == "png" else None
 
 
+def check_plot_filename(filename: str | os.PathLike[str]) -> str:
+    """The plot format (``"png"`` or ``"svg"``) of ``filename``, or a ResourceError."""
+    return _plot_format(filename)
+
+
 def _plot_format(filename: str | os.PathLike[str] | None) -> str:
     if filename is None:
         return "svg"
@@ -463,8 +476,8 @@ def _display_object(data: bytes, fmt: str) -> Any:
 
 
 def _layers(graph: _Graph) -> dict[int, int]:
-    """Longest-path layers: a function one below its deepest function input, a literal
-    just above its consumer, an output just below its source."""
+    """Longest-path layers: a function one below its deepest function input, a literal or
+    a container just above its consumer, an output just below its source."""
     preds: dict[int, list[int]] = {node.id: [] for node in graph.nodes}
     consumer: dict[int, int] = {}
     for edge in graph.edges:
@@ -476,6 +489,9 @@ def _layers(graph: _Graph) -> dict[int, int]:
         if node.type == "function":
             layer[node.id] = max((layer[p] + 1 if kinds[p] == "function" else 1
                                   for p in preds[node.id]), default=1)
+    for node in reversed(graph.nodes):  # a container sits just above its consumer
+        if node.helper and node.id in consumer:
+            layer[node.id] = layer[consumer[node.id]] - 1
     for node in graph.nodes:
         if node.type == "input":
             layer[node.id] = max(layer.get(consumer.get(node.id, -1), 1) - 1, 0)
@@ -499,9 +515,14 @@ def _layout(graph: _Graph) -> dict[int, tuple[float, float]]:
     order = sorted(rows)
     for depths, neighbours in ((order, up), (order[::-1], down), (order, up)):
         for depth in depths:
-            rows[depth].sort(key=lambda n, nb=neighbours: _barycenter(n, nb[n], x))
-            x.update(_row_positions({depth: rows[depth]}))
+            _reorder(rows[depth], neighbours, x)
     return {n: (x[n], -float(layer[n])) for n in x}
+
+
+def _reorder(row: list[int], neighbours: Mapping[int, list[int]], x: dict[int, float]) -> None:
+    """Sort one layer by the mean position of each node's neighbours; update ``x``."""
+    row.sort(key=lambda n: _barycenter(n, neighbours[n], x))
+    x.update(_row_positions({0: row}))
 
 
 def _row_positions(rows: Mapping[int, list[int]]) -> dict[int, float]:

@@ -76,12 +76,17 @@ class BaseExecutor(Executor):
         if init_function is not None and not callable(init_function):
             raise ResourceError(f"init_function must be callable, got {init_function!r}",
                                 key="init_function", allowed="a callable returning a dict")
-        for name, value in (("plot_dependency_graph", plot_dependency_graph),
-                            ("plot_dependency_graph_filename", plot_dependency_graph_filename),
-                            ("export_workflow_filename", export_workflow_filename)):
-            if value:
-                raise NotImplementedError(
-                    f"{name} is not available in this version of executorkit yet")
+        # Dry run: record the graph instead of running it (drawn / exported at shutdown).
+        self._plot = bool(plot_dependency_graph or plot_dependency_graph_filename)
+        self._plot_filename = plot_dependency_graph_filename
+        self._export_filename = export_workflow_filename
+        self._recorder = None
+        if self._plot or export_workflow_filename:
+            from executorkit.export import WorkflowRecorder, check_plot_filename
+
+            if plot_dependency_graph_filename is not None:
+                check_plot_filename(plot_dependency_graph_filename)
+            self._recorder = WorkflowRecorder()
         self._defaults = parse(resource_dict)
         if cache_directory is not None:
             self._defaults = parse({"cache_directory": cache_directory}, self._defaults)
@@ -167,6 +172,8 @@ class BaseExecutor(Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._recorder is not None:
+                return self._recorder.record(fn, args, kwargs)
             return self._engine.submit(fn, args, kwargs, res)
 
     def batched(self, futures: Iterable[Future], n: int) -> list[Future]:
@@ -180,10 +187,27 @@ class BaseExecutor(Executor):
         (also tasks waiting for their inputs); ``wait`` blocks until all is finished and
         every worker process has exited."""
         with self._shutdown_lock:
+            first = not self._shutdown
             self._shutdown = True
+        if first and self._recorder is not None:
+            self._finish_dry_run()
         self._engine.shutdown(wait=wait, cancel_futures=cancel_futures)
         if wait:
             _live_engines.discard(self._engine)
+
+    def _finish_dry_run(self) -> None:
+        """Draw and/or export the recorded graph; cancel its futures so nothing waits."""
+        recorder = self._recorder
+        assert recorder is not None
+        try:
+            if self._export_filename:
+                recorder.export(self._export_filename)
+            if self._plot:
+                image = recorder.plot(self._plot_filename)
+                if self._plot_filename is None:
+                    _display(image)
+        finally:
+            recorder.cancel_all()
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown(wait=self._wait_on_exit)
@@ -208,6 +232,23 @@ class PoolPlan:
     workers: int  # block-allocation workers (0: per-task processes)
     max_running: int | None
     caps: Capabilities
+
+
+def _display(image: Any) -> None:
+    """Show the graph inline in Jupyter; elsewhere say where to ask for a file."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+
+        if get_ipython() is not None:
+            display(image)
+            return
+    except ImportError:
+        pass
+    import warnings
+
+    warnings.warn("plot_dependency_graph=True outside Jupyter draws nothing inline: pass "
+                  "plot_dependency_graph_filename='graph.png' (or .svg)", stacklevel=3)
 
 
 def _check_count(name: str, value: int | None) -> None:
