@@ -30,7 +30,7 @@ def concurrent_steps() -> dict:
         from conftest import wait_until
 
         wait_until(lambda: all(tf.started(d, f"s{i}") for i in range(3)), timeout=60)
-        steps = [open(os.path.join(d, f"s{i}.env")).read() for i in range(3)]
+        steps = [tf.read(os.path.join(d, f"s{i}.env")) for i in range(3)]
         for i in range(3):
             tf.release(d, f"s{i}")
         for g in gates:
@@ -88,7 +88,7 @@ def cancel() -> dict:
         from conftest import wait_until
 
         wait_until(lambda: tf.started(d, "c"), timeout=60)
-        pid = int(open(os.path.join(d, "c.started")).read())
+        pid = int(tf.read(os.path.join(d, "c.started")))
         cancelled = fut.cancel()
         wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=30)
         return {"cancelled": cancelled, "after": exe.submit(tf.inc, 2).result(timeout=T)}

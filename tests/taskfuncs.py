@@ -209,3 +209,8 @@ def counted_fail(directory, x):
 
 def uses_state(x, state=None):
     return (x, state)
+
+
+def read(path):
+    with open(path) as fh:
+        return fh.read()

@@ -51,15 +51,15 @@ def test_plot_writes_png_and_svg(tmp_path):
 
 
 def test_bad_plot_filename_is_rejected_at_construction(tmp_path):
-    with pytest.raises(ResourceError, match=".png or .svg"):
+    with pytest.raises(ResourceError, match=r"\.png or \.svg"):
         SingleNodeExecutor(plot_dependency_graph=True,
                            plot_dependency_graph_filename=str(tmp_path / "g.pdf"))
 
 
 def test_plot_outside_jupyter_without_filename_warns():
-    with pytest.warns(UserWarning, match="plot_dependency_graph_filename"):
-        with SingleNodeExecutor(plot_dependency_graph=True) as exe:
-            build(exe)
+    with pytest.warns(UserWarning, match="plot_dependency_graph_filename"), \
+            SingleNodeExecutor(plot_dependency_graph=True) as exe:
+        build(exe)
 
 
 def test_dry_run_futures_are_real_futures(tmp_path):
