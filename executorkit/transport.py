@@ -165,6 +165,13 @@ class SpawnFailed(_Message):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """In a batch job's input: stands for the result of the task with cache key ``key``."""
+
+    key: str
+
+
 # --------------------------------------------------------------------------- framing
 def encode(message: object, secret: bytes) -> tuple[bytes, bytes]:
     """Header and body of one frame (kept apart so large bodies are never copied)."""

@@ -214,3 +214,18 @@ def uses_state(x, state=None):
 def read(path):
     with open(path) as fh:
         return fh.read()
+
+
+def counted_gate(directory, x):
+    mark(directory, "cg-run")
+    gate(directory, "cg")
+    return x * 2
+
+
+def inner_steps(n):
+    """Inside a batch job: run n calls as job steps of that job."""
+    from executorkit import SlurmJobExecutor
+
+    with SlurmJobExecutor() as inner:
+        futs = [inner.submit(env, "SLURM_STEP_ID", "SLURM_JOB_ID") for _ in range(n)]
+        return [f.result(timeout=120) for f in futs], inner.max_cores

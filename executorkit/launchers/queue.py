@@ -1,0 +1,123 @@
+"""Submit calls as batch jobs (``sbatch``) and watch them, file based.
+
+Pure functions build the ``sbatch`` command line and the job script (tested as strings);
+:class:`SlurmQueue` runs the Slurm commands. Jobs are named by the call's cache key, so a
+restarted driver finds its queued or running jobs again with one ``squeue``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+
+from executorkit.errors import ExecutorkitError
+from executorkit.resources import Resources
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+            "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+class SchedulerCommandError(ExecutorkitError):
+    """A Slurm command (sbatch, squeue, scancel) failed; the message has its output."""
+
+
+def sbatch_command(res: Resources, *, job_name: str, script: str, output: str,
+                   after_ok: Iterable[str] = ()) -> list[str]:
+    """``sbatch`` with the call's resources, its dependencies and its log file."""
+    cmd = ["sbatch", "--parsable", f"--job-name={job_name}", f"--output={output}",
+           f"--ntasks={res.cores}", f"--cpus-per-task={res.threads_per_core}"]
+    deps = list(after_ok)
+    if deps:
+        cmd.append("--dependency=afterok:" + ":".join(deps))
+    if res.gpus_per_core:
+        cmd.append(f"--gpus-per-task={res.gpus_per_core}")
+    if res.num_nodes is not None:
+        cmd.append(f"--nodes={res.num_nodes}")
+    if res.exclusive:
+        cmd.append("--exclusive")
+    if res.run_time_max is not None:
+        cmd.append(f"--time={max(1, math.ceil(res.run_time_max / 60))}")
+    if res.cwd:
+        cmd.append(f"--chdir={res.cwd}")
+    return [*cmd, *res.slurm_cmd_args, script]
+
+
+def job_script(res: Resources, *, input_file: str, python: str = sys.executable,
+               env: Sequence[tuple[str, str]] = ()) -> str:
+    """The batch script: thread variables, then the call (under srun for MPI ranks)."""
+    lines = ["#!/bin/bash", "set -e"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env]
+    run = f"{shlex.quote(python)} -m executorkit.worker.file_task {shlex.quote(input_file)}"
+    if res.cores > 1:
+        run = f"srun --ntasks={res.cores} --cpus-per-task={res.threads_per_core} {run}"
+    lines.append(f"exec {run}")
+    return "\n".join(lines) + "\n"
+
+
+class SlurmQueue:
+    """Thin wrapper around sbatch / squeue / scontrol / scancel."""
+
+    def submit(self, cmd: list[str]) -> str:
+        out = self._run(cmd)
+        job_id = out.strip().split(";")[0]
+        if not job_id.isdigit():
+            raise SchedulerCommandError(f"sbatch printed no job id: {out!r}")
+        return job_id
+
+    def cancel(self, job_ids: Iterable[str]) -> None:
+        ids = list(job_ids)
+        if ids:
+            self._run(["scancel", *ids], check=False)
+
+    def states(self, job_ids: Iterable[str]) -> dict[str, str]:
+        """State of each job: squeue for live ones, scontrol for recently ended ones;
+        "GONE" when Slurm no longer knows the job."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        out = self._run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(ids)], check=False)
+        states: dict[str, str] = {}
+        for line in out.splitlines():
+            parts = line.split(None, 2)
+            if len(parts) >= 2:
+                states[parts[0]] = parts[1] if parts[1] != "PENDING" or len(parts) < 3 or \
+                    parts[2] != "DependencyNeverSatisfied" else "DEPENDENCY_NEVER_SATISFIED"
+        for job in ids:
+            if job not in states:
+                states[job] = self._ended_state(job)
+        return states
+
+    def _ended_state(self, job_id: str) -> str:
+        out = self._run(["scontrol", "-o", "show", "job", job_id], check=False)
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return "GONE"
+
+    def jobs_by_name(self) -> dict[str, tuple[str, str]]:
+        """Name -> (job id, state) of this user's queued and running jobs."""
+        user = os.environ.get("USER") or os.environ.get("LOGNAME") or ""
+        cmd = ["squeue", "-h", "-o", "%j %i %T"] + (["-u", user] if user else [])
+        out = self._run(cmd, check=False)
+        jobs = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                jobs[parts[0]] = (parts[1], parts[2])
+        return jobs
+
+    @staticmethod
+    def _run(cmd: list[str], check: bool = True) -> str:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SchedulerCommandError(f"{cmd[0]} could not run: {exc}") from exc
+        if check and proc.returncode != 0:
+            raise SchedulerCommandError(
+                f"{' '.join(cmd[:2])}... failed (exit {proc.returncode}): "
+                f"{proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout

@@ -1,0 +1,140 @@
+"""SlurmClusterExecutor against the real Slurm cluster: every call an sbatch job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import taskfuncs as tf
+from conftest import wait_until
+from test_slurm import NO_SLURM
+
+from executorkit import SlurmClusterExecutor, get_cache_data, terminate_tasks_in_cache
+from executorkit.errors import DependencyError
+from executorkit.executors.slurm_cluster import JobFailedError
+from executorkit.launchers.queue import job_script, sbatch_command
+from executorkit.resources import parse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+T = 180
+pytestmark = pytest.mark.slurm
+
+
+def test_sbatch_command_and_script():
+    res = parse({"cores": 2, "threads_per_core": 3, "run_time_max": 61,
+                 "slurm_cmd_args": ["--partition=debug"]})
+    cmd = sbatch_command(res, job_name="k", script="/s.sh", output="/o", after_ok=["4", "5"])
+    for part in ("--parsable", "--job-name=k", "--ntasks=2", "--cpus-per-task=3",
+                 "--dependency=afterok:4:5", "--time=2", "--partition=debug", "--output=/o"):
+        assert part in cmd
+    assert cmd[-1] == "/s.sh"
+    script = job_script(res, input_file="/in file.pkl", python="/py",
+                        env=[("OMP_NUM_THREADS", "3")])
+    assert "export OMP_NUM_THREADS=3" in script
+    assert "srun --ntasks=2 --cpus-per-task=3 /py -m executorkit.worker.file_task " \
+           "'/in file.pkl'" in script
+
+
+def test_unsupported_parameters_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="block_allocation"):
+        SlurmClusterExecutor(cache_directory=str(tmp_path), block_allocation=True)
+
+
+def test_dag_with_a_failing_node(tmp_path):
+    if NO_SLURM:
+        pytest.skip(NO_SLURM)
+    cache = str(tmp_path / "cache")
+    with SlurmClusterExecutor(cache_directory=cache, poll_interval=0.2) as exe:
+        a = exe.submit(tf.inc, 1)
+        b = exe.submit(tf.add, a, exe.submit(tf.inc, a))  # queued at once with afterok
+        bad = exe.submit(tf.fail, "broken")
+        after_bad = exe.submit(tf.inc, bad)
+        assert b.result(timeout=T) == 5
+        with pytest.raises(ValueError, match="broken") as info:
+            bad.result(timeout=T)
+        assert "in fail" in info.value.__cause__.tb
+        with pytest.raises(DependencyError) as dep:
+            after_bad.result(timeout=T)
+        assert isinstance(dep.value.__cause__, ValueError)
+    frame = get_cache_data(cache)
+    assert sorted(frame["status"]) == ["done", "done", "done", "failed"]
+
+
+def test_scancel_from_outside_fails_within_seconds(tmp_path):
+    if NO_SLURM:
+        pytest.skip(NO_SLURM)
+    d = str(tmp_path / "g")
+    with SlurmClusterExecutor(cache_directory=str(tmp_path / "cache"),
+                              poll_interval=0.2) as exe:
+        fut = exe.submit(tf.gate, d, "x")
+        wait_until(lambda: tf.started(d, "x"), timeout=T)
+        subprocess.run(["scancel", fut._job.job_id], check=True, timeout=30)
+        with pytest.raises(JobFailedError, match="CANCELLED") as info:
+            fut.result(timeout=30)
+        assert info.value.state.startswith("CANCELLED")
+
+
+def test_cancel_runs_scancel(tmp_path):
+    if NO_SLURM:
+        pytest.skip(NO_SLURM)
+    d = str(tmp_path / "g")
+    with SlurmClusterExecutor(cache_directory=str(tmp_path / "cache"),
+                              poll_interval=0.2) as exe:
+        fut = exe.submit(tf.gate, d, "y")
+        wait_until(lambda: tf.started(d, "y"), timeout=T)
+        job = fut._job.job_id
+        assert fut.cancel()
+        wait_until(lambda: job not in subprocess.run(
+            ["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split(),
+            timeout=60)
+
+
+def _driver(name: str, cache: str, d: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "cluster_scenarios.py"), name,
+                           cache, d], capture_output=True, text=True, timeout=300, cwd=HERE)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise AssertionError(proc.stdout[-2000:] + proc.stderr[-2000:])
+
+
+def test_driver_restart_reattaches_instead_of_resubmitting(tmp_path):
+    if NO_SLURM:
+        pytest.skip(NO_SLURM)
+    cache, d = str(tmp_path / "cache"), str(tmp_path / "g")
+    first = _driver("start_gated", cache, d)
+    wait_until(lambda: tf.started(d, "cg"), timeout=T)
+    second = _driver("reattach", cache, d)
+    assert second == {"job": first["job"], "value": 10}
+    assert tf.runs(d, "cg-run") == 1  # the call ran once
+    third = _driver("reattach", cache, d)  # finished: straight from the cache, no job
+    assert third == {"job": None, "value": 10}
+
+
+def test_terminate_tasks_in_cache(tmp_path):
+    if NO_SLURM:
+        pytest.skip(NO_SLURM)
+    cache, d = str(tmp_path / "cache"), str(tmp_path / "g")
+    first = _driver("start_gated", cache, d)
+    assert terminate_tasks_in_cache(cache) == 1
+    wait_until(lambda: first["job"] not in subprocess.run(
+        ["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split(),
+        timeout=60)
+    assert terminate_tasks_in_cache(cache) == 0
+
+
+def test_nested_job_executor_and_mpi_in_a_job(tmp_path):
+    if NO_SLURM:
+        pytest.skip(NO_SLURM)
+    with SlurmClusterExecutor(cache_directory=str(tmp_path / "cache"),
+                              poll_interval=0.2) as exe:
+        nested = exe.submit(tf.inner_steps, 3, resource_dict={"threads_per_core": 2})
+        ranks = exe.submit(tf.mpi_ranks, "j", resource_dict={"cores": 2})
+        steps, cores = nested.result(timeout=T)
+        assert cores == 2  # the inner executor's pool is what the job was granted
+        assert len({s["SLURM_JOB_ID"] for s in steps}) == 1
+        assert len({s["SLURM_STEP_ID"] for s in steps}) == 3
+        assert [r[:2] for r in ranks.result(timeout=T)] == [(0, 2), (1, 2)]
