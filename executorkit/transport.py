@@ -65,6 +65,7 @@ class TaskSetup(_Message):
     cwd: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     unset: tuple[str, ...] = ()  # worker-level variables this call's env replaces
+    cpus: tuple[int, ...] | None = None  # CPU affinity (a warm spare given its call)
 
 
 @dataclass(slots=True)

@@ -169,7 +169,7 @@ class _Worker:
 
     __slots__ = (
         "chan", "eof", "errdir", "exit_status", "held", "host", "id", "out", "persistent",
-        "pid", "slot", "stopping", "tasks",
+        "pid", "slot", "spare", "stopping", "tasks",
     )
 
     def __init__(self, worker_id: int, *, persistent: bool, slot: int | None = None) -> None:
@@ -186,6 +186,7 @@ class _Worker:
         self.exit_status: int | None = None
         self.stopping = False  # killed on purpose (cancel, timeout, shutdown)
         self.errdir: str | None = None  # MPI workers: where a failing rank reports
+        self.spare = False  # a warm per-task worker that has no call yet
 
 
 @dataclass
@@ -242,6 +243,10 @@ class Engine:
         self._running = 0
         self.progress = config.progress
         self._dirty: set[_Worker] = set()
+        # Per-task mode keeps warm spares: forked, connected, waiting for their one call.
+        self._spares: deque[_Worker] = deque()
+        self._spares_coming = 0
+        self._spare_target = 0 if config.block_workers else min(2, len(config.cpus))
         self._runtime = 1.0  # moving average of call run times (seconds), block allocation
         self._pickles = FunctionPickles()
         self.cache = CacheHook(config.init_function)
@@ -480,6 +485,9 @@ class Engine:
         conn.worker = w
         w.chan = conn.chan
         w.pid, w.host = msg.pid, msg.host
+        if w.spare:
+            self._spares_coming -= 1
+            self._spares.append(w)
         if w.out:
             self._dirty.add(w)
 
@@ -577,17 +585,41 @@ class Engine:
                 self._spawn_task(task, start)
 
     def _spawn_task(self, task: _Task, start: Start) -> None:
-        w = _Worker(next(self._worker_ids), persistent=False)
-        w.tasks[task.id] = task
-        w.held = task.id
-        task.worker = w
-        self.workers[w.id] = w
-        self._send(w, RunTask(task.id, *task.payload, None, task.cache_spec))
         env = self._task_env(task.res, len(start.cpus), start.gpus)
         cpus = self._pin(start.cpus)
+        if task.res.cores == 1 and self._spares:
+            # A warm spare takes the call: no fork on the critical path.
+            w = self._spares.popleft()
+            w.spare = False
+            setup = TaskSetup(task.res.cwd, env, (), cpus)
+            self._assign(w, task, RunTask(task.id, *task.payload, setup, task.cache_spec))
+            self._replenish()
+            return
+        w = _Worker(next(self._worker_ids), persistent=False)
+        self.workers[w.id] = w
+        self._assign(w, task, RunTask(task.id, *task.payload, None, task.cache_spec))
         spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res)
         self._mpi(w, spawn, task.res.cores)
         self._spawn(spawn)
+        self._replenish()
+
+    def _assign(self, w: _Worker, task: _Task, run: RunTask) -> None:
+        w.tasks[task.id] = task
+        w.held = task.id
+        task.worker = w
+        self._send(w, run)
+
+    def _replenish(self) -> None:
+        """Keep ``_spare_target`` warm per-task workers forked and connected."""
+        if not isinstance(self.launcher, _LOCAL_TYPES):
+            return  # only a fork server makes spares cheap
+        while (not self._closing and
+               len(self._spares) + self._spares_coming < self._spare_target):
+            w = _Worker(next(self._worker_ids), persistent=False)
+            w.spare = True
+            self.workers[w.id] = w
+            self._spares_coming += 1
+            self._spawn(Spawn(w.id, (), None, None, persistent=False))
 
     def _mpi(self, w: _Worker, spawn: Spawn, cores: int) -> None:
         """Make ``spawn`` start ``cores`` MPI ranks (when cores > 1)."""
@@ -622,7 +654,12 @@ class Engine:
             self._finish(task, payload=msg.payload)
         else:
             self._finish(task, exc=_rebuild_error(msg.payload, task))
-        if w is not None and w.persistent:
+        if w is not None and not w.persistent and w.held == task.id:
+            # A one-shot worker calls _exit right after its reply (and its process group
+            # is killed when it is reaped), so its CPUs are free now, not at the exit report.
+            w.held = None
+            self._starts(self.sched.finish(task.id))
+        elif w is not None and w.persistent:
             self._runtime += 0.2 * ((msg.finished - msg.started) - self._runtime)
             depth = DEPTH if self._runtime < TINY else 1
             self.sched.max_running = self.cfg.block_workers * depth
@@ -716,6 +753,12 @@ class Engine:
         if self.workers.pop(w.id, None) is None:
             return
         self._dirty.discard(w)
+        if w.spare:  # died (or was stopped) before it had a call
+            if w in self._spares:
+                self._spares.remove(w)
+            else:
+                self._spares_coming -= 1
+            return
         tasks, w.tasks = list(w.tasks.values()), {}
         if tasks:  # the first was running: it fails; the others never started
             self._finish(tasks[0], exc=self._death_error(w, tasks[0], reason))
@@ -831,7 +874,7 @@ class Engine:
 
     def _close_ready(self) -> bool:
         """Stop persistent workers; the loop exits once none is left."""
-        alive = [w for w in self.workers.values() if w.persistent]
+        alive = [w for w in self.workers.values() if w.persistent or w.spare]
         for w in alive:
             if not w.stopping:
                 w.stopping = True
@@ -885,6 +928,15 @@ class Engine:
             self._wake_w.close()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _local_types() -> tuple[type, ...]:
+    from executorkit.launchers.local import LocalLauncher
+
+    return (LocalLauncher,)
+
+
+_LOCAL_TYPES = _local_types()
 
 
 def _rank_error(errdir: str, task_id: int) -> ErrorInfo | None:

@@ -91,6 +91,8 @@ class _Setup:
         for key, value in self.setup.env:
             self.old_env.setdefault(key, os.environ.get(key))
             os.environ[key] = value
+        if self.setup.cpus:
+            os.sched_setaffinity(0, self.setup.cpus)
         if self.setup.cwd:
             self.old_cwd = os.getcwd()
             os.makedirs(self.setup.cwd, exist_ok=True)
@@ -115,14 +117,16 @@ def _flush() -> None:
 def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
     """Unpickle, call, pickle: every failure becomes an error payload, never a crash."""
     started = time.time()
-    try:
-        fn = _functions.loads(msg.fn)
-        args, kwargs = pickle.loads(msg.args)
-    except BaseException as exc:
-        return _failed(msg, started, error_info(exc, kind="serialization"))
     ok = False
+    # The environment, directory and CPUs apply before unpickling: a module imported while
+    # unpickling (numpy, say) must already see OMP_NUM_THREADS and its GPUs.
     try:
         with _Setup(msg.setup):
+            try:
+                fn = _functions.loads(msg.fn)
+                args, kwargs = pickle.loads(msg.args)
+            except BaseException as exc:
+                return _failed(msg, started, error_info(exc, kind="serialization"))
             if init_values:
                 kwargs = inject(fn, args, kwargs, init_values)
             result = fn(*args, **kwargs)

@@ -28,7 +28,7 @@ import socket
 import sys
 
 # Pre-import what every worker needs, so a forked child starts warm.
-import cloudpickle  # noqa: F401
+import cloudpickle
 
 from executorkit.transport import (
     Exited,
@@ -186,6 +186,28 @@ class ForkServer:
                 os.waitpid(pid, 0)
 
 
+def _warm_up() -> None:
+    """Take one call through the worker's code path before forking anything.
+
+    First use initialises caches all over the interpreter (cloudpickle's, the type caches,
+    lazily imported helpers); done here once, every child starts with it done. Then
+    freeze the heap so the garbage collector of a child does not write to (and so copy)
+    every page it shares with this process.
+    """
+    import gc
+
+    from executorkit.transport import RunTask, TaskSetup
+
+    def probe(x: int) -> int:
+        return x + 1
+
+    msg = RunTask(0, cloudpickle.dumps(probe), pickle.dumps(((1,), {})), TaskSetup(), None)
+    with contextlib.suppress(Exception):
+        _call.run(msg)
+    gc.collect()
+    gc.freeze()
+
+
 def main() -> None:
     boot = pickle.loads(sys.stdin.buffer.read())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
@@ -193,6 +215,7 @@ def main() -> None:
         # Warm what the executor's calls will need (h5py for the cache) once, not per fork.
         with contextlib.suppress(Exception):
             importlib.import_module(module)
+    _warm_up()
     with contextlib.suppress(ConnectionError, EOFError):
         ForkServer(boot["address"], boot["secret"]).run()
 
