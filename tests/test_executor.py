@@ -232,3 +232,19 @@ def test_garbage_collected_executor_stops_its_processes():
     del exe
     gc.collect()
     assert engine._stopped.wait(T)
+
+
+def test_source_lines_of_driver_only_code_are_filled_in(make_executor):
+    """A function from a notebook cell has no file a worker can read; the driver fills
+    the traceback's source lines from its own line cache."""
+    import linecache
+
+    filename = "<cell-executorkit-test>"
+    source = "def cell_function(x):\n    raise KeyError('from a cell ' + str(x))\n"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict = {}
+    exec(compile(source, filename, "exec"), namespace)
+    exe = make_executor(max_workers=1)
+    with pytest.raises(KeyError) as info:
+        exe.submit(namespace["cell_function"], 3).result(timeout=T)
+    assert "raise KeyError('from a cell ' + str(x))" in info.value.__cause__.tb

@@ -33,9 +33,11 @@ import errno
 import fcntl
 import heapq
 import itertools
+import linecache
 import logging
 import os
 import pickle
+import re
 import secrets
 import selectors
 import shutil
@@ -994,8 +996,33 @@ def _error_from_info(info: ErrorInfo, name: str) -> BaseException:
         err = RemoteError(info.type_name, info.message)
     else:
         err = exc
-    err.__cause__ = RemoteTraceback(info.traceback)
+    err.__cause__ = RemoteTraceback(fill_source_lines(info.traceback))
     return err
+
+
+_FRAME = re.compile(r'^  File "(?P<file>.+)", line (?P<line>\d+), in ')
+
+
+def fill_source_lines(text: str) -> str:
+    """Add the source lines a worker could not show, from the driver's line cache.
+
+    Functions defined in a notebook cell (or typed at a prompt) live only in the driver's
+    ``linecache``; the worker prints their frames without source. The driver has it.
+    """
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        match = _FRAME.match(line)
+        if match is None:
+            continue
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if following.startswith("    "):
+            continue  # the worker already showed the source
+        source = linecache.getline(match["file"], int(match["line"])).strip()
+        if source:
+            out.append(f"    {source}\n")
+    return "".join(out)
 
 
 def _rebuild_error(payload: bytes, task: _Task) -> BaseException:
