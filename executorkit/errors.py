@@ -95,11 +95,12 @@ def describe_exit(status: int) -> tuple[str, int | None, int | None]:
             name = signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
-        hint = {
+        hints: dict[int, str] = {
             signal.SIGKILL: " (killed: out of memory, a time limit, or kill -9)",
             signal.SIGSEGV: " (segmentation fault)",
             signal.SIGABRT: " (aborted)",
             signal.SIGBUS: " (bus error)",
-        }.get(signum, "")
+        }
+        hint = hints.get(signum, "")
         return f"was killed by {name}{hint}", None, signum
     return f"exited with code {status} before returning a result", status, None

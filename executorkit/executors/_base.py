@@ -113,7 +113,12 @@ class BaseExecutor(Executor):
         self._finalizer.atexit = False
 
     # ------------------------------------------------------------ to be provided
-    def _engine_config(self, **params: Any) -> tuple[EngineConfig, Capabilities]:
+    def _engine_config(
+        self, *, max_workers: int | None, max_cores: int | None,
+        max_gpus: int | Iterable[int] | None,
+        init_function: Callable[[], Mapping[str, Any]] | None, restart_limit: int,
+    ) -> tuple[EngineConfig, Capabilities]:
+        """Pick the launcher and size the pool (each executor's own part)."""
         raise NotImplementedError
 
     def _preload(self) -> tuple[str, ...]:
@@ -158,8 +163,10 @@ class BaseExecutor(Executor):
         return res
 
     # ------------------------------------------------------------ public API
-    def submit(self, fn: Callable[..., Any], /, *args: Any,
-               resource_dict: Mapping[str, Any] | None = None, **kwargs: Any) -> Future:
+    def submit(  # type: ignore[override]  # adds the resource_dict keyword
+        self, fn: Callable[..., Any], /, *args: Any,
+        resource_dict: Mapping[str, Any] | None = None, **kwargs: Any,
+    ) -> Future:
         """Schedule ``fn(*args, **kwargs)``; Futures in the arguments become dependencies.
 
         ``resource_dict`` overrides the executor's defaults key by key for this call.

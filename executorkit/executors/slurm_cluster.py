@@ -128,8 +128,10 @@ class SlurmClusterExecutor(Executor):
         self._monitor: threading.Thread | None = None
 
     # ----------------------------------------------------------------- submit
-    def submit(self, fn: Callable[..., Any], /, *args: Any,
-               resource_dict: Mapping[str, Any] | None = None, **kwargs: Any) -> Future:
+    def submit(  # type: ignore[override]  # adds the resource_dict keyword
+        self, fn: Callable[..., Any], /, *args: Any,
+        resource_dict: Mapping[str, Any] | None = None, **kwargs: Any,
+    ) -> Future:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
         if self._shutdown:
@@ -215,8 +217,8 @@ class SlurmClusterExecutor(Executor):
             pickle.dump(spec, fh)
         env = [(k, str(job.res.threads_per_core)) for k in THREAD_VARIABLES]
         env += list(job.res.env)
-        with open(base + ".sh", "w") as fh:
-            fh.write(job_script(job.res, input_file=base + ".in.pkl", env=env))
+        with open(base + ".sh", "w") as script:
+            script.write(job_script(job.res, input_file=base + ".in.pkl", env=env))
         after = [u.job_id for u in upstream if u.job_id is not None]
         cmd = sbatch_command(job.res, job_name=job.key, script=base + ".sh",
                              output=base + ".out", after_ok=after)
