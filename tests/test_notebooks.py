@@ -32,12 +32,27 @@ def _stream_text(cell: nbformat.NotebookNode) -> str:
                    if out.get("output_type") == "stream")
 
 
+def _skip_without_backend(name: str) -> None:
+    """Notebooks about a backend skip, with the reason, where that backend is missing."""
+    if name.startswith("slurm"):
+        from test_slurm import NO_SLURM
+
+        if NO_SLURM is not None:
+            pytest.skip(f"{name} needs a Slurm cluster: {NO_SLURM}")
+    if name.startswith("mpi"):
+        from test_mpi import HAVE_MPI
+
+        if not HAVE_MPI:
+            pytest.skip(f"{name} needs mpiexec and mpi4py")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
 def test_notebook_runs(path: Path, tmp_path: Path) -> None:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
+    _skip_without_backend(path.name)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,
