@@ -248,3 +248,16 @@ def test_source_lines_of_driver_only_code_are_filled_in(make_executor):
     with pytest.raises(KeyError) as info:
         exe.submit(namespace["cell_function"], 3).result(timeout=T)
     assert "raise KeyError('from a cell ' + str(x))" in info.value.__cause__.tb
+
+
+def test_log_obj_size_logs_call_and_result_sizes(make_executor, caplog):
+    import logging
+
+    exe = make_executor(max_workers=1, log_obj_size=True)
+    with caplog.at_level(logging.INFO, logger="executorkit"):
+        assert exe.submit(tf.identity, b"x" * 5000).result(timeout=T) == b"x" * 5000
+    text = caplog.text
+    assert "arguments" in text and "bytes pickled" in text
+    sizes = [int(w) for line in text.splitlines() if "result" in line
+             for w in line.split() if w.isdigit()]
+    assert any(s >= 5000 for s in sizes)

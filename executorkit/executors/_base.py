@@ -103,6 +103,7 @@ class BaseExecutor(Executor):
             init_function=init_function, restart_limit=restart_limit,
         )
         config.disable_dependencies = disable_dependencies
+        config.log_obj_size = bool(log_obj_size)
         if progress:
             from executorkit._progress import Progress
 

@@ -211,6 +211,7 @@ class EngineConfig:
     progress: Any = None  # executorkit._progress.Progress, or None
     bind_host: str = "127.0.0.1"  # where workers connect (loopback for local work)
     tmp_dir: str | None = None  # parent of private worker directories (shared for Slurm)
+    log_obj_size: bool = False  # log pickled sizes of calls and results (INFO)
 
 
 @dataclass
@@ -360,9 +361,13 @@ class Engine:
     def _dumps_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> tuple[bytes, bytes]:
         try:
-            return self._pickles.dumps(fn), dumps_args(args, kwargs)
+            blobs = self._pickles.dumps(fn), dumps_args(args, kwargs)
         except Exception as exc:
             raise SerializationError(_describe_unpicklable(fn, args, kwargs, exc)) from exc
+        if self.cfg.log_obj_size:
+            log.info("%s: function %d bytes, arguments %d bytes pickled",
+                     getattr(fn, "__qualname__", fn), len(blobs[0]), len(blobs[1]))
+        return blobs
 
     def counts(self) -> dict[str, int]:
         """Progress figures: submitted, done, failed, cancelled, running, waiting."""
@@ -652,6 +657,9 @@ class Engine:
         task = w.tasks.pop(msg.task_id, None) if w is not None else None
         if task is None:
             return
+        if self.cfg.log_obj_size:
+            log.info("task %d (%s): result %d bytes pickled", task.id, task.name(),
+                     len(msg.payload))
         if msg.ok:
             self._finish(task, payload=msg.payload)
         else:
