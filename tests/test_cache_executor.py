@@ -134,3 +134,14 @@ def test_corrupt_entry_is_a_miss_and_reruns(make_executor, tmp_path):
         fut = exe.submit(tf.counted, runs, 2)
     assert fut.result(timeout=T) == 20
     wait_until(lambda: tf.runs(runs) == 2)
+
+
+def test_task_output_is_kept_next_to_its_entry(make_executor, tmp_path, capfd):
+    cache = str(tmp_path / "cache")
+    exe = make_executor(max_workers=1, cache_directory=cache)
+    assert exe.submit(tf.say, "kept for later").result(timeout=T) == 14
+    exe.shutdown(wait=True)
+    (key,) = get_cache_data(cache)["cache_key"]
+    with open(os.path.join(cache, f"{key}.out")) as fh:
+        assert "kept for later" in fh.read()
+    assert "kept for later" in capfd.readouterr().out  # and it still reached the driver

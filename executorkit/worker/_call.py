@@ -108,6 +108,57 @@ class _Setup:
             os.chdir(self.old_cwd)
 
 
+class _Tee:
+    """A text stream that writes to the original stream and to a per-task log file."""
+
+    def __init__(self, stream: Any, log: Any) -> None:
+        self._stream = stream
+        self._log = log
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _KeepOutput:
+    """With a cache, keep what the call prints in ``<cache>/<key>.out`` as well.
+
+    Python-level writes (print, logging, warnings) are kept; output that C code or child
+    processes write straight to the file descriptors still reaches the driver but is not
+    kept.
+    """
+
+    def __init__(self, msg: RunTask) -> None:
+        self.path = (os.path.join(msg.cache.directory, f"{msg.cache.key}.out")
+                     if msg.cache is not None else None)
+        self.log: Any = None
+
+    def __enter__(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.log = open(self.path, "w")  # closed in __exit__
+        except OSError:
+            return
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self.log), _Tee(sys.stderr, self.log)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.log is None:
+            return
+        sys.stdout, sys.stderr = self.saved
+        self.log.close()
+        if os.path.getsize(self.path) == 0:  # type: ignore[arg-type]
+            os.remove(self.path)  # type: ignore[arg-type]
+
+
 def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -121,7 +172,7 @@ def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
     # The environment, directory and CPUs apply before unpickling: a module imported while
     # unpickling (numpy, say) must already see OMP_NUM_THREADS and its GPUs.
     try:
-        with _Setup(msg.setup):
+        with _Setup(msg.setup), _KeepOutput(msg):
             try:
                 fn = _functions.loads(msg.fn)
                 args, kwargs = pickle.loads(msg.args)
