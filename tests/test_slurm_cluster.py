@@ -87,9 +87,13 @@ def test_cancel_runs_scancel(tmp_path):
         wait_until(lambda: tf.started(d, "y"), timeout=T)
         job = fut._job.job_id
         assert fut.cancel()
-        wait_until(lambda: job not in subprocess.run(
-            ["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split(),
-            timeout=60)
+        wait_until(lambda: _gone(job), timeout=60)
+
+
+def _gone(job_id: str) -> bool:
+    queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                            timeout=30).stdout.split()
+    return job_id not in queued
 
 
 def _driver(name: str, cache: str, d: str) -> dict:
@@ -120,9 +124,7 @@ def test_terminate_tasks_in_cache(tmp_path):
     cache, d = str(tmp_path / "cache"), str(tmp_path / "g")
     first = _driver("start_gated", cache, d)
     assert terminate_tasks_in_cache(cache) == 1
-    wait_until(lambda: first["job"] not in subprocess.run(
-        ["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split(),
-        timeout=60)
+    wait_until(lambda: _gone(first["job"]), timeout=60)
     assert terminate_tasks_in_cache(cache) == 0
 
 

@@ -98,10 +98,8 @@ class BaseExecutor(Executor):
         self._refresh_rate = refresh_rate  # accepted for compatibility; nothing polls
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
-        config, self._caps = self._engine_config(
-            max_workers=max_workers, max_cores=max_cores, max_gpus=max_gpus,
-            init_function=init_function, restart_limit=restart_limit,
-        )
+        config, self._caps = self._engine_config(PoolParams(
+            max_workers, max_cores, max_gpus, init_function, restart_limit))
         config.disable_dependencies = disable_dependencies
         config.log_obj_size = bool(log_obj_size)
         if progress:
@@ -114,11 +112,7 @@ class BaseExecutor(Executor):
         self._finalizer.atexit = False
 
     # ------------------------------------------------------------ to be provided
-    def _engine_config(
-        self, *, max_workers: int | None, max_cores: int | None,
-        max_gpus: int | Iterable[int] | None,
-        init_function: Callable[[], Mapping[str, Any]] | None, restart_limit: int,
-    ) -> tuple[EngineConfig, Capabilities]:
+    def _engine_config(self, p: PoolParams) -> tuple[EngineConfig, Capabilities]:
         """Pick the launcher and size the pool (each executor's own part)."""
         raise NotImplementedError
 
@@ -232,6 +226,17 @@ class BaseExecutor(Executor):
     def info(self) -> dict[str, int]:
         """Counts of done, failed, cancelled, running and waiting tasks."""
         return self._engine.counts()
+
+
+@dataclass(frozen=True)
+class PoolParams:
+    """The executor parameters that size its pool and workers."""
+
+    max_workers: int | None
+    max_cores: int | None
+    max_gpus: int | Iterable[int] | None
+    init_function: Callable[[], Mapping[str, Any]] | None
+    restart_limit: int
 
 
 @dataclass(frozen=True)

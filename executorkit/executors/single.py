@@ -6,11 +6,11 @@ import functools
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from executorkit.errors import ResourceError
-from executorkit.executors._base import BaseExecutor, gpu_pool, gpu_variable
+from executorkit.executors._base import BaseExecutor, PoolParams, gpu_pool, gpu_variable
 from executorkit.executors._engine import EngineConfig
 from executorkit.launchers.local import LocalLauncher, find_mpiexec, mpi_flavor, mpiexec_command
 from executorkit.resources import Capabilities, Resources
@@ -72,17 +72,13 @@ class SingleNodeExecutor(BaseExecutor):
     def __init__(self, max_workers: int | None = None, **kwargs: Any) -> None:
         super().__init__(max_workers, **kwargs)
 
-    def _engine_config(
-        self, *, max_workers: int | None, max_cores: int | None,
-        max_gpus: int | Iterable[int] | None,
-        init_function: Callable[[], Mapping[str, Any]] | None, restart_limit: int,
-    ) -> tuple[EngineConfig, Capabilities]:
+    def _engine_config(self, p: PoolParams) -> tuple[EngineConfig, Capabilities]:
         available = sorted(os.sched_getaffinity(0))
         granted = os.environ.get("EXECUTORKIT_CPUS")  # nested inside an executorkit task
         default_cores = int(granted) if granted and granted.isdigit() else len(available)
-        gpus = gpu_pool(max_gpus)
+        gpus = gpu_pool(p.max_gpus)
         plan = self._plan_pool(
-            max_workers=max_workers, max_cores=max_cores, default_cores=default_cores,
+            max_workers=p.max_workers, max_cores=p.max_cores, default_cores=default_cores,
             gpus=len(gpus), unsupported={"slurm_cmd_args": "it is for Slurm executors only"})
         real = plan.pool <= len(available)
         cpus = tuple(available[:plan.pool]) if real else tuple(range(plan.pool))
@@ -91,8 +87,8 @@ class SingleNodeExecutor(BaseExecutor):
             launcher=LocalLauncher(forward_output=forward, preload=self._preload()),
             cpus=cpus, gpus=gpus, real_cpus=real, gpu_variable=gpu_variable(),
             max_running=plan.max_running, block_workers=plan.workers,
-            worker_res=self._defaults, init_function=init_function,
-            restart_limit=restart_limit, mpi_command=self._mpi_command(),
+            worker_res=self._defaults, init_function=p.init_function,
+            restart_limit=p.restart_limit, mpi_command=self._mpi_command(),
         )
         return config, plan.caps
 

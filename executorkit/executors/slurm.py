@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from executorkit.executors._base import BaseExecutor
+from executorkit.executors._base import BaseExecutor, PoolParams
 from executorkit.executors._engine import EngineConfig
 from executorkit.launchers.slurm import SrunLauncher, allocation, pool_of
 from executorkit.resources import Capabilities
@@ -40,23 +39,19 @@ class SlurmJobExecutor(BaseExecutor):
         self._pmi_mode = pmi_mode
         super().__init__(max_workers, **kwargs)
 
-    def _engine_config(
-        self, *, max_workers: int | None, max_cores: int | None,
-        max_gpus: int | Iterable[int] | None,
-        init_function: Callable[[], Mapping[str, Any]] | None, restart_limit: int,
-    ) -> tuple[EngineConfig, Capabilities]:
+    def _engine_config(self, p: PoolParams) -> tuple[EngineConfig, Capabilities]:
         cpus, nodes, gpus = allocation(os.environ)
-        pool = pool_of(max_cores, cpus)
-        if max_gpus is not None:
-            gpus = max_gpus if isinstance(max_gpus, int) else len(tuple(max_gpus))
-        plan = self._plan_pool(max_workers=max_workers, max_cores=pool, default_cores=pool,
+        pool = pool_of(p.max_cores, cpus)
+        if p.max_gpus is not None:
+            gpus = p.max_gpus if isinstance(p.max_gpus, int) else len(tuple(p.max_gpus))
+        plan = self._plan_pool(max_workers=p.max_workers, max_cores=pool, default_cores=pool,
                                gpus=gpus, unsupported={}, max_nodes=nodes)
         host = "127.0.0.1" if self._hostname_localhost else _host_address()
         config = EngineConfig(
             launcher=SrunLauncher(pmi_mode=self._pmi_mode), cpus=tuple(range(plan.pool)),
             gpus=tuple(range(gpus)), real_cpus=False, max_running=plan.max_running,
             block_workers=plan.workers, worker_res=self._defaults,
-            init_function=init_function, restart_limit=restart_limit, bind_host=host,
+            init_function=p.init_function, restart_limit=p.restart_limit, bind_host=host,
         )
         return config, plan.caps
 
