@@ -261,3 +261,20 @@ def test_log_obj_size_logs_call_and_result_sizes(make_executor, caplog):
     sizes = [int(w) for line in text.splitlines() if "result" in line
              for w in line.split() if w.isdigit()]
     assert any(s >= 5000 for s in sizes)
+
+
+def test_waiting_burns_no_cpu(make_executor, tmp_path):
+    """A driver with a running call and 200 waiting ones sleeps: no busy loop."""
+    exe = make_executor(max_workers=1)
+    running = exe.submit(tf.gate, str(tmp_path), "idle")
+    from conftest import wait_until
+
+    wait_until(lambda: tf.started(str(tmp_path), "idle"))
+    waiting = [exe.submit(tf.inc, i) for i in range(200)]
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    time.sleep(1.0)  # let time pass to measure CPU use (not to order events)
+    used = time.process_time() - cpu0
+    assert used < 0.25 * (time.monotonic() - wall0), f"driver used {used:.2f} s of CPU"
+    tf.release(str(tmp_path), "idle")
+    running.result(timeout=T)
+    assert [f.result(timeout=T) for f in waiting] == list(range(1, 201))

@@ -140,3 +140,19 @@ def test_nested_job_executor_and_mpi_in_a_job(tmp_path):
         assert len({s["SLURM_JOB_ID"] for s in steps}) == 1
         assert len({s["SLURM_STEP_ID"] for s in steps}) == 3
         assert [r[:2] for r in ranks.result(timeout=T)] == [(0, 2), (1, 2)]
+
+
+def test_same_key_as_the_local_executor(tmp_path):
+    """The key is computed in the driver the same way for every backend, so a result cached
+    by SingleNodeExecutor is a hit for SlurmClusterExecutor (no job is submitted)."""
+    if NO_SLURM:
+        pytest.skip(NO_SLURM)
+    from executorkit import SingleNodeExecutor
+
+    cache = str(tmp_path / "cache")
+    with SingleNodeExecutor(max_workers=1, cache_directory=cache) as local:
+        assert local.submit(tf.add, 20, 22).result(timeout=T) == 42
+    with SlurmClusterExecutor(cache_directory=cache) as cluster:
+        fut = cluster.submit(tf.add, 20, 22)
+        assert fut.done() and fut.result(timeout=T) == 42
+        assert fut._job.job_id is None
