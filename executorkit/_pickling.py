@@ -100,6 +100,32 @@ def _frozen(value: Any) -> bool:
     return False
 
 
+class FunctionMemo:
+    """Something derived from a function (its pickle, its cache digest), reused while the
+    function provably cannot have changed: same object, and every object its pickle
+    captured is the same and immutable (see the module docstring)."""
+
+    def __init__(self) -> None:
+        # fn -> (the objects its pickle captured, value). Holding the objects (not their
+        # ids) keeps them alive, so an id can never be reused by a new object.
+        self._memo: weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], Any]]
+        self._memo = weakref.WeakKeyDictionary()
+        self._pickles = FunctionPickles()
+
+    def get(self, fn: Callable[..., Any], make: Callable[[Callable[..., Any]], Any]) -> Any:
+        if type(fn) is not types.FunctionType:
+            return make(fn)
+        fingerprint = self._pickles._fingerprint(fn)
+        if fingerprint is not None:
+            memo = self._memo.get(fn)
+            if memo is not None and _same(memo[0], fingerprint):
+                return memo[1]
+        value = make(fn)
+        if fingerprint is not None:
+            self._memo[fn] = (fingerprint, value)
+        return value
+
+
 class FunctionPickles:
     """Per-executor memo of function bytes, valid while the function cannot have changed."""
 

@@ -236,6 +236,7 @@ def test_environment_errors_are_raised_and_the_file_kept(
 
     # A valid file must not be moved aside because the process ran out of descriptors.
     monkeypatch.setattr(_store._hdf5(), "open", refuse)
+    monkeypatch.setattr(_store, "_read_output_fast", refuse)
     with pytest.raises(OSError, match="Too many open files"):
         store.lookup("k1")
     assert names(store.directory) == ["k1.h5"]
@@ -565,3 +566,21 @@ def test_clear_cache_rejects_unknown_status(store: CacheStore) -> None:
 def test_clear_cache_of_missing_directory(tmp_path: pathlib.Path) -> None:
     assert clear_cache(tmp_path / "absent") == 0
     assert not (tmp_path / "absent").exists()
+
+
+def test_fast_path_header_is_checked_against_the_output(store: CacheStore) -> None:
+    """Hits are read through the user-block header; flipped output bytes (with the
+    modification time put back) fail its digest, and the entry is read through HDF5."""
+    path = store.write(make_record("k1"))
+    with open(path, "rb") as fh:
+        head = fh.read(_store._HEADER.size)
+    magic, done, offset, length, _digest, stamp = _store._HEADER.unpack(head)
+    assert magic == _store._MAGIC and done == 1 and length > 0
+    assert _store._read_output_fast(os.fspath(path)) is not _store._NO_HEADER
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\x00" * min(length, 8))
+    os.utime(path, ns=(stamp, stamp))
+    assert _store._read_output_fast(os.fspath(path)) is _store._NO_HEADER
+    with h5py.File(path, "r") as handle:  # still an ordinary HDF5 file
+        assert handle.attrs["complete"] == 1

@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
+from executorkit._pickling import FunctionMemo
 from executorkit.errors import ResourceError, SerializationError
 
 __all__ = ["FutureKey", "compute_key", "validate_cache_key"]
@@ -100,6 +101,11 @@ def validate_cache_key(key: str) -> str:
     )
 
 
+# The function's part of a key costs more than a cache hit; it only changes when the
+# function or something it captured changes, which FunctionMemo detects.
+_function_digests = FunctionMemo()
+
+
 def compute_key(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -116,7 +122,7 @@ def compute_key(
         raise TypeError(f"the task function must be callable, got {type(fn).__name__}")
     encoder = _Encoder(future_key, _task_name(fn))
     out = hashlib.sha256(_FORMAT)
-    out.update(encoder.callable_digest(fn, root=True))
+    out.update(_function_digests.get(fn, lambda f: encoder.callable_digest(f, root=True)))
     out.update(b"A" + _u64(len(args)))
     for index, value in enumerate(args):
         encoder.encode_labeled(value, out, f"positional argument {index}")

@@ -143,8 +143,11 @@ class _KeepOutput:
     def __enter__(self) -> None:
         if self.path is None:
             return
+        # A private file, renamed into place at the end: two runs of the same call (two
+        # executors sharing a cache) never trip over each other.
+        self.tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            self.log = open(self.path, "w")  # closed in __exit__
+            self.log = open(self.tmp, "w")  # closed in __exit__
         except OSError:
             return
         self.saved = sys.stdout, sys.stderr
@@ -154,9 +157,15 @@ class _KeepOutput:
         if self.log is None:
             return
         sys.stdout, sys.stderr = self.saved
-        self.log.close()
-        if os.path.getsize(self.path) == 0:  # type: ignore[arg-type]
-            os.remove(self.path)  # type: ignore[arg-type]
+        try:
+            empty = self.log.tell() == 0
+            self.log.close()
+            if empty:
+                os.remove(self.tmp)
+            else:
+                os.replace(self.tmp, self.path)  # type: ignore[arg-type]
+        except OSError:
+            pass  # keeping output is a courtesy: it never fails the call
 
 
 def _flush() -> None:
