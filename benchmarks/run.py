@@ -85,9 +85,9 @@ class Config:
     @classmethod
     def make(cls, quick: bool, peers: tuple[str, ...]) -> Config:
         if quick:
-            return cls(quick, peers, n_per_task=300, n_block=5000, stdlib_per_task_divisor=5,
+            return cls(quick, peers, n_per_task=300, n_block=5000, stdlib_per_task_divisor=10,
                        chain_per_task=50, chain_block=500, busy_repeats=1, cache_tasks=300,
-                       lookup_entries=(2000,), lookup_calls=2000, waiting=20_000, cheap=1.5)
+                       lookup_entries=(2000,), lookup_calls=2000, waiting=20_000, cheap=3.0)
         return cls(quick, peers, n_per_task=1000, n_block=20_000, stdlib_per_task_divisor=5,
                    chain_per_task=200, chain_block=2000, busy_repeats=3, cache_tasks=1000,
                    lookup_entries=(2000, 20_000), lookup_calls=2000, waiting=100_000)
@@ -133,6 +133,8 @@ class Row:
         value = self.values.get(EK)
         if self.check is None:
             return "info"
+        if isinstance(value, Hang):
+            return "FAIL"
         if not _number(value):
             return "error"
         return "pass" if self.check(value, self.values) else "FAIL"
@@ -146,7 +148,7 @@ def _fmt(value: Any, fmt: str) -> str:
     if _number(value):
         return fmt.format(value)
     text = str(value)
-    return text if len(text) <= 48 else text[:45] + "..."
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Report:
@@ -180,8 +182,8 @@ def attempt(report: Report, what: str, peer: str, measure: Callable[[], Any]) ->
     try:
         value = measure()
     except Exception as exc:
+        progress("".join(traceback.format_exception(exc)).rstrip())
         report.note(f"{what}, {peer}: {type(exc).__name__}: {exc}")
-        report.details.append("".join(traceback.format_exception(exc)).rstrip())
         return Failure(f"error: {type(exc).__name__}: {exc}")
     progress(f"[{what}] {peer}: {time.perf_counter() - start:.1f} s")
     return value
@@ -394,10 +396,11 @@ def figure_4(report: Report) -> None:
     durations = sleep_durations()
     total = sum(durations)
     bound = max(total / WORKERS, max(durations))
+    fifo = total / (WORKERS * fifo_makespan(durations))
     report.note(f"fig 4: 24 sleeps, total {total:.3f} s, longest {max(durations):.3f} s; "
                 f"ideal busy: lower bound {total / (WORKERS * bound):.4f}, "
                 f"optimal partition {total / (WORKERS * optimal_makespan(durations)):.4f}, "
-                f"FIFO list schedule {total / (WORKERS * fifo_makespan(durations)):.4f}")
+                f"FIFO list schedule {fifo:.4f}")
     for key, block in (("4a", False), ("4b", True)):
         mode = "block allocation" if block else "per-task process"
         busy = report.add(Row(key, f"busy fraction, {mode}", ">= 0.97",
@@ -415,7 +418,8 @@ def figure_4(report: Report) -> None:
                 runs.sort()
                 report.note(f"fig {key}, {peer}: busy per round: "
                             f"{_samples([r[0] for r in runs], '{:.3f}')}; busy/bound: "
-                            f"{_samples([r[1] for r in runs], '{:.3f}')} -> median round")
+                            f"{_samples([r[1] for r in runs], '{:.3f}')} -> median round; "
+                            f"busy / FIFO ideal: {runs[len(runs) // 2][0] / fifo:.3f}")
                 return runs[len(runs) // 2]
 
             value = attempt(report, f"fig {key}", peer, measure)
@@ -560,29 +564,51 @@ def figure_5(report: Report) -> None:
 
 
 # ----------------------------------------------------------------------------- figure 6
-def waiting_rate(peer: str, block: bool, n: int) -> tuple[float, float, int, float]:
+CANCEL_LIMIT = 20.0  # s: a shutdown(cancel_futures=True) slower than this counts as hanging
+
+
+class Hang(Failure):
+    """shutdown(cancel_futures=True) did not return while the gate was unfinished."""
+
+
+def close_waiting(exe: Executor, gate: Future) -> float | Hang:
+    """``shutdown(wait=True, cancel_futures=True)`` with waiting calls: its duration, or a
+    :class:`Hang` if it needed the gate to be cancelled first (then the gate is cancelled,
+    which fails the waiting calls instead of running them, and the shutdown is awaited)."""
+    start = time.perf_counter()
+    thread = threading.Thread(target=exe.shutdown, kwargs={"wait": True, "cancel_futures": True},
+                              name="benchmark-shutdown", daemon=True)
+    thread.start()
+    thread.join(CANCEL_LIMIT)
+    if not thread.is_alive():
+        return time.perf_counter() - start
+    gate.cancel()
+    thread.join(10)
+    after = "returned" if not thread.is_alive() else "was still blocked"
+    return Hang(f"hangs (> {CANCEL_LIMIT:.0f} s; {after} after the gate was cancelled)")
+
+
+def waiting_rate(peer: str, block: bool, n: int) -> tuple[float, float | Hang, int, str]:
     """Submit ``n`` calls waiting on one unfinished future, then shutdown(cancel_futures).
-    Returns (submits/s, shutdown seconds, futures cancelled, seconds to complete the gate)."""
+    Returns (submits/s, shutdown seconds, futures cancelled, what completing the gate did)."""
     exe = make_executor(peer, block)
-    closed = False
+    gate: Future = Future()
+    futures: list[Future] = []
     try:
         warm_up(exe)
-        gate: Future = Future()
         gc.collect()
         start = time.perf_counter()
         futures = [exe.submit(inc, gate) for _ in range(n)]
         rate = n / (time.perf_counter() - start)
-        seconds = shutdown(exe, cancel=True, timeout=60 + n * 1e-3)
-        closed = True
-        cancelled = sum(f.cancelled() for f in futures)
-        start = time.perf_counter()
-        gate.set_result(0)  # the end: the gate completes after everything was cancelled
-        gate_seconds = time.perf_counter() - start
-        return rate, seconds, cancelled, gate_seconds
     finally:
-        if not closed:
-            with contextlib.suppress(Exception):
-                shutdown(exe, cancel=True, timeout=30)
+        seconds = close_waiting(exe, gate)
+    cancelled = sum(f.cancelled() for f in futures)
+    if gate.done():
+        return rate, seconds, cancelled, "the gate was cancelled to unblock the shutdown"
+    start = time.perf_counter()
+    gate.set_result(0)  # the end: the gate completes after everything was cancelled
+    return rate, seconds, cancelled, f"completing the gate afterwards took " \
+                                     f"{time.perf_counter() - start:.2f} s"
 
 
 def traced_bytes(make: Callable[[], list[Any]]) -> tuple[float, list[Any]]:
@@ -594,12 +620,12 @@ def traced_bytes(make: Callable[[], list[Any]]) -> tuple[float, list[Any]]:
     return tracemalloc.get_traced_memory()[0] - before, held
 
 
-def waiting_memory(peer: str, block: bool, n: int) -> float:
+def waiting_memory(report: Report, peer: str, block: bool, n: int) -> float:
     """KiB of driver memory per call waiting on one unfinished future."""
     exe = make_executor(peer, block)
+    gate: Future = Future()
     try:
         warm_up(exe)
-        gate: Future = Future()
         tracemalloc.start()
         try:
             size, futures = traced_bytes(lambda: [exe.submit(inc, gate) for _ in range(n)])
@@ -608,7 +634,11 @@ def waiting_memory(peer: str, block: bool, n: int) -> float:
         del futures
         return size / n / 1024
     finally:
-        shutdown(exe, cancel=True, timeout=60 + n * 1e-3)
+        gate.cancel()  # the waiting calls fail at once; the shutdown is timed in waiting_rate
+        try:
+            shutdown(exe, cancel=True, timeout=10 + n * 1e-4)
+        except TimeoutError as exc:
+            report.warn(f"{peer}, after the memory measurement: {exc} (given up)")
 
 
 def bare_future_kib(n: int) -> float:
@@ -630,6 +660,7 @@ def figure_6(report: Report) -> None:
     bare.values[STDLIB] = attempt(report, "fig 6", "bare Future", lambda: bare_future_kib(n))
     if EL in cfg.peers:
         bare.values[EL] = "n/a"
+    rows: dict[str, tuple[Row, Row, Row]] = {}
     for key, block in (("6a", False), ("6b", True)):
         mode = "block" if block else "per-task"
         rate = report.add(Row(key, f"submits/s waiting on a future, {mode}", ">= 50,000/s",
@@ -641,27 +672,37 @@ def figure_6(report: Report) -> None:
                                 ratio=False))
         for row in (rate, memory, cancel):
             row.values[STDLIB] = "n/a (no deps)"
-        for peer in cfg.peers:
-            if peer == STDLIB:
-                continue
+        rows[key] = rate, memory, cancel
+    # executorlib last: its threads stay blocked (and polling) after this figure
+    for peer in (p for p in cfg.peers if p != STDLIB):
+        for key, block in (("6a", False), ("6b", True)):
+            rate, memory, cancel = rows[key]
 
-            def measure(peer: str = peer, block: bool = block, key: str = key) -> tuple:
-                submits, seconds, cancelled, gate_s = waiting_rate(peer, block, n)
-                kib = waiting_memory(peer, block, n)
+            def measure_rate(peer: str = peer, block: bool = block,
+                             key: str = key) -> tuple[float, float | Hang]:
+                submits, seconds, cancelled, gate = waiting_rate(peer, block, n)
+                took = f"{seconds:.2f} s" if _number(seconds) else seconds
                 report.note(f"fig {key}, {peer}: {n} submits at {submits:,.0f}/s; shutdown "
-                            f"with cancel_futures {seconds:.2f} s, {cancelled} of {n} "
-                            f"cancelled; completing the gate afterwards {gate_s:.2f} s; "
-                            f"{kib:.2f} KiB per waiting task (tracemalloc, separate run)")
+                            f"with cancel_futures: {took}, {cancelled} of {n} futures "
+                            f"cancelled; {gate}")
                 if cancelled != n:
                     report.warn(f"fig {key}, {peer}: only {cancelled} of {n} waiting futures "
                                 f"were cancelled by shutdown(cancel_futures=True)")
-                return submits, kib, seconds
+                return submits, seconds
 
-            value = attempt(report, f"fig {key}", peer, measure)
+            value = attempt(report, f"fig {key}", peer, measure_rate)
             if isinstance(value, Failure):
-                rate.values[peer] = memory.values[peer] = cancel.values[peer] = value
+                rate.values[peer] = cancel.values[peer] = value
             else:
-                rate.values[peer], memory.values[peer], cancel.values[peer] = value
+                rate.values[peer], cancel.values[peer] = value
+
+            def measure_memory(peer: str = peer, block: bool = block, key: str = key) -> float:
+                kib = waiting_memory(report, peer, block, n)
+                report.note(f"fig {key}', {peer}: {kib:.2f} KiB per waiting task "
+                            f"(tracemalloc, {n} tasks, separate executor)")
+                return kib
+
+            memory.values[peer] = attempt(report, f"fig {key}'", peer, measure_memory)
 
 
 # ----------------------------------------------------------------------------- output
@@ -761,7 +802,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", metavar="FILE", help="also write a Markdown report")
     parser.add_argument("--no-executorlib", action="store_true",
                         help="skip executorlib even if it is installed")
+    parser.add_argument("--figures", default="1,2,3,4,5,6",
+                        help="comma-separated figures to run (default: all)")
     args = parser.parse_args(argv)
+    figures = {"1": figure_1, "2": figure_2, "3": figure_3, "4": figure_4, "5": figure_5,
+               "6": figure_6}
+    try:
+        chosen = [figures[f.strip()] for f in args.figures.split(",") if f.strip()]
+    except KeyError as exc:
+        parser.error(f"unknown figure {exc}; choose from {', '.join(figures)}")
 
     el_version = None if args.no_executorlib else executorlib_version()
     peers = (EK, STDLIB, EL) if el_version else (EK, STDLIB)
@@ -780,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     progress(" ".join(f"{k}={v}" for k, v in meta.items()))
     started = time.perf_counter()
-    for figure in (figure_1, figure_2, figure_3, figure_4, figure_5, figure_6):
+    for figure in chosen:
         figure(report)
     stop_multiprocessing_helpers()
     leftovers = leftover_processes()
@@ -804,5 +853,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Exit even if an executor left a non-daemon thread blocked (the interpreter would wait
+    for it forever); the child processes were already killed by :func:`leftover_processes`."""
+    stuck = [t for t in threading.enumerate()
+             if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    deadline = time.monotonic() + 10
+    for thread in stuck:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in stuck if t.is_alive()]
+    if stuck:
+        print(f"WARNING: threads still blocked at exit: {stuck}; exiting anyway", flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -136,6 +136,7 @@ class Spawn(_Message):
     mpi_command: tuple[str, ...] = ()  # run under this launcher prefix (cores > 1)
     errdir: str | None = None  # private directory of this worker (MPI error reports)
     res: Any = None  # the Resources of the call (launchers that ask a scheduler need them)
+    spare: bool = False  # a warm per-task worker that gets its call later
 
 
 @dataclass(slots=True)

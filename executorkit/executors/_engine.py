@@ -99,6 +99,7 @@ WAITING, QUEUED, RUNNING, FINISHED = range(4)
 
 DEPTH = 16  # most calls queued in one block-allocation worker (tiny calls only)
 TINY = 0.002  # seconds: calls shorter than this on average may be queued in workers
+REPLENISH_DELAY = 0.005  # seconds between a spare taking a call and forking its successor
 
 
 class TaskFuture(Future):
@@ -250,6 +251,9 @@ class Engine:
         self._spares: deque[_Worker] = deque()
         self._spares_coming = 0
         self._spare_target = 0 if config.block_workers else min(2, len(config.cpus))
+        self._replenish_due: float | None = None
+        # what a spare sets while idle: the environment of a default one-CPU call
+        self._spare_env = dict(self._task_env(config.worker_res, 1, ()))
         self._runtime = 1.0  # moving average of call run times (seconds), block allocation
         self._pickles = FunctionPickles()
         self.cache = CacheHook(config.init_function)
@@ -401,6 +405,9 @@ class Engine:
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            if self._replenish_due is not None:
+                due = max(0.0, self._replenish_due - time.monotonic())
+                timeout = due if timeout is None else min(timeout, due)
             if inbox:
                 timeout = 0
             for key, _ in select(timeout):
@@ -413,6 +420,9 @@ class Engine:
                     data(key.fileobj)
             if self._timers:
                 self._fire_timers()
+            if self._replenish_due is not None and time.monotonic() >= self._replenish_due:
+                self._replenish_due = None
+                self._replenish()
 
     def _drain_wake(self, sock: socket.socket) -> None:
         # Order matters (see post()): empty the pipe, *then* clear the flag, then the loop
@@ -598,9 +608,21 @@ class Engine:
             # A warm spare takes the call: no fork on the critical path.
             w = self._spares.popleft()
             w.spare = False
-            setup = TaskSetup(task.res.cwd, env, (), cpus)
+            # The spare already has the default environment: send only what differs.
+            base = self._spare_env
+            changed = tuple((k, v) for k, v in env if base.get(k) != v)
+            names = {k for k, _ in env}
+            unset = tuple(k for k in base if k not in names)
+            setup = TaskSetup(task.res.cwd, changed, unset, cpus)
             self._assign(w, task, RunTask(task.id, *task.payload, setup, task.cache_spec))
-            self._replenish()
+            # The call goes out first; forking its replacement would compete with its start
+            # for the CPUs, so that waits a moment while another spare is still ready.
+            self._flush()
+            if self._spares:
+                if self._replenish_due is None:
+                    self._replenish_due = time.monotonic() + REPLENISH_DELAY
+            else:
+                self._replenish()
             return
         w = _Worker(next(self._worker_ids), persistent=False)
         self.workers[w.id] = w
@@ -626,7 +648,8 @@ class Engine:
             w.spare = True
             self.workers[w.id] = w
             self._spares_coming += 1
-            self._spawn(Spawn(w.id, (), None, None, persistent=False))
+            self._spawn(Spawn(w.id, tuple(self._spare_env.items()), None, None,
+                              persistent=False, spare=True))
 
     def _mpi(self, w: _Worker, spawn: Spawn, cores: int) -> None:
         """Make ``spawn`` start ``cores`` MPI ranks (when cores > 1)."""

@@ -132,6 +132,10 @@ class ForkServer:
         setup = _call.TaskSetup(cwd=msg.cwd) if msg.cwd else None
         if msg.mpi_command:
             self._exec_mpi(msg, setup)
+        if msg.spare:
+            # A spare (no call yet): fault in the pages a call touches now, while it is
+            # idle, instead of on the critical path of its call.
+            _probe_call()
         return loop.serve(self.address, self.secret, msg.worker_id, persistent=msg.persistent,
                           init_payload=msg.init_payload, setup=setup)
 
@@ -186,6 +190,17 @@ class ForkServer:
                 os.waitpid(pid, 0)
 
 
+def _probe_call() -> None:
+    from executorkit.transport import RunTask, TaskSetup
+
+    def probe(x: int) -> int:
+        return x + 1
+
+    msg = RunTask(0, cloudpickle.dumps(probe), pickle.dumps(((1,), {})), TaskSetup(), None)
+    with contextlib.suppress(Exception):
+        _call.run(msg)
+
+
 def _warm_up() -> None:
     """Take one call through the worker's code path before forking anything.
 
@@ -196,14 +211,7 @@ def _warm_up() -> None:
     """
     import gc
 
-    from executorkit.transport import RunTask, TaskSetup
-
-    def probe(x: int) -> int:
-        return x + 1
-
-    msg = RunTask(0, cloudpickle.dumps(probe), pickle.dumps(((1,), {})), TaskSetup(), None)
-    with contextlib.suppress(Exception):
-        _call.run(msg)
+    _probe_call()
     gc.collect()
     gc.freeze()
 
