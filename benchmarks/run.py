@@ -795,6 +795,86 @@ def executorlib_version() -> str | None:
     return getattr(executorlib, "__version__", "unknown")
 
 
+def mpi_ranks() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def figure_7(report: Report) -> None:
+    """Round trip of a 2-rank MPI call (issue: executorlib measured about 0.2 s here)."""
+    from executorkit.launchers.local import find_mpiexec
+
+    rows = {block: report.add(Row(f"7{'b' if block else 'a'}",
+                                  f"2-rank MPI call, ms, {'block' if block else 'per-task'}",
+                                  "info (executorlib here: ~200 ms)", None, "{:.1f}",
+                                  ratio=False)) for block in (False, True)}
+    if find_mpiexec() is None:
+        for row in rows.values():
+            row.values[EK] = "n/a (no mpiexec)"
+        return
+    n = 5 if report.config.quick else 20
+    for block, row in rows.items():
+
+        def measure(block: bool = block) -> float:
+            kwargs: dict[str, Any] = {"max_cores": 2}
+            per_call: dict[str, Any] | None = {"cores": 2}
+            if block:
+                kwargs.update(block_allocation=True, resource_dict={"cores": 2})
+                per_call = None
+            with executorkit.SingleNodeExecutor(**kwargs) as exe:
+                assert exe.submit(mpi_ranks, resource_dict=per_call).result(timeout=120) == [0, 1]
+                start = time.perf_counter()
+                for _ in range(n):
+                    exe.submit(mpi_ranks, resource_dict=per_call).result(timeout=120)
+                return (time.perf_counter() - start) / n * 1e3
+
+        row.values[EK] = attempt(report, f"fig {row.key}", EK, measure)
+
+
+def slurm_inner() -> None:
+    """Inside an allocation: tiny calls through SlurmJobExecutor (figure 8)."""
+    import json
+
+    out = {}
+    for block, n in ((False, 40), (True, 2000)):
+        kwargs: dict[str, Any] = {"max_workers": 2, "block_allocation": block}
+        with executorkit.SlurmJobExecutor(**kwargs) as exe:
+            wait_all([exe.submit(inc, i) for i in range(4)], 300)
+            start = time.perf_counter()
+            wait_all([exe.submit(inc, i) for i in range(n)], 600)
+            out["block" if block else "per-task"] = n / (time.perf_counter() - start)
+    print("SLURM " + json.dumps(out), flush=True)
+
+
+def figure_8(report: Report) -> None:
+    """Tiny calls per second through SlurmJobExecutor, started inside ``salloc``."""
+    import json
+    import shutil
+    import subprocess
+
+    rows = {mode: report.add(Row(f"8{'a' if mode == 'per-task' else 'b'}",
+                                 f"SlurmJobExecutor tiny tasks/s, {mode}", "info", None,
+                                 "{:,.1f}", ratio=False)) for mode in ("per-task", "block")}
+    if shutil.which("salloc") is None:
+        for row in rows.values():
+            row.values[EK] = "n/a (no Slurm)"
+        return
+
+    def measure() -> dict[str, float]:
+        proc = subprocess.run(["salloc", "-n", "2", "--time=10", sys.executable,
+                               os.path.abspath(__file__), "--slurm-inner"],
+                              capture_output=True, text=True, timeout=900)
+        for line in proc.stdout.splitlines():
+            if line.startswith("SLURM "):
+                return json.loads(line[6:])
+        raise RuntimeError(f"salloc run failed: {proc.stderr.strip()[-300:]}")
+
+    result = attempt(report, "fig 8", EK, measure)
+    for mode, row in rows.items():
+        row.values[EK] = result[mode] if isinstance(result, dict) else result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
@@ -802,11 +882,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", metavar="FILE", help="also write a Markdown report")
     parser.add_argument("--no-executorlib", action="store_true",
                         help="skip executorlib even if it is installed")
-    parser.add_argument("--figures", default="1,2,3,4,5,6",
+    parser.add_argument("--slurm-inner", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--figures", default="1,2,3,4,5,6,7,8",
                         help="comma-separated figures to run (default: all)")
     args = parser.parse_args(argv)
+    if args.slurm_inner:
+        slurm_inner()
+        return 0
     figures = {"1": figure_1, "2": figure_2, "3": figure_3, "4": figure_4, "5": figure_5,
-               "6": figure_6}
+               "6": figure_6, "7": figure_7, "8": figure_8}
     try:
         chosen = [figures[f.strip()] for f in args.figures.split(",") if f.strip()]
     except KeyError as exc:
