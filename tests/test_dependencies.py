@@ -146,3 +146,13 @@ def test_shutdown_cancel_futures_cancels_dependency_waiters(tmp_path, mode):
     assert waiting.cancelled()
     assert waiting_foreign.cancelled()
     assert running.result(timeout=T) == 1
+
+
+def test_batched_futures_feed_later_submits(make_executor):
+    exe = make_executor(max_workers=2)
+    parts = [exe.submit(tf.inc, i) for i in range(7)]
+    batches = exe.batched(parts, 3)
+    assert len(batches) == 3
+    sums = [exe.submit(sum, b) for b in batches]  # a batch future is a dependency
+    assert sorted(len(b.result(timeout=T)) for b in batches) == [1, 3, 3]
+    assert sum(s.result(timeout=T) for s in sums) == sum(range(1, 8))

@@ -205,3 +205,19 @@ def test_bad_executor_parameters():
         SingleNodeExecutor(max_gpus=[1, 1])
     with pytest.raises(ResourceError, match="unknown resource_dict key"):
         SingleNodeExecutor(resource_dict={"bogus": 1})
+
+
+def test_gpus_are_detected_from_the_vendor_tool(tmp_path, monkeypatch):
+    """Without a declared pool or visibility variable, nvidia-smi's list is the pool."""
+    from executorkit.executors._base import gpu_pool
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: A100 (UUID: GPU-1)'\n"
+                    "echo 'GPU 1: A100 (UUID: GPU-2)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for var in ("EXECUTORKIT_GPUS", "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.delenv(var, raising=False)
+    assert gpu_pool(None) == (0, 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert gpu_pool(None) == (3,)  # what this process was given wins

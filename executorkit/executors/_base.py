@@ -282,7 +282,7 @@ def gpu_pool(max_gpus: int | Iterable[int] | None) -> tuple[int, ...]:
                     return tuple(int(x) for x in value.split(",") if x.strip())
                 except ValueError:
                     return ()
-        return ()
+        return tuple(range(detect_gpus()))
     if isinstance(max_gpus, bool):
         raise ResourceError("max_gpus must be an int or a list of GPU ids",
                             key="max_gpus", allowed="an int >= 0 or a list of ints")
@@ -297,6 +297,27 @@ def gpu_pool(max_gpus: int | Iterable[int] | None) -> tuple[int, ...]:
         raise ResourceError(f"max_gpus ids must be distinct ints >= 0, got {ids!r}",
                             key="max_gpus", allowed="an int >= 0 or a list of ints")
     return ids
+
+
+def detect_gpus(run: Callable[..., Any] | None = None) -> int:
+    """How many GPUs the vendor's tool reports (``nvidia-smi -L``, ``rocm-smi``); 0 if none."""
+    import shutil
+    import subprocess
+
+    run = run or subprocess.run
+    probes = (("nvidia-smi", ["-L"], "GPU "), ("rocm-smi", ["--showid"], "GPU["))
+    for tool, args, marker in probes:
+        path = shutil.which(tool)
+        if path is None:
+            continue
+        try:
+            out = run([path, *args], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        ids = {line.split(":")[0] for line in out.splitlines() if line.startswith(marker)}
+        if ids:
+            return len(ids)
+    return 0
 
 
 def gpu_variable() -> str:
