@@ -81,7 +81,7 @@ def _by_reference(obj: Any) -> bool:
 
 
 def _by_value_modules() -> set[str]:
-    registry = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
+    registry: set[str] = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
     return set(registry)
 
 

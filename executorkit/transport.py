@@ -46,7 +46,8 @@ class _Message:
     __slots__ = ()
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return type(self), tuple(getattr(self, name) for name in self.__slots__)
+        names: tuple[str, ...] = type(self).__slots__
+        return type(self), tuple(getattr(self, name) for name in names)
 
 
 @dataclass(slots=True)
@@ -181,7 +182,7 @@ def encode(message: object, secret: bytes) -> tuple[bytes, bytes]:
     return _HEADER.pack(len(body), hmac.digest(secret, body, "sha256")), body
 
 
-def _verify(secret: bytes, mac: bytes, body: bytes | memoryview) -> Any:
+def _verify(secret: bytes, mac: bytes, body: bytes | bytearray | memoryview) -> Any:
     if not hmac.compare_digest(mac, hmac.digest(secret, body, "sha256")):
         raise AuthenticationError("frame failed authentication (wrong secret?); dropping peer")
     return pickle.loads(body)

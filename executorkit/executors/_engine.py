@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 
@@ -588,7 +588,7 @@ class Engine:
 
     def _starts(self, starts: list[Start]) -> None:
         for start in starts:
-            task = self.tasks.get(start.task)  # type: ignore[arg-type]
+            task = self.tasks.get(cast(int, start.task))
             if task is None:
                 continue
             task.state = RUNNING
@@ -614,7 +614,7 @@ class Engine:
             names = {k for k, _ in env}
             unset = tuple(k for k in base if k not in names)
             setup = TaskSetup(task.res.cwd, changed, unset, cpus)
-            self._assign(w, task, RunTask(task.id, *task.payload, setup, task.cache_spec))
+            self._assign(w, task, self._run_message(task, setup))
             # The call goes out first; forking its replacement would compete with its start
             # for the CPUs, so that waits a moment while another spare is still ready.
             self._flush()
@@ -626,11 +626,17 @@ class Engine:
             return
         w = _Worker(next(self._worker_ids), persistent=False)
         self.workers[w.id] = w
-        self._assign(w, task, RunTask(task.id, *task.payload, None, task.cache_spec))
+        self._assign(w, task, self._run_message(task, None))
         spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res)
         self._mpi(w, spawn, task.res.cores)
         self._spawn(spawn)
         self._replenish()
+
+    @staticmethod
+    def _run_message(task: _Task, setup: TaskSetup | None) -> RunTask:
+        assert task.payload is not None, "a task is serialized before it starts"
+        fn_blob, args_blob = task.payload
+        return RunTask(task.id, fn_blob, args_blob, setup, task.cache_spec)
 
     def _assign(self, w: _Worker, task: _Task, run: RunTask) -> None:
         w.tasks[task.id] = task
@@ -851,7 +857,7 @@ class Engine:
             names = {k for k, _ in task.res.env}
             unset = tuple(k for k, _ in base.env if k not in names)
             setup = TaskSetup(task.res.cwd, task.res.env, unset)
-        self._send(w, RunTask(task.id, *task.payload, setup, task.cache_spec))
+        self._send(w, self._run_message(task, setup))
 
     def _replace_block_worker(self, w: _Worker, tasks: list[_Task]) -> None:
         slot = w.slot
@@ -955,7 +961,7 @@ class Engine:
                 if isinstance(key.fileobj, int):
                     os.close(key.fileobj)
                 else:
-                    key.fileobj.close()
+                    cast(Any, key.fileobj).close()
         self.selector.close()
         with contextlib.suppress(OSError):
             self._wake_w.close()

@@ -16,6 +16,7 @@ and takes finished results from the cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -193,7 +194,7 @@ class SlurmClusterExecutor(Executor):
         else:
             job.job_id = attached
         for up in upstream:
-            up.future.add_done_callback(lambda f, j=job: self._upstream_done(j, f))
+            up.future.add_done_callback(functools.partial(self._upstream_done, job))
         with self._lock:
             if job.job_id is not None:
                 self._active[job.job_id] = job

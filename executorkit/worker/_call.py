@@ -29,8 +29,9 @@ def error_info(exc: BaseException, *, kind: str = "raised", skip_frames: int = 0
             tb = tb.tb_next
     text = "".join(traceback.format_exception(type(exc), exc, tb))
     try:
-        blob: bytes | None = cloudpickle.dumps(exc)
-        pickle.loads(blob)  # an exception that pickles but cannot be rebuilt is as bad
+        pickled = cloudpickle.dumps(exc)
+        pickle.loads(pickled)  # an exception that pickles but cannot be rebuilt is as bad
+        blob: bytes | None = pickled
     except Exception:
         blob = None
     return ErrorInfo(blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), text,

@@ -55,8 +55,9 @@ def _error_record(exc: BaseException) -> tuple[bytes | None, str]:
 
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        blob: bytes | None = cloudpickle.dumps(exc)
-        pickle.loads(blob)
+        pickled = cloudpickle.dumps(exc)
+        pickle.loads(pickled)  # an exception that pickles but cannot be rebuilt is as bad
+        blob: bytes | None = pickled
     except Exception:
         blob = None
     return blob, text

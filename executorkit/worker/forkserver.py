@@ -26,6 +26,7 @@ import select
 import signal
 import socket
 import sys
+from typing import Any
 
 # Pre-import what every worker needs, so a forked child starts warm.
 import cloudpickle
@@ -75,7 +76,8 @@ class ForkServer:
     def run(self) -> None:
         sock = self.chan.sock
         while True:
-            ready, _, _ = select.select([sock, self.wake_r], [], [])
+            watched: list[Any] = [sock, self.wake_r]
+            ready, _, _ = select.select(watched, [], [])
             if self.wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_r, 4096)

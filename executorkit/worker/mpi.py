@@ -106,6 +106,7 @@ def main(bootfile: str) -> int:
         payload = _run(comm, msg, errdir, init_values)
         gathered = comm.gather(payload, root=0)
         if chan is not None:
+            assert gathered is not None  # rank 0 receives the gather
             results = [pickle.loads(p) for p in gathered]
             done = TaskDone(msg.task_id, True, cloudpickle.dumps(results), started, time.time())
             _call._record(msg, done)
