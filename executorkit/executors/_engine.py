@@ -689,10 +689,8 @@ class Engine:
         if self.cfg.log_obj_size:
             log.info("task %d (%s): result %d bytes pickled", task.id, task.name(),
                      len(msg.payload))
-        if msg.ok:
-            self._finish(task, payload=msg.payload)
-        else:
-            self._finish(task, exc=_rebuild_error(msg.payload, task))
+        # Start what the freed resources allow, and send it, before completing the future:
+        # completing it wakes the caller's thread, which would delay the next call.
         if w is not None and not w.persistent and w.held == task.id:
             # A one-shot worker calls _exit right after its reply (and its process group
             # is killed when it is reaped), so its CPUs are free now, not at the exit report.
@@ -703,6 +701,12 @@ class Engine:
             depth = DEPTH if self._runtime < TINY else 1
             self.sched.max_running = self.cfg.block_workers * depth
             self._starts(self.sched.finish(task.id))
+        if self._dirty and not (w is not None and w.persistent and self._runtime < TINY):
+            self._flush()  # (tiny calls: keep batching, the turn's end flushes once)
+        if msg.ok:
+            self._finish(task, payload=msg.payload)
+        else:
+            self._finish(task, exc=_rebuild_error(msg.payload, task))
 
     def _finish(self, task: _Task, *, payload: bytes | None = None,
                 exc: BaseException | None = None) -> None:
