@@ -191,11 +191,12 @@ def _verify(secret: bytes, mac: bytes, body: bytes | bytearray | memoryview) -> 
 class FrameReader:
     """Incremental decoder for bytes arriving on a non-blocking or select()ed socket."""
 
-    __slots__ = ("_buf", "_secret")
+    __slots__ = ("_buf", "_secret", "limit")
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, limit: int = MAX_FRAME) -> None:
         self._secret = secret
         self._buf = bytearray()
+        self.limit = limit  # the engine keeps it small until a peer has said hello
 
     def feed(self, data: bytes) -> list[Any]:
         self._buf += data
@@ -204,7 +205,7 @@ class FrameReader:
         pos = 0
         while len(buf) - pos >= _HEADER.size:
             length, mac = _HEADER.unpack_from(buf, pos)
-            if length > MAX_FRAME:
+            if length > self.limit:
                 raise AuthenticationError(f"frame length {length} is implausible")
             end = pos + _HEADER.size + length
             if len(buf) < end:

@@ -10,7 +10,8 @@ computed once the inputs are known, from their values.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+import contextlib
+from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from executorkit.cache._keys import compute_key
@@ -79,7 +80,8 @@ class CacheHook:
         task.key = key
         hit, value = self._store(directory).lookup(key)
         if hit:
-            task.future.set_result(value)
+            with contextlib.suppress(InvalidStateError):  # cancelled by the user meanwhile
+                task.future.set_result(value)
             return False
         task.cache_spec = CacheSpec(directory, key, _name(task.fn), task.res.as_dict())
         return True

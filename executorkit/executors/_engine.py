@@ -71,6 +71,7 @@ from executorkit.errors import (
 from executorkit.resources import Resources
 from executorkit.scheduler import Demand, Scheduler, Start
 from executorkit.transport import (
+    MAX_FRAME,
     BlockingChannel,
     CacheSpec,
     ErrorInfo,
@@ -99,6 +100,7 @@ WAITING, QUEUED, RUNNING, FINISHED = range(4)
 
 DEPTH = 16  # most calls queued in one block-allocation worker (tiny calls only)
 TINY = 0.002  # seconds: calls shorter than this on average may be queued in workers
+UNAUTHENTICATED_FRAME = 1 << 16  # bytes a peer may send before its hello
 REPLENISH_DELAY = 0.005  # seconds between a spare taking a call and forking its successor
 
 
@@ -130,7 +132,7 @@ class TaskFuture(Future):
 class _Task:
     __slots__ = (
         "args", "cache_spec", "deadline", "deps", "deps_left", "engine", "fn", "future", "id",
-        "key", "kwargs", "payload", "res", "state", "timed_out", "worker",
+        "key", "kwargs", "payload", "res", "slow", "state", "timed_out", "worker",
     )
 
     def __init__(self, engine: Engine, task_id: int, fn: Callable[..., Any],
@@ -152,6 +154,7 @@ class _Task:
         self.cache_spec: CacheSpec | None = None
         self.deadline: float | None = None
         self.timed_out = False
+        self.slow = False  # block allocation: counted in Engine._slow_active
 
     def input_done(self, fut: Future) -> None:
         """Done-callback on each input future; runs in whichever thread completed it."""
@@ -171,8 +174,8 @@ class _Worker:
     only) wait in the worker's own queue."""
 
     __slots__ = (
-        "chan", "eof", "errdir", "exit_status", "held", "host", "id", "out", "persistent",
-        "pid", "slot", "spare", "stopping", "tasks",
+        "chan", "conn", "eof", "errdir", "exit_status", "held", "host", "id", "out",
+        "persistent", "pid", "slot", "spare", "stopping", "tasks", "writing",
     )
 
     def __init__(self, worker_id: int, *, persistent: bool, slot: int | None = None) -> None:
@@ -184,12 +187,15 @@ class _Worker:
         self.host: str | None = None
         self.tasks: dict[int, _Task] = {}
         self.held: int | None = None  # per-task worker: task id whose resources it holds
-        self.out: list[bytes] = []  # frames to send (buffered until hello / end of the turn)
+        # frames to send (buffered until hello / end of the turn, or until writable)
+        self.out: list[bytes | memoryview] = []
         self.eof = False
         self.exit_status: int | None = None
         self.stopping = False  # killed on purpose (cancel, timeout, shutdown)
         self.errdir: str | None = None  # MPI workers: where a failing rank reports
         self.spare = False  # a warm per-task worker that has no call yet
+        self.conn: _Conn | None = None
+        self.writing = False  # output left over: the selector also waits for writability
 
 
 @dataclass
@@ -252,9 +258,12 @@ class Engine:
         self._spares_coming = 0
         self._spare_target = 0 if config.block_workers else min(2, len(config.cpus))
         self._replenish_due: float | None = None
+        self._deferred: list[tuple[float, int, Callable[[], None]]] = []
+        # block allocation: calls whose function is not known to be tiny, queued or running
+        self._slow_active = 0
+        self._fn_runtime: dict[Any, float] = {}
         # what a spare sets while idle: the environment of a default one-CPU call
         self._spare_env = dict(self._task_env(config.worker_res, 1, ()))
-        self._runtime = 1.0  # moving average of call run times (seconds), block allocation
         self._pickles = FunctionPickles()
         self.cache = CacheHook(config.init_function)
 
@@ -280,6 +289,8 @@ class Engine:
         self.launcher.start(self.address, self.secret)
         if hasattr(self.launcher, "on_exit"):  # launchers that watch their own processes
             self.launcher.on_exit = lambda exited: self.post(self._exited, exited)
+        if hasattr(self.launcher, "on_dead"):
+            self.launcher.on_dead = lambda code: self.post(self._launcher_died, code)
         self._output_registered = False
         self._tmp: str | None = None  # private directory for MPI workers, made on demand
         self._block_started = False
@@ -388,7 +399,12 @@ class Engine:
             self._break(exc)
         finally:
             self._teardown()
-            self._stopped.set()
+            with self._late_lock:
+                self._stopped.set()
+                while self.inbox:  # posted after the loop's last look
+                    fn, args = self.inbox.popleft()
+                    with contextlib.suppress(Exception):
+                        fn(*args)
 
     def _loop(self) -> None:
         select = self.selector.select
@@ -408,12 +424,18 @@ class Engine:
             if self._replenish_due is not None:
                 due = max(0.0, self._replenish_due - time.monotonic())
                 timeout = due if timeout is None else min(timeout, due)
+            if self._deferred:
+                due = max(0.0, self._deferred[0][0] - time.monotonic())
+                timeout = due if timeout is None else min(timeout, due)
             if inbox:
                 timeout = 0
-            for key, _ in select(timeout):
+            for key, events in select(timeout):
                 data = key.data
                 if isinstance(data, _Conn):
-                    self._readable(data)
+                    if events & selectors.EVENT_WRITE and data.worker is not None:
+                        self._write(data.worker)
+                    if events & selectors.EVENT_READ:
+                        self._readable(data)
                 elif isinstance(data, tuple):
                     data[0](key.fd, data[1])
                 else:
@@ -423,6 +445,8 @@ class Engine:
             if self._replenish_due is not None and time.monotonic() >= self._replenish_due:
                 self._replenish_due = None
                 self._replenish()
+            while self._deferred and self._deferred[0][0] <= time.monotonic():
+                heapq.heappop(self._deferred)[2]()
 
     def _drain_wake(self, sock: socket.socket) -> None:
         # Order matters (see post()): empty the pipe, *then* clear the flag, then the loop
@@ -439,11 +463,24 @@ class Engine:
                 sock, _ = listener.accept()
             except BlockingIOError:
                 return
+            except OSError as exc:  # out of file descriptors, say: pause, never die
+                log.warning("cannot accept a worker connection: %s", exc)
+                self.selector.unregister(listener)
+                self._later(1.0, self._resume_accept)
+                return
             sock.setblocking(True)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, FrameReader(self.secret), BlockingChannel(sock, self.secret))
+            # Until the peer has proven it knows the secret, frames stay small.
+            conn = _Conn(sock, FrameReader(self.secret, limit=UNAUTHENTICATED_FRAME),
+                         BlockingChannel(sock, self.secret))
             self.selector.register(sock, selectors.EVENT_READ, conn)
-            # Reads go through the selector; a blocking socket keeps sends simple (sendall).
+
+    def _resume_accept(self) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+
+    def _later(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._deferred, (time.monotonic() + delay, next(self._ids), fn))
 
     def _readable(self, conn: _Conn) -> None:
         try:
@@ -467,7 +504,7 @@ class Engine:
             self.selector.unregister(conn.sock)
         conn.sock.close()
         if conn.is_launcher:
-            if not self._closing:
+            if not self._closing or self.tasks or self.workers:
                 self._break(ExecutorBrokenError("the fork server exited unexpectedly"))
             return
         w = conn.worker
@@ -493,6 +530,7 @@ class Engine:
     def _hello(self, conn: _Conn, msg: Hello) -> None:
         if msg.worker_id == 0 and not conn.is_launcher and self.launcher.chan is None:
             conn.is_launcher = True
+            conn.reader.limit = MAX_FRAME
             self.launcher.attach(conn.chan)
             return
         w = self.workers.get(msg.worker_id)
@@ -500,7 +538,10 @@ class Engine:
             self._drop(conn)  # a worker we no longer expect (already finalized)
             return
         conn.worker = w
+        conn.reader.limit = MAX_FRAME
+        conn.sock.setblocking(False)  # the engine thread never waits on a worker's socket
         w.chan = conn.chan
+        w.conn = conn
         w.pid, w.host = msg.pid, msg.host
         if w.spare:
             self._spares_coming -= 1
@@ -518,19 +559,34 @@ class Engine:
 
     def _flush(self) -> None:
         for w in self._dirty:
-            if w.chan is None or not w.out:
-                continue
-            data, w.out = b"".join(w.out), []
-            try:
-                w.chan.sock.sendall(data)
-            except OSError:
-                pass  # the worker is dying; EOF and Exited will follow and finalize it
+            if w.chan is not None and w.out:
+                self._write(w)
         self._dirty.clear()
+
+    def _write(self, w: _Worker) -> None:
+        """Send what the socket takes now; the rest waits for writability (a worker busy
+        with a call does not read, and large arguments must never block the engine)."""
+        assert w.chan is not None
+        data = w.out[0] if len(w.out) == 1 else b"".join(w.out)
+        try:
+            sent = w.chan.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            w.out = []  # the worker is dying; EOF and Exited will follow and finalize it
+            return
+        w.out = [memoryview(data)[sent:]] if sent < len(data) else []
+        want_write = bool(w.out)
+        if want_write != w.writing and w.conn is not None:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.modify(w.chan.sock, events, w.conn)
+            w.writing = want_write
 
     # ---------------------------------------------------------------- task flow
     def dep_done(self, task: _Task, fut: Future) -> None:
-        if task.state != WAITING:
-            return  # already failed or cancelled
+        if task.state != WAITING or task.future.done():
+            return  # already failed, or cancelled by the user meanwhile
         if fut.cancelled():
             self._fail_dependency(task, fut, CancelledError("input future was cancelled"))
             return
@@ -581,6 +637,10 @@ class Engine:
             if not self._block_started:  # workers start with the first call that needs one
                 self._block_started = True
                 self._start_block_workers()
+            if not self._known_tiny(task.fn):
+                task.slow = True
+                self._slow_active += 1
+                self._set_depth()
             demand = Demand(1)
         else:
             demand = Demand(task.res.cpus, task.res.gpus, task.res.exclusive)
@@ -697,11 +757,10 @@ class Engine:
             w.held = None
             self._starts(self.sched.finish(task.id))
         elif w is not None and w.persistent:
-            self._runtime += 0.2 * ((msg.finished - msg.started) - self._runtime)
-            depth = DEPTH if self._runtime < TINY else 1
-            self.sched.max_running = self.cfg.block_workers * depth
+            self._learn_runtime(task, msg.finished - msg.started)
             self._starts(self.sched.finish(task.id))
-        if self._dirty and not (w is not None and w.persistent and self._runtime < TINY):
+        tiny = self._slow_active == 0
+        if self._dirty and not (w is not None and w.persistent and tiny):
             self._flush()  # (tiny calls: keep batching, the turn's end flushes once)
         if msg.ok:
             self._finish(task, payload=msg.payload)
@@ -716,6 +775,12 @@ class Engine:
         was_queued = task.state == QUEUED
         if task.state == RUNNING:
             self._running -= 1
+        if task.slow:
+            task.slow = False
+            self._slow_active -= 1
+            if self._slow_active == 0:
+                self._set_depth()
+                self.post(self._start_more)
         task.state = FINISHED
         self.tasks.pop(task.id, None)
         if was_queued:
@@ -762,11 +827,12 @@ class Engine:
     def _fire_timers(self) -> None:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            _, _, task = heapq.heappop(self._timers)
+            deadline, _, task = heapq.heappop(self._timers)
             w = task.worker
-            if task.state != RUNNING or w is None or task.deadline is None:
-                continue
-            if next(iter(w.tasks), None) != task.id:  # not started yet: count from now
+            if task.state != RUNNING or w is None or task.deadline != deadline:
+                continue  # finished, or an old entry of a call that was queued again
+            if w.chan is None or next(iter(w.tasks), None) != task.id:
+                # not started yet (worker still starting, or earlier calls ahead of it)
                 task.deadline = now + (task.res.run_time_max or 0.0)
                 heapq.heappush(self._timers, (task.deadline, task.id, task))
                 continue
@@ -803,7 +869,11 @@ class Engine:
                 self._spares_coming -= 1
             return
         tasks, w.tasks = list(w.tasks.values()), {}
-        if tasks:  # the first was running: it fails; the others never started
+        if tasks and w.persistent and w.chan is None:
+            tasks.insert(0, None)  # type: ignore[arg-type]  # it never ran any of them
+        elif tasks:  # the first was running: it fails; the others never started
+            if w.errdir and _rank_error(w.errdir, tasks[0].id) is not None:
+                w.stopping = True  # an MPI rank raised: the call failed, not the worker
             self._finish(tasks[0], exc=self._death_error(w, tasks[0], reason))
         if w.persistent:
             self._replace_block_worker(w, tasks)
@@ -850,7 +920,9 @@ class Engine:
         self._spawn(spawn)
 
     def _run_on_block_worker(self, task: _Task, slot: int) -> None:
-        w = self.slot_workers[slot % self.cfg.block_workers]
+        # The least loaded worker: a second call is queued in a worker only when every
+        # worker already has one (and only while calls are known to be tiny).
+        w = min(self.slot_workers.values(), key=lambda v: (len(v.tasks), v.slot))
         w.tasks[task.id] = task
         task.worker = w
         setup = None
@@ -862,6 +934,26 @@ class Engine:
             unset = tuple(k for k, _ in base.env if k not in names)
             setup = TaskSetup(task.res.cwd, task.res.env, unset)
         self._send(w, self._run_message(task, setup))
+
+    def _known_tiny(self, fn: Any) -> bool:
+        try:
+            return self._fn_runtime.get(fn, 1.0) < TINY
+        except TypeError:  # an unhashable callable
+            return False
+
+    def _learn_runtime(self, task: _Task, runtime: float) -> None:
+        try:
+            old = self._fn_runtime.get(task.fn)
+            self._fn_runtime[task.fn] = runtime if old is None else old + 0.2 * (runtime - old)
+            if len(self._fn_runtime) > 256:
+                del self._fn_runtime[next(iter(self._fn_runtime))]
+        except TypeError:
+            pass
+
+    def _set_depth(self) -> None:
+        """Several calls per worker only while every active call is known to be tiny."""
+        depth = DEPTH if self._slow_active == 0 else 1
+        self.sched.max_running = self.cfg.block_workers * depth
 
     def _replace_block_worker(self, w: _Worker, tasks: list[_Task]) -> None:
         slot = w.slot
@@ -878,12 +970,15 @@ class Engine:
         self._spawn_block_worker(slot)
         starts: list[Start] = []
         for task in tasks:
-            starts += self.sched.finish(task.id)
+            if task is not None:
+                starts += self.sched.finish(task.id)
         self._starts(starts)
         for task in tasks[1:]:  # queued behind the one that died: run them again
             if task.state == RUNNING and not task.future.cancelled():
                 task.state = WAITING
+                self._running -= 1
                 task.worker = None
+                task.deadline = None
                 self._enqueue(task)
             elif task.state == RUNNING:
                 self._finish(task, exc=CancelledError())
@@ -911,6 +1006,15 @@ class Engine:
             out.flush()
         except Exception:
             pass  # a closed driver stream must not break the engine
+
+    def _start_more(self) -> None:
+        self._starts(self.sched.finish_none())
+
+    def _launcher_died(self, code: int) -> None:
+        if self._closing and not self.tasks and not self.workers:
+            return  # the normal end
+        how, _, _ = describe_exit(code)
+        self._break(ExecutorBrokenError(f"the fork server {how}"))
 
     def _begin_close(self) -> None:
         self._closing = True

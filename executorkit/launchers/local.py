@@ -14,7 +14,9 @@ import pickle
 import shutil
 import subprocess
 import sys
+import threading
 from collections import deque
+from collections.abc import Callable
 
 from executorkit.transport import BlockingChannel, Kill, Spawn, Stop
 
@@ -63,6 +65,7 @@ class LocalLauncher:
         self.chan: BlockingChannel | None = None
         self._queued: deque[object] = deque()
         self._boot: dict[str, object] = {}
+        self.on_dead: Callable[[int], None] | None = None
         self.stdout_fd: int | None = None
         self.stderr_fd: int | None = None
 
@@ -97,6 +100,15 @@ class LocalLauncher:
         assert self.process.stdin is not None
         self.process.stdin.write(pickle.dumps(self._boot))
         self.process.stdin.close()
+        # Nothing else would notice a fork server that dies before it connects (or later
+        # without its connection closing first): watch the process itself.
+        threading.Thread(target=self._watch, args=(self.process,), daemon=True,
+                         name="executorkit-forkserver-watch").start()
+
+    def _watch(self, process: subprocess.Popen[bytes]) -> None:
+        code = process.wait()
+        if self.on_dead is not None:
+            self.on_dead(code)
 
     def attach(self, chan: BlockingChannel) -> None:
         """The fork server said hello: send what was queued."""

@@ -85,8 +85,17 @@ class _Setup:
         self.old_cwd: str | None = None
 
     def __enter__(self) -> None:
+        try:
+            self._apply()
+        except BaseException:
+            self.__exit__()  # a failed setup must not leak into the worker's next call
+            raise
+
+    def _apply(self) -> None:
         if self.setup is None:
             return
+        if self.setup.cwd:
+            os.makedirs(self.setup.cwd, exist_ok=True)
         for key in self.setup.unset:
             self.old_env[key] = os.environ.pop(key, None)
         for key, value in self.setup.env:
@@ -96,7 +105,6 @@ class _Setup:
             os.sched_setaffinity(0, self.setup.cpus)
         if self.setup.cwd:
             self.old_cwd = os.getcwd()
-            os.makedirs(self.setup.cwd, exist_ok=True)
             os.chdir(self.setup.cwd)
 
     def __exit__(self, *exc: object) -> None:
@@ -226,4 +234,9 @@ def _record(msg: RunTask, done: TaskDone) -> None:
         return
     from executorkit.cache._writer import record_call
 
-    record_call(msg.cache, msg, done)
+    try:
+        record_call(msg.cache, msg, done)
+    except Exception as exc:  # the result still goes back; only the cache entry is lost
+        print(f"executorkit: could not record task {msg.task_id} in the cache "
+              f"{msg.cache.directory}: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)

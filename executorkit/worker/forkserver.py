@@ -26,6 +26,7 @@ import select
 import signal
 import socket
 import sys
+import traceback
 from typing import Any
 
 # Pre-import what every worker needs, so a forked child starts warm.
@@ -110,6 +111,9 @@ class ForkServer:
             code = 70
             try:
                 code = self._child(msg)
+            except BaseException:
+                traceback.print_exc()  # the driver then reports exit code 70 for it
+                sys.stderr.flush()
             finally:
                 os._exit(code)
         with contextlib.suppress(OSError):

@@ -11,7 +11,6 @@ import os
 import pickle
 import socket
 import sys
-import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -19,16 +18,15 @@ from typing import Any
 from executorkit.transport import FrameReader, Hello, InitFailed, RunTask, Stop, connect, encode
 from executorkit.worker import _call
 
-TINY = 0.001  # seconds: replies to calls shorter than this may wait for their neighbours
-
 
 def serve(address: tuple[str, int], secret: bytes, worker_id: int, *, persistent: bool,
           init_payload: bytes | None = None, setup: _call.TaskSetup | None = None) -> int:
     """Serve calls; returns the process exit code."""
     chan = connect(address, secret)
-    chan.send(Hello(worker_id, os.getpid(), socket.gethostname()))
     init_values: Mapping[str, Any] | None = None
     if init_payload is not None:
+        # Hello only once init_function is done: the engine starts a call's clock (and
+        # counts the worker as up) when the worker says hello.
         try:
             init_values = pickle.loads(init_payload)()
             if not isinstance(init_values, Mapping):
@@ -38,10 +36,11 @@ def serve(address: tuple[str, int], secret: bytes, worker_id: int, *, persistent
         except BaseException as exc:
             chan.send(InitFailed(_call.error_info(exc)))
             return 3
-    # Read whatever has arrived in one system call and answer in batches: a block-allocation
-    # worker may be sent several tiny calls at once, and one reply per call would cost a
-    # round of system calls each. A call that took longer than TINY flushes at once, so
-    # results never wait behind a slow neighbour.
+    chan.send(Hello(worker_id, os.getpid(), socket.gethostname()))
+    # Read whatever has arrived in one system call: a block-allocation worker may be sent
+    # several tiny calls at once. Every reply is sent before the next call starts, so a
+    # reply never waits behind a slow (or crashing) neighbour, and the engine always knows
+    # that the first call without a reply is the one running.
     reader = FrameReader(secret)
     pending: deque[object] = deque()
     replies: list[bytes] = []
@@ -64,13 +63,11 @@ def serve(address: tuple[str, int], secret: bytes, worker_id: int, *, persistent
         assert isinstance(msg, RunTask), f"unexpected message {type(msg).__name__}"
         if setup is not None and msg.setup is None:
             msg.setup = setup
-        t0 = time.perf_counter()
+        _flush(sock, replies)
         replies.extend(encode(_call.run(msg, init_values), secret))
         if not persistent:
             _flush(sock, replies)
             return 0
-        if time.perf_counter() - t0 > TINY or len(replies) >= 32:
-            _flush(sock, replies)
 
 
 def _flush(sock: socket.socket, replies: list[bytes]) -> None:

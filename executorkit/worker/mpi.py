@@ -81,7 +81,6 @@ def main(bootfile: str) -> int:
     chan = None
     if rank == 0:
         chan = connect(boot["address"], boot["secret"])
-        chan.send(Hello(boot["worker_id"], os.getpid(), socket.gethostname()))
     init_values = None
     if boot.get("init_payload") is not None:
         try:
@@ -90,6 +89,9 @@ def main(bootfile: str) -> int:
             if chan is not None:
                 chan.send(InitFailed(_call.error_info(exc)))
             comm.Abort(3)
+    comm.barrier()  # every rank is initialised: now rank 0 says hello
+    if chan is not None:
+        chan.send(Hello(boot["worker_id"], os.getpid(), socket.gethostname()))
     while True:
         msg: object = None
         if chan is not None:
