@@ -229,3 +229,12 @@ def inner_steps(n):
     with SlurmJobExecutor() as inner:
         futs = [inner.submit(env, "SLURM_STEP_ID", "SLURM_JOB_ID") for _ in range(n)]
         return [f.result(timeout=120) for f in futs], inner.max_cores
+
+
+def slow_init():
+    time.sleep(1.5)
+    return {"state": "slow"}
+
+
+def mpi_raise():
+    raise ValueError("plain failure on every rank")

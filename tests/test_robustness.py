@@ -1,0 +1,110 @@
+"""Regressions for failure modes found in review: each test fails on the old behaviour."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+import taskfuncs as tf
+from conftest import wait_until
+from test_mpi import HAVE_MPI
+
+from executorkit import SingleNodeExecutor
+from executorkit.errors import ExecutorBrokenError, WorkerDiedError
+
+T = 120
+
+
+def _warm(exe, n=50):
+    """Teach a block executor that inc is tiny, so several calls queue per worker."""
+    assert [f.result(timeout=T) for f in [exe.submit(tf.inc, i) for i in range(n)]] == \
+        list(range(1, n + 1))
+
+
+def test_crash_among_queued_tiny_calls_fails_only_itself():
+    with SingleNodeExecutor(max_workers=1, block_allocation=True, restart_limit=2) as exe:
+        _warm(exe)
+        before = [exe.submit(tf.inc, i) for i in range(14)]
+        crash = exe.submit(tf.exit_now, 9)
+        after = [exe.submit(tf.inc, i) for i in range(5)]
+        assert [f.result(timeout=T) for f in before] == list(range(1, 15))
+        with pytest.raises(WorkerDiedError, match="code 9"):
+            crash.result(timeout=T)
+        assert [f.result(timeout=T) for f in after] == list(range(1, 6))
+
+
+def test_large_arguments_queued_in_a_worker_do_not_deadlock():
+    blob = b"x" * (32 << 20)
+    with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
+        _warm(exe)
+        futs = [exe.submit(tf.identity, blob) for _ in range(3)]
+        assert all(f.result(timeout=T) == blob for f in futs)
+
+
+def test_fork_server_death_fails_futures_and_shutdown_returns(tmp_path):
+    exe = SingleNodeExecutor(max_workers=1)
+    fut = exe.submit(tf.gate, str(tmp_path), "fs")
+    wait_until(lambda: tf.started(str(tmp_path), "fs"))
+    exe._engine.launcher.process.kill()
+    with pytest.raises((ExecutorBrokenError, WorkerDiedError)):
+        fut.result(timeout=T)
+    exe.shutdown(wait=True)  # must return
+
+
+def test_run_time_max_counts_from_a_ready_worker():
+    with SingleNodeExecutor(max_workers=1, block_allocation=True,
+                            init_function=tf.slow_init) as exe:
+        fut = exe.submit(tf.with_state, 1, resource_dict={"run_time_max": 1.0})
+        assert fut.result(timeout=T) == (1, "slow", None)
+
+
+def test_failed_setup_does_not_leak_into_the_next_call(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
+        bad = exe.submit(tf.env, "LEAK", resource_dict={"env": {"LEAK": "yes"},
+                                                        "cwd": str(blocker / "sub")})
+        with pytest.raises(OSError):
+            bad.result(timeout=T)
+        assert exe.submit(tf.env, "LEAK").result(timeout=T) == {"LEAK": None}
+
+
+def test_block_calls_go_to_idle_workers(tmp_path):
+    with SingleNodeExecutor(max_workers=2, block_allocation=True) as exe:
+        _warm(exe)
+        a = exe.submit(tf.gate, str(tmp_path), "a")
+        b = exe.submit(tf.gate, str(tmp_path), "b")
+        # both must run at once, one per worker, never queued behind each other
+        wait_until(lambda: tf.started(str(tmp_path), "a") and tf.started(str(tmp_path), "b"),
+                   timeout=60)
+        tf.release(str(tmp_path), "a")
+        tf.release(str(tmp_path), "b")
+        a.result(timeout=T)
+        b.result(timeout=T)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not HAVE_MPI, reason="needs mpiexec and mpi4py")
+def test_mpi_exceptions_are_not_worker_crashes():
+    with SingleNodeExecutor(max_cores=2, block_allocation=True, restart_limit=0,
+                            resource_dict={"cores": 2}) as exe:
+        for _ in range(3):
+            with pytest.raises(ValueError, match="plain failure"):
+                exe.submit(tf.mpi_raise).result(timeout=T)
+        assert len(exe.submit(tf.mpi_ranks, 0).result(timeout=T)) == 2
+
+
+def test_unauthenticated_peers_cannot_send_large_frames():
+    with SingleNodeExecutor(max_workers=1) as exe:
+        host, port = exe._engine.address
+        with socket.create_connection((host, port), timeout=10) as peer:
+            peer.sendall(struct.pack("!Q32s", 10 << 20, b"\0" * 32) + os.urandom(1 << 16))
+            peer.settimeout(10)
+            try:
+                closed = peer.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+            assert closed  # dropped before 10 MB were buffered
+        assert exe.submit(tf.inc, 1).result(timeout=T) == 2
