@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from typing import Any
@@ -124,7 +125,8 @@ class SlurmClusterExecutor(Executor):
         self._lock = threading.Condition()
         self._active: dict[str, _Job] = {}  # job id -> job
         self._pending: set[Future] = set()
-        self._attached: dict[str, tuple[str, str]] | None = None
+        self._attached: dict[str, tuple[str, str, str, str]] | None = None
+        self._grace: dict[str, float] = {}
         self._shutdown = False
         self._monitor: threading.Thread | None = None
 
@@ -226,13 +228,20 @@ class SlurmClusterExecutor(Executor):
         job.job_id = self._queue.submit(cmd)
 
     def _attach(self, key: str) -> str | None:
-        """Job id of a queued or running job for this key (left by an earlier driver)."""
+        """Job id of a queued or running job of this user for this key *and* this cache
+        directory (its batch script is ours), left by an earlier driver."""
         if self._attached is None:
             self._attached = self._queue.jobs_by_name()
-        found = self._attached.get(key)
-        if found is None or found[1] in TERMINAL:
+        found = self._attached.pop(key, None)
+        if found is None:
             return None
-        return found[0]
+        job_id, state, reason, script = found
+        if state in TERMINAL or os.path.abspath(script) != os.path.join(self._dir, key + ".sh"):
+            return None
+        if state == "PENDING" and reason == "DependencyNeverSatisfied":
+            self._queue.cancel([job_id])  # its inputs run again now: submit it afresh
+            return None
+        return job_id
 
     # ----------------------------------------------------------------- monitor
     def _ensure_monitor(self) -> None:
@@ -268,6 +277,10 @@ class SlurmClusterExecutor(Executor):
             return
         for job_id, state in self._queue.states(left).items():
             job = left[job_id]
+            if state == "UNKNOWN":
+                continue  # Slurm could not tell: ask again next time
+            if state == "COMPLETED" and self._completed_grace(job):
+                continue  # the job wrote its entry; a shared file system may show it late
             if state == "DEPENDENCY_NEVER_SATISFIED":
                 self._queue.cancel([job_id])
                 state = "an upstream job failed"
@@ -280,6 +293,13 @@ class SlurmClusterExecutor(Executor):
             self._fail(job_id, job, JobFailedError(
                 f"Slurm job {job_id} ({job.key}) ended {state} without a result; its log "
                 f"is {log_file}", job_id=job_id, state=state))
+
+    def _completed_grace(self, job: _Job) -> bool:
+        """A COMPLETED job without a visible entry: wait up to 30 s for it to appear."""
+        first = self._grace.setdefault(job.key, time.monotonic())
+        with contextlib.suppress(OSError):
+            os.listdir(self._dir)  # revalidates cached directory attributes (NFS)
+        return time.monotonic() - first < 30.0
 
     def _complete(self, job_id: str, job: _Job) -> None:
         try:
@@ -405,7 +425,9 @@ def terminate_tasks_in_cache(cache_directory: str | os.PathLike[str]) -> int:
         return 0
     queue = SlurmQueue()
     jobs = queue.jobs_by_name()
-    ids = [job_id for name, (job_id, state) in jobs.items()
-           if name in names and state not in TERMINAL]
+    here = os.path.abspath(directory)
+    ids = [job_id for name, (job_id, state, _, script) in jobs.items()
+           if name in names and state not in TERMINAL
+           and os.path.abspath(script) == os.path.join(here, name + ".sh")]
     queue.cancel(ids)
     return len(ids)

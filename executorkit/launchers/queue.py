@@ -75,11 +75,13 @@ class SlurmQueue:
 
     def states(self, job_ids: Iterable[str]) -> dict[str, str]:
         """State of each job: squeue for live ones, scontrol for recently ended ones;
-        "GONE" when Slurm no longer knows the job."""
+        "GONE" when Slurm says it no longer knows the job, "UNKNOWN" when Slurm could not
+        be asked (a failing command raises: the caller asks again later)."""
         ids = list(job_ids)
         if not ids:
             return {}
-        out = self._run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(ids)], check=False)
+        # squeue exits non-zero when *all* ids are unknown; only a real failure raises.
+        out = self._squeue(["-h", "-o", "%i %T %r", "-j", ",".join(ids)])
         states: dict[str, str] = {}
         for line in out.splitlines():
             parts = line.split(None, 2)
@@ -92,22 +94,37 @@ class SlurmQueue:
         return states
 
     def _ended_state(self, job_id: str) -> str:
-        out = self._run(["scontrol", "-o", "show", "job", job_id], check=False)
-        for field in out.split():
+        try:
+            proc = subprocess.run(["scontrol", "-o", "show", "job", job_id],
+                                  capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return "UNKNOWN"
+        for field in proc.stdout.split():
             if field.startswith("JobState="):
                 return field.split("=", 1)[1]
-        return "GONE"
+        if "Invalid job id" in proc.stderr:
+            return "GONE"
+        return "UNKNOWN"
 
-    def jobs_by_name(self) -> dict[str, tuple[str, str]]:
-        """Name -> (job id, state) of this user's queued and running jobs."""
-        user = os.environ.get("USER") or os.environ.get("LOGNAME") or ""
-        cmd = ["squeue", "-h", "-o", "%j %i %T"] + (["-u", user] if user else [])
-        out = self._run(cmd, check=False)
+    def _squeue(self, args: list[str]) -> str:
+        try:
+            proc = subprocess.run(["squeue", *args], capture_output=True, text=True,
+                                  timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SchedulerCommandError(f"squeue could not run: {exc}") from exc
+        if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+            raise SchedulerCommandError(f"squeue failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def jobs_by_name(self) -> dict[str, tuple[str, str, str, str]]:
+        """Name -> (job id, state, reason, batch script) of this user's queued and running
+        jobs (the caller matches the script path, not only the name)."""
+        out = self._squeue(["-h", "-u", str(os.getuid()), "-o", "%j|%i|%T|%r|%o"])
         jobs = {}
         for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 3:
-                jobs[parts[0]] = (parts[1], parts[2])
+            parts = line.split("|")
+            if len(parts) == 5:
+                jobs[parts[0]] = (parts[1], parts[2], parts[3], parts[4])
         return jobs
 
     @staticmethod
