@@ -94,5 +94,11 @@ def cancel() -> dict:
         return {"cancelled": cancelled, "after": exe.submit(tf.inc, 2).result(timeout=T)}
 
 
+def nested() -> dict:
+    with SlurmJobExecutor() as exe:
+        outer = [exe.submit(tf.inner_job_executor, 2) for _ in range(2)]
+        return {"results": [f.result(timeout=T) for f in outer]}
+
+
 if __name__ == "__main__":
     print("RESULT " + json.dumps(globals()[sys.argv[1]]()), flush=True)

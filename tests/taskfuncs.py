@@ -238,3 +238,12 @@ def slow_init():
 
 def mpi_raise():
     raise ValueError("plain failure on every rank")
+
+
+def inner_job_executor(n):
+    """Inside a SlurmJobExecutor step: open another one and run n calls."""
+    from executorkit import SlurmJobExecutor
+
+    with SlurmJobExecutor() as inner:
+        return inner.max_cores, [f.result(timeout=120) for f in
+                                 [inner.submit(inc, i) for i in range(n)]]

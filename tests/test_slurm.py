@@ -122,3 +122,21 @@ def test_block_allocation_workers_are_steps():
 def test_cancel_stops_the_step():
     out = run_scenario("cancel")
     assert out == {"cancelled": True, "after": 3}
+
+
+def test_srun_keeps_small_calls_on_one_node_and_overlaps_when_nested():
+    small = srun_command(parse({"cores": 2}), module="m", bootfile="/b", python="/py",
+                         cpus_per_node=4)
+    assert small[small.index("--nodes") + 1] == "1"
+    big = srun_command(parse({"cores": 8}), module="m", bootfile="/b", python="/py",
+                       cpus_per_node=4)
+    assert "--nodes" not in big
+    assert "--overlap" in srun_command(parse({}), module="m", bootfile="/b", python="/py",
+                                       overlap=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+def test_nested_job_executors_use_their_step_and_do_not_deadlock():
+    out = run_scenario("nested", ntasks=2)
+    assert out["results"] == [[1, [1, 2]], [1, [1, 2]]]

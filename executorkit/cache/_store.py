@@ -149,7 +149,6 @@ class CacheStore:
             data = _read_output(path)
             if data is None:
                 return False, None
-            return True, pickle.loads(data)  # straight from the read buffer, no copy
         except FileNotFoundError:
             return False, None  # removed since the stat
         except MemoryError:
@@ -157,6 +156,20 @@ class CacheStore:
         except Exception as exc:
             if _environment_error(exc):
                 raise
+            _quarantine(path, before, exc)
+            return False, None
+        try:
+            return True, pickle.loads(data)  # straight from the read buffer, no copy
+        except (ImportError, AttributeError) as exc:
+            # The file is sound; what is missing is on our side (the module of the result's
+            # class is not importable here). A miss, but the entry is kept.
+            warnings.warn(f"cache entry {path} could not be unpickled here "
+                          f"({type(exc).__name__}: {exc}); running the call again",
+                          CacheCorruptionWarning, stacklevel=2)
+            return False, None
+        except MemoryError:
+            raise
+        except Exception as exc:  # garbage where a pickle should be: corrupt
             _quarantine(path, before, exc)
             return False, None
 

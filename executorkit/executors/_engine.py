@@ -217,6 +217,7 @@ class EngineConfig:
     mpi_command: Callable[[int], tuple[str, ...]] | None = None
     progress: Any = None  # executorkit._progress.Progress, or None
     bind_host: str = "127.0.0.1"  # where workers connect (loopback for local work)
+    advertise_host: str | None = None  # the host workers connect to (default: bind_host)
     tmp_dir: str | None = None  # parent of private worker directories (shared for Slurm)
     log_obj_size: bool = False  # log pickled sizes of calls and results (INFO)
 
@@ -278,7 +279,8 @@ class Engine:
 
         self.listener = socket.create_server((config.bind_host, 0), backlog=1024)
         self.listener.setblocking(False)
-        self.address = self.listener.getsockname()[:2]
+        port = self.listener.getsockname()[1]
+        self.address = (config.advertise_host or config.bind_host, port)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
         self._wake_r, self._wake_w = socket.socketpair()

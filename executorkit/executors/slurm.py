@@ -8,7 +8,7 @@ from typing import Any
 
 from executorkit.executors._base import BaseExecutor, PoolParams
 from executorkit.executors._engine import EngineConfig
-from executorkit.launchers.slurm import SrunLauncher, allocation, pool_of
+from executorkit.launchers.slurm import SrunLauncher, allocation, pool_of, smallest_node
 from executorkit.resources import Capabilities
 
 
@@ -41,24 +41,31 @@ class SlurmJobExecutor(BaseExecutor):
 
     def _engine_config(self, p: PoolParams) -> tuple[EngineConfig, Capabilities]:
         cpus, nodes, gpus = allocation(os.environ)
+        per_node = smallest_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE")
+                                 or os.environ.get("SLURM_CPUS_ON_NODE", "1"))
+        # Inside a step of our own (a call that opened an executor), the pool is what that
+        # call was granted, and steps overlap it instead of waiting for the outer step's CPUs.
+        nested = "SLURM_STEP_ID" in os.environ and os.environ.get("EXECUTORKIT_CPUS", "")
+        if nested:
+            cpus = per_node = int(os.environ["EXECUTORKIT_CPUS"])
         pool = pool_of(p.max_cores, cpus)
         if p.max_gpus is not None:
             gpus = p.max_gpus if isinstance(p.max_gpus, int) else len(tuple(p.max_gpus))
         plan = self._plan_pool(max_workers=p.max_workers, max_cores=pool, default_cores=pool,
                                gpus=gpus, unsupported={}, max_nodes=nodes)
-        host = "127.0.0.1" if self._hostname_localhost else _host_address()
+        local = bool(self._hostname_localhost)
+        launcher = SrunLauncher(pmi_mode=self._pmi_mode, cpus_per_node=per_node,
+                                overlap=bool(nested))
         config = EngineConfig(
-            launcher=SrunLauncher(pmi_mode=self._pmi_mode), cpus=tuple(range(plan.pool)),
+            launcher=launcher, cpus=tuple(range(plan.pool)),
             gpus=tuple(range(gpus)), real_cpus=False, max_running=plan.max_running,
             block_workers=plan.workers, worker_res=self._defaults,
-            init_function=p.init_function, restart_limit=p.restart_limit, bind_host=host,
+            init_function=p.init_function, restart_limit=p.restart_limit,
+            # Steps may run on other nodes: listen on every interface (frames are
+            # authenticated) and tell workers this host's name, which the nodes resolve.
+            bind_host="127.0.0.1" if local else "0.0.0.0",
+            advertise_host="127.0.0.1" if local else socket.gethostname(),
         )
         return config, plan.caps
 
 
-def _host_address() -> str:
-    """An address of this host that other nodes of the allocation can reach."""
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "0.0.0.0"

@@ -38,10 +38,11 @@ from executorkit.errors import (
     RemoteError,
     RemoteTraceback,
     ResourceError,
+    TaskTimeoutError,
 )
 from executorkit.executors._engine import THREAD_VARIABLES
 from executorkit.launchers.queue import TERMINAL, SlurmQueue, job_script, sbatch_command
-from executorkit.resources import Resources, merge, parse
+from executorkit.resources import Capabilities, Resources, merge, parse
 from executorkit.transport import Upstream
 
 log = logging.getLogger("executorkit")
@@ -122,11 +123,13 @@ class SlurmClusterExecutor(Executor):
         self._disable_dependencies = disable_dependencies
         self._wait_on_exit = wait
         self._poll = poll_interval
+        self._pmi_mode: str | None = compatible.get("pmi_mode")
         self._lock = threading.Condition()
         self._active: dict[str, _Job] = {}  # job id -> job
         self._pending: set[Future] = set()
         self._attached: dict[str, tuple[str, str, str, str]] | None = None
         self._grace: dict[str, float] = {}
+        self._live: dict[str, _Job] = {}  # key -> its job in this session
         self._shutdown = False
         self._monitor: threading.Thread | None = None
 
@@ -139,14 +142,14 @@ class SlurmClusterExecutor(Executor):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        res = merge(self._defaults, resource_dict)
+        res = _CAPS.check(merge(self._defaults, resource_dict))
         if res.cache_directory not in (None, self._dir):
             raise ResourceError("SlurmClusterExecutor keeps calls in its own cache_directory",
                                 key="cache_directory", allowed="the executor's directory")
         deps = graph.find_futures(args, kwargs)
         if deps and self._disable_dependencies:
             raise ValueError("a Future was passed as an argument but disable_dependencies=True")
-        foreign = [d for d in deps if not isinstance(d, JobFuture) and not d.done()]
+        foreign = [d for d in deps if not self._ours(d) and not d.done()]
         if foreign:  # wait for futures of other executors, then submit with their values
             proxy: Future = Future()
             remaining = [len(foreign)]
@@ -156,6 +159,8 @@ class SlurmClusterExecutor(Executor):
                     remaining[0] -= 1
                     if remaining[0]:
                         return
+                if proxy.cancelled():
+                    return  # cancelled while its inputs were running: never submitted
                 try:
                     inner = self.submit(fn, *args, resource_dict=resource_dict, **kwargs)
                 except BaseException as exc:
@@ -170,15 +175,26 @@ class SlurmClusterExecutor(Executor):
 
     def _submit_ready(self, fn: Callable[..., Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any], res: Resources) -> Future:
+        for dep in graph.find_futures(args, kwargs):
+            if not self._ours(dep) and (dep.cancelled() or dep.exception() is not None):
+                failed_input: Future = Future()
+                failed_input.set_exception(_dependency_error(fn, dep))
+                return failed_input
         # finished futures of other executors take part by value (key and input file)
         args, kwargs = graph.substitute_call(
-            args, kwargs, lambda f: f if isinstance(f, JobFuture) else f.result())
+            args, kwargs, lambda f: f if self._ours(f) else f.result())
         for dep in graph.find_futures(args, kwargs):
             if dep.done() and (dep.cancelled() or dep.exception() is not None):
                 failed: Future = Future()
                 failed.set_exception(_dependency_error(fn, dep))
                 return failed
         key = res.cache_key or compute_key(fn, args, kwargs, future_key=_job_key)
+        with self._lock:
+            twin = self._live.get(key)
+        if twin is not None and not twin.future.done():
+            same: Future = Future()  # the same call is already queued or running
+            _chain(twin.future, same)
+            return same
         job = _Job(self, key, res)
         hit, value = self._store.lookup(key)
         if hit:
@@ -189,8 +205,8 @@ class SlurmClusterExecutor(Executor):
             # A failed entry is a miss; remove it, or it would read as the new run's result.
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._store.path(key))
-        upstream = [d._job for d in graph.find_futures(args, kwargs)
-                    if isinstance(d, JobFuture) and d._job is not None and not d.done()]
+        upstream = [d._job for d in graph.find_futures(args, kwargs)  # type: ignore[attr-defined]
+                    if self._ours(d) and not d.done()]
         if attached is None:
             self._submit_job(job, fn, args, kwargs, upstream)
         else:
@@ -200,6 +216,7 @@ class SlurmClusterExecutor(Executor):
         with self._lock:
             if job.job_id is not None:
                 self._active[job.job_id] = job
+                self._live[key] = job
             self._lock.notify_all()
         self._ensure_monitor()
         return job.future
@@ -207,8 +224,8 @@ class SlurmClusterExecutor(Executor):
     def _submit_job(self, job: _Job, fn: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any], upstream: list[_Job]) -> None:
         def marker(f: Future) -> Any:
-            if isinstance(f, JobFuture) and f._job is not None:
-                return Upstream(f._job.key)
+            if self._ours(f):
+                return Upstream(f._job.key)  # type: ignore[attr-defined]
             return f.result()  # a finished future of another executor
 
         m_args, m_kwargs = graph.substitute_call(args, kwargs, marker)
@@ -216,16 +233,25 @@ class SlurmClusterExecutor(Executor):
                 "fn": cloudpickle.dumps(fn), "args": dumps_args(m_args, m_kwargs),
                 "function_name": _name(fn), "resource_dict": job.res.as_dict()}
         base = os.path.join(self._dir, job.key)
-        with open(base + ".in.pkl", "wb") as fh:
+        if job.res.cwd:
+            os.makedirs(job.res.cwd, exist_ok=True)  # sbatch --chdir does not create it
+        with open(base + ".in.pkl.tmp", "wb") as fh:
             pickle.dump(spec, fh)
+        os.replace(base + ".in.pkl.tmp", base + ".in.pkl")
         env = [(k, str(job.res.threads_per_core)) for k in THREAD_VARIABLES]
         env += list(job.res.env)
         with open(base + ".sh", "w") as script:
-            script.write(job_script(job.res, input_file=base + ".in.pkl", env=env))
+            script.write(job_script(job.res, input_file=base + ".in.pkl", env=env,
+                                    pmi_mode=self._pmi_mode))
         after = [u.job_id for u in upstream if u.job_id is not None]
         cmd = sbatch_command(job.res, job_name=job.key, script=base + ".sh",
                              output=base + ".out", after_ok=after)
         job.job_id = self._queue.submit(cmd)
+
+    def _ours(self, fut: Future) -> bool:
+        """A future of this executor (its result will be in this cache directory)."""
+        job = getattr(fut, "_job", None)
+        return isinstance(fut, JobFuture) and job is not None and job.executor is self
 
     def _attach(self, key: str) -> str | None:
         """Job id of a queued or running job of this user for this key *and* this cache
@@ -290,9 +316,13 @@ class SlurmClusterExecutor(Executor):
                 self._complete(job_id, job)  # the entry appeared after our first look
                 continue
             log_file = os.path.join(self._dir, f"{job.key}.out")
-            self._fail(job_id, job, JobFailedError(
-                f"Slurm job {job_id} ({job.key}) ended {state} without a result; its log "
-                f"is {log_file}", job_id=job_id, state=state))
+            message = (f"Slurm job {job_id} ({job.key}) ended {state} without a result; its "
+                       f"log is {log_file}")
+            if state == "TIMEOUT":
+                self._fail(job_id, job, TaskTimeoutError(
+                    f"{message} (run_time_max / --time reached)"))
+            else:
+                self._fail(job_id, job, JobFailedError(message, job_id=job_id, state=state))
 
     def _completed_grace(self, job: _Job) -> bool:
         """A COMPLETED job without a visible entry: wait up to 30 s for it to appear."""
@@ -369,12 +399,13 @@ def _job_key(fut: Future) -> str:
 
 def _chain(source: Future, target: Future) -> None:
     def copy(f: Future) -> None:
-        if f.cancelled():
-            target.cancel()
-        elif f.exception() is not None:
-            target.set_exception(f.exception())
-        else:
-            target.set_result(f.result())
+        with contextlib.suppress(InvalidStateError):  # the caller cancelled the target
+            if f.cancelled():
+                target.cancel()
+            elif f.exception() is not None:
+                target.set_exception(f.exception())
+            else:
+                target.set_result(f.result())
 
     source.add_done_callback(copy)
 
@@ -401,6 +432,15 @@ def _stored_error(record: Any) -> BaseException:
         exc.__cause__ = RemoteTraceback(record.error_text)
     return exc
 
+
+# Slurm grants batch jobs; what it cannot honour for one is refused at submit.
+_CAPS = Capabilities(
+    "SlurmClusterExecutor", max_cpus=1 << 30, max_gpus=1 << 30, max_nodes=1 << 30,
+    unsupported={
+        "priority": "Slurm orders batch jobs itself (pass --nice or --priority in "
+                    "slurm_cmd_args)",
+        "error_log_file": "each job keeps its own log, <cache_directory>/<key>.out",
+    })
 
 # accepted for executorlib compatibility; Slurm decides these for batch jobs
 _ACCEPTED = {"max_cores", "hostname_localhost", "refresh_rate", "log_obj_size",

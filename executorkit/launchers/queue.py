@@ -47,13 +47,14 @@ def sbatch_command(res: Resources, *, job_name: str, script: str, output: str,
 
 
 def job_script(res: Resources, *, input_file: str, python: str = sys.executable,
-               env: Sequence[tuple[str, str]] = ()) -> str:
+               env: Sequence[tuple[str, str]] = (), pmi_mode: str | None = None) -> str:
     """The batch script: thread variables, then the call (under srun for MPI ranks)."""
     lines = ["#!/bin/bash", "set -e"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env]
     run = f"{shlex.quote(python)} -m executorkit.worker.file_task {shlex.quote(input_file)}"
     if res.cores > 1:
-        run = f"srun --ntasks={res.cores} --cpus-per-task={res.threads_per_core} {run}"
+        mpi = f" --mpi={shlex.quote(pmi_mode)}" if pmi_mode else ""
+        run = f"srun --ntasks={res.cores} --cpus-per-task={res.threads_per_core}{mpi} {run}"
     lines.append(f"exec {run}")
     return "\n".join(lines) + "\n"
 

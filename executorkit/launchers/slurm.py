@@ -29,12 +29,22 @@ from executorkit.transport import Exited, Spawn
 
 
 def srun_command(res: Resources, *, module: str, bootfile: str, pmi_mode: str | None = None,
-                 srun: str = "srun", python: str = sys.executable) -> list[str]:
-    """The ``srun`` command line that runs one worker with the resources of ``res``."""
+                 srun: str = "srun", python: str = sys.executable,
+                 cpus_per_node: int | None = None, overlap: bool = False) -> list[str]:
+    """The ``srun`` command line that runs one worker with the resources of ``res``.
+
+    A call that fits on one node is kept on one node (``--nodes 1``); otherwise srun
+    would spread it over every node of the allocation. ``overlap``: the caller is itself
+    a step of this job (a nested executor) and shares that step's CPUs.
+    """
     cmd = [srun, "--ntasks", str(res.cores), "--cpus-per-task", str(res.threads_per_core),
            "--exact", "--kill-on-bad-exit=1", "--quiet"]
+    if overlap:
+        cmd.append("--overlap")
     if res.num_nodes is not None:
         cmd += ["--nodes", str(res.num_nodes)]
+    elif cpus_per_node is not None and res.cpus <= cpus_per_node:
+        cmd += ["--nodes", "1"]
     if res.gpus_per_core:
         cmd += [f"--gpus-per-task={res.gpus_per_core}"]
     if res.exclusive:
@@ -51,6 +61,13 @@ def srun_command(res: Resources, *, module: str, bootfile: str, pmi_mode: str | 
 
 
 _CPUS_PER_NODE = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
+
+
+def smallest_node(value: str) -> int:
+    """CPUs of the smallest node in ``SLURM_JOB_CPUS_PER_NODE``."""
+    sizes = [int(m.group(1)) for part in value.split(",")
+             if (m := _CPUS_PER_NODE.match(part.strip())) is not None]
+    return min(sizes) if sizes else 1
 
 
 def allocation_cpus(value: str) -> int:
@@ -96,8 +113,11 @@ class SrunLauncher:
     stderr_fd: int | None = None
     GRACE = 5.0  # seconds between SIGTERM (srun forwards it to the tasks) and SIGKILL
 
-    def __init__(self, *, pmi_mode: str | None = None, srun: str = "srun") -> None:
+    def __init__(self, *, pmi_mode: str | None = None, srun: str = "srun",
+                 cpus_per_node: int | None = None, overlap: bool = False) -> None:
         self._pmi_mode = pmi_mode
+        self._cpus_per_node = cpus_per_node
+        self._overlap = overlap
         self._srun = srun
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
@@ -134,7 +154,8 @@ class SrunLauncher:
             pickle.dump(boot, fh)
         module = "executorkit.worker.mpi" if res.cores > 1 else "executorkit.worker.loop"
         cmd = srun_command(res, module=module, bootfile=bootfile, pmi_mode=self._pmi_mode,
-                           srun=self._srun)
+                           srun=self._srun, cpus_per_node=self._cpus_per_node,
+                           overlap=self._overlap)
         env = {**os.environ, **dict(spawn.env)}
         try:
             proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,

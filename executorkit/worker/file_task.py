@@ -12,6 +12,8 @@ rank runs the function and rank 0 records the list of results in rank order.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import pickle
 import socket
@@ -47,6 +49,11 @@ def _substitute(obj: Any, store: Any) -> Any:
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):
             return type(obj)(*rebuilt)
         return type(obj)(rebuilt)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        clone = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            object.__setattr__(clone, f.name, _substitute(getattr(obj, f.name), store))
+        return clone
     return obj
 
 
@@ -74,6 +81,11 @@ def main(path: str) -> int:
     output = error = text = None
     raw_args, raw_kwargs = pickle.loads(spec["args"])
     try:
+        if size != spec["cores"]:
+            raise RuntimeError(
+                f"the call asked for {spec['cores']} MPI ranks but runs in a world of {size}: "
+                f"srun did not start an MPI job (set pmi_mode to the cluster's PMI, e.g. "
+                f"'pmi2' or 'pmix')")
         fn = pickle.loads(spec["fn"])
         args = tuple(_substitute(a, store) for a in raw_args)
         kwargs = {k: _substitute(v, store) for k, v in raw_kwargs.items()}
