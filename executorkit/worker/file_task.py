@@ -25,6 +25,7 @@ import cloudpickle
 
 from executorkit.errors import DependencyError
 from executorkit.transport import Upstream
+from executorkit.worker._call import error_info
 
 
 def _resolve(value: Any, store: Any) -> Any:
@@ -58,16 +59,8 @@ def _substitute(obj: Any, store: Any) -> Any:
 
 
 def _error_record(exc: BaseException) -> tuple[bytes | None, str]:
-    import traceback
-
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        pickled = cloudpickle.dumps(exc)
-        pickle.loads(pickled)  # an exception that pickles but cannot be rebuilt is as bad
-        blob: bytes | None = pickled
-    except Exception:
-        blob = None
-    return blob, text
+    info = error_info(exc)
+    return info.exc, info.traceback
 
 
 def main(path: str) -> int:
