@@ -21,6 +21,14 @@ from executorkit.resources import parse
 HERE = os.path.dirname(os.path.abspath(__file__))
 T = 180
 pytestmark = pytest.mark.slurm
+needs_slurm = pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+
+
+def _gated(exe: SlurmClusterExecutor, d: str, name: str):
+    """Submit a call that waits for its release file; return once its job runs it."""
+    fut = exe.submit(tf.gate, d, name)
+    wait_until(lambda: tf.started(d, name), timeout=T)
+    return fut
 
 
 def test_sbatch_command_and_script():
@@ -43,9 +51,8 @@ def test_unsupported_parameters_are_refused(tmp_path):
         SlurmClusterExecutor(cache_directory=str(tmp_path), block_allocation=True)
 
 
+@needs_slurm
 def test_dag_with_a_failing_node(tmp_path):
-    if NO_SLURM:
-        pytest.skip(NO_SLURM)
     cache = str(tmp_path / "cache")
     with SlurmClusterExecutor(cache_directory=cache, poll_interval=0.2) as exe:
         a = exe.submit(tf.inc, 1)
@@ -63,28 +70,24 @@ def test_dag_with_a_failing_node(tmp_path):
     assert sorted(frame["status"]) == ["done", "done", "done", "failed"]
 
 
+@needs_slurm
 def test_scancel_from_outside_fails_within_seconds(tmp_path):
-    if NO_SLURM:
-        pytest.skip(NO_SLURM)
     d = str(tmp_path / "g")
     with SlurmClusterExecutor(cache_directory=str(tmp_path / "cache"),
                               poll_interval=0.2) as exe:
-        fut = exe.submit(tf.gate, d, "x")
-        wait_until(lambda: tf.started(d, "x"), timeout=T)
+        fut = _gated(exe, d, "x")
         subprocess.run(["scancel", fut._job.job_id], check=True, timeout=30)
         with pytest.raises(JobFailedError, match="CANCELLED") as info:
             fut.result(timeout=30)
         assert info.value.state.startswith("CANCELLED")
 
 
+@needs_slurm
 def test_cancel_runs_scancel(tmp_path):
-    if NO_SLURM:
-        pytest.skip(NO_SLURM)
     d = str(tmp_path / "g")
     with SlurmClusterExecutor(cache_directory=str(tmp_path / "cache"),
                               poll_interval=0.2) as exe:
-        fut = exe.submit(tf.gate, d, "y")
-        wait_until(lambda: tf.started(d, "y"), timeout=T)
+        fut = _gated(exe, d, "y")
         job = fut._job.job_id
         assert fut.cancel()
         wait_until(lambda: _gone(job), timeout=60)
@@ -105,9 +108,8 @@ def _driver(name: str, cache: str, d: str) -> dict:
     raise AssertionError(proc.stdout[-2000:] + proc.stderr[-2000:])
 
 
+@needs_slurm
 def test_driver_restart_reattaches_instead_of_resubmitting(tmp_path):
-    if NO_SLURM:
-        pytest.skip(NO_SLURM)
     cache, d = str(tmp_path / "cache"), str(tmp_path / "g")
     first = _driver("start_gated", cache, d)
     wait_until(lambda: tf.started(d, "cg"), timeout=T)
@@ -118,9 +120,8 @@ def test_driver_restart_reattaches_instead_of_resubmitting(tmp_path):
     assert third == {"job": None, "value": 10}
 
 
+@needs_slurm
 def test_terminate_tasks_in_cache(tmp_path):
-    if NO_SLURM:
-        pytest.skip(NO_SLURM)
     cache, d = str(tmp_path / "cache"), str(tmp_path / "g")
     first = _driver("start_gated", cache, d)
     assert terminate_tasks_in_cache(cache) == 1
@@ -128,9 +129,8 @@ def test_terminate_tasks_in_cache(tmp_path):
     assert terminate_tasks_in_cache(cache) == 0
 
 
+@needs_slurm
 def test_nested_job_executor_and_mpi_in_a_job(tmp_path):
-    if NO_SLURM:
-        pytest.skip(NO_SLURM)
     with SlurmClusterExecutor(cache_directory=str(tmp_path / "cache"),
                               poll_interval=0.2) as exe:
         nested = exe.submit(tf.inner_steps, 3, resource_dict={"threads_per_core": 2})
@@ -142,11 +142,10 @@ def test_nested_job_executor_and_mpi_in_a_job(tmp_path):
         assert [r[:2] for r in ranks.result(timeout=T)] == [(0, 2), (1, 2)]
 
 
+@needs_slurm
 def test_same_key_as_the_local_executor(tmp_path):
     """The key is computed in the driver the same way for every backend, so a result cached
     by SingleNodeExecutor is a hit for SlurmClusterExecutor (no job is submitted)."""
-    if NO_SLURM:
-        pytest.skip(NO_SLURM)
     from executorkit import SingleNodeExecutor
 
     cache = str(tmp_path / "cache")

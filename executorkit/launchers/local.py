@@ -145,6 +145,3 @@ class LocalLauncher:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
