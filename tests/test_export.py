@@ -275,6 +275,36 @@ def test_native_executor_receives_upstream_futures(tmp_path):
     assert futures == {"result": last}
 
 
+def test_executorkit_executors_get_upstream_futures_by_default(tmp_path):
+    # run_workflow recognises executorkit's executors by a class attribute (export must not
+    # import the executors): with it, a node is submitted at once with its input futures;
+    # without it, only once its inputs are done (never here, so one call).
+    from executorkit import SingleNodeExecutor, SlurmJobExecutor
+
+    class Recording(Executor):
+        def __init__(self) -> None:
+            self.calls: list[tuple[Any, ...]] = []
+
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+            self.calls.append((fn, args, kwargs))
+            return Future()
+
+    class Native(Recording):
+        resolves_future_arguments = True
+
+    assert SingleNodeExecutor.resolves_future_arguments is True
+    assert SlurmJobExecutor.resolves_future_arguments is True
+    rec = WorkflowRecorder()
+    rec.record(wf.scale, (rec.record(wf.add, (1, 2)),), {"factor": 3})
+    rec.export(tmp_path / "wf.json")
+    plain, native = Recording(), Native()
+    run_workflow(tmp_path / "wf.json", plain)
+    run_workflow(tmp_path / "wf.json", native)
+    assert [call[0] for call in plain.calls] == [wf.add]
+    assert [call[0] for call in native.calls] == [wf.add, wf.scale]
+    assert isinstance(native.calls[1][2]["x"], Future)
+
+
 def test_source_ports_of_other_tools_are_followed(tmp_path):
     workflow = {
         "version": "0.1.0",

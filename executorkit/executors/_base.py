@@ -40,6 +40,8 @@ class BaseExecutor(Executor):
     """Shared implementation; see :class:`~executorkit.SingleNodeExecutor` for parameters."""
 
     _backend = "executor"
+    # Futures passed as arguments are resolved by the engine (export.run_workflow reads this)
+    resolves_future_arguments = True
 
     def __init__(
         self,
