@@ -225,6 +225,18 @@ def test_round_trip_on_thread_pool_matches_direct_calls(tmp_path):
     assert by_function["workflow_funcs.combine"][2] == (7, (8, {9}))
 
 
+def test_positional_only_and_varargs_validate_against_the_reference_models(tmp_path):
+    # The reference runners call every function by keyword, so they cannot run calls that
+    # use positional-only or *args parameters (scenario's combine); the file is still valid
+    # PWD, and run_workflow runs it (test above).
+    from python_workflow_definition.models import PythonWorkflowDefinitionWorkflow
+
+    rec = WorkflowRecorder()
+    scenario(recorder_submit(rec))
+    rec.export(tmp_path / "wf.json")
+    PythonWorkflowDefinitionWorkflow.load_json_file(tmp_path / "wf.json")
+
+
 def test_round_trip_single_sink_is_named_result(tmp_path):
     rec = WorkflowRecorder()
     a = rec.record(wf.add, (1, 2))

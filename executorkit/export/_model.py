@@ -11,7 +11,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from executorkit.errors import WorkflowError
 from executorkit.export import helpers
 from executorkit.graph import find_futures, item_origin
 
