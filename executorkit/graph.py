@@ -167,9 +167,9 @@ def item_origin(future: Future) -> tuple[Future, Any] | None:
     """``(source, key)`` if ``future`` is item ``key`` of ``source``'s result, else None."""
     if isinstance(future, ItemFuture):
         return future.source, future.key
-    # executorlib's FutureSelector keeps the same two facts; vars() because it forwards
+    # executorlib's FutureSelector keeps the same two facts; __dict__ because it forwards
     # unknown attributes to its source future.
-    attributes = vars(future)
+    attributes = getattr(future, "__dict__", {})
     source = attributes.get("_future")
     if isinstance(source, Future) and "_selector" in attributes:
         return source, attributes["_selector"]
