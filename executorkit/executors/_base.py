@@ -40,8 +40,6 @@ class BaseExecutor(Executor):
     """Shared implementation; see :class:`~executorkit.SingleNodeExecutor` for parameters."""
 
     _backend = "executor"
-    # Futures passed as arguments are resolved by the engine (export.run_workflow reads this)
-    resolves_future_arguments = True
 
     def __init__(
         self,
@@ -200,18 +198,15 @@ class BaseExecutor(Executor):
             _live_engines.discard(self._engine)
 
     def _finish_dry_run(self) -> None:
-        """Draw and/or export the recorded graph; cancel its futures so nothing waits."""
+        """Draw and/or export the recorded graph (its futures are done already)."""
         recorder = self._recorder
         assert recorder is not None
-        try:
-            if self._export_filename:
-                recorder.export(self._export_filename)
-            if self._plot:
-                image = recorder.plot(self._plot_filename)
-                if self._plot_filename is None:
-                    _display(image)
-        finally:
-            recorder.cancel_all()
+        if self._export_filename:
+            recorder.export(self._export_filename)
+        if self._plot:
+            image = recorder.plot(self._plot_filename)
+            if self._plot_filename is None:
+                _display(image)
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown(wait=self._wait_on_exit)
