@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "AuthenticationError", "BlockingChannel", "Exited", "FrameReader", "Hello", "Kill",
-    "RunTask", "Spawn", "Stop", "TaskDone", "encode",
+    "AuthenticationError", "BlockingChannel", "Cancel", "Dropped", "Exited", "FrameReader",
+    "GaveBack", "Hello", "Kill", "RunTask", "Spawn", "Started", "Stop", "TaskDone", "encode",
 ]
 
 _HEADER = struct.Struct("!Q32s")
@@ -81,24 +81,71 @@ class CacheSpec(_Message):
 
 @dataclass(slots=True)
 class RunTask(_Message):
-    """Run the call: ``fn`` is the pickled function, ``args`` the pickled (args, kwargs)."""
+    """Run the call: ``fn`` is the pickled function, ``args`` the pickled (args, kwargs).
+
+    ``queued``: sent while earlier calls had no reply yet (block allocation); the worker
+    reports when it starts it, and until then it may be cancelled (:class:`Cancel`) or given
+    back (:class:`GaveBack`). ``overrun_after``: seconds after which, if this call still
+    runs, the worker gives back the calls queued behind it (0: never).
+    """
 
     task_id: int
     fn: bytes
     args: bytes
     setup: TaskSetup | None = None
     cache: CacheSpec | None = None
+    queued: bool = False
+    overrun_after: float = 0.0
 
 
 @dataclass(slots=True)
 class TaskDone(_Message):
-    """``ok``: payload is the pickled result; else a pickled :class:`ErrorInfo`."""
+    """``ok``: payload is the pickled result; else a pickled :class:`ErrorInfo`.
+
+    ``elapsed``: seconds spent in the function itself (not unpickling, so not importing its
+    module; -1 if not measured). ``next_task``: the queued call the worker starts right
+    after this reply (0: none), so the engine knows it runs without another frame.
+    """
 
     task_id: int
     ok: bool
     payload: bytes
     started: float
     finished: float
+    elapsed: float = -1.0
+    next_task: int = 0
+
+
+@dataclass(slots=True)
+class Started(_Message):
+    """Worker report: the queued call ``task_id`` starts now (it had no reply to ride on)."""
+
+    task_id: int
+
+
+@dataclass(slots=True)
+class Cancel(_Message):
+    """Ask a worker not to start these queued calls; it answers with :class:`Dropped`."""
+
+    task_ids: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class Dropped(_Message):
+    """Worker report: these queued calls were cancelled before they started."""
+
+    task_ids: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class GaveBack(_Message):
+    """Worker report: call ``running`` has run ``elapsed`` seconds, past its
+    ``overrun_after``; the queued calls ``task_ids`` were not started and go back to the
+    engine, which places them again."""
+
+    running: int
+    elapsed: float
+    task_ids: tuple[int, ...]
 
 
 @dataclass(slots=True)

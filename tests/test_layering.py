@@ -25,7 +25,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("executorkit.export", "executorkit.streaming", "executorkit._progress"),
     ("executorkit.resources",),
     ("executorkit.cache",),
-    ("executorkit.transport", "executorkit.scheduler", "executorkit.graph"),
+    ("executorkit.transport", "executorkit.scheduler", "executorkit.estimator",
+     "executorkit.graph"),
     ("executorkit.errors", "executorkit._pickling", "executorkit._version"),
 )
 

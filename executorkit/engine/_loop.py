@@ -29,11 +29,14 @@ from executorkit.errors import ExecutorBrokenError
 from executorkit.transport import (
     MAX_FRAME,
     BlockingChannel,
+    Dropped,
     Exited,
+    GaveBack,
     FrameReader,
     Hello,
     InitFailed,
     SpawnFailed,
+    Started,
     TaskDone,
     encode,
 )
@@ -223,6 +226,12 @@ class _Loop:
     def _dispatch(self, conn: _Conn, msg: object) -> None:
         if isinstance(msg, TaskDone):
             self._task_done(conn.worker, msg)
+        elif isinstance(msg, Started):
+            self._started(conn.worker, msg.task_id)
+        elif isinstance(msg, GaveBack):
+            self._gave_back(conn.worker, msg)
+        elif isinstance(msg, Dropped):
+            self._dropped(conn.worker, msg)
         elif isinstance(msg, Exited):
             self._exited(msg)
         elif isinstance(msg, Hello):

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 from executorkit.resources import Resources
 from executorkit.transport import BlockingChannel, CacheSpec, FrameReader
 
-# Task states
-WAITING, QUEUED, RUNNING, FINISHED = range(4)
+# Task states. SENT: block allocation, in a worker's own queue behind calls that have no
+# reply yet; not running (the worker reports its start), still cancellable.
+WAITING, QUEUED, RUNNING, FINISHED, SENT = range(5)
 
 
 class _EngineSide(Protocol):
@@ -91,8 +92,8 @@ class _Task:
 
 class _Worker:
     """A worker process. ``tasks`` holds the calls sent to it without a result yet, in the
-    order sent: the first is the one running, the others (block allocation, tiny calls
-    only) wait in the worker's own queue."""
+    order sent: the first is the one running (if its state says so), the others (block
+    allocation, tiny calls only) are SENT and wait in the worker's own queue."""
 
     __slots__ = (
         "chan", "conn", "eof", "errdir", "exit_status", "held", "host", "id", "out",

@@ -23,6 +23,7 @@ from executorkit.engine._records import (
     FINISHED,
     QUEUED,
     RUNNING,
+    SENT,
     WAITING,
     TaskFuture,
     _Task,
@@ -92,7 +93,7 @@ class _TaskFlow:
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         if cancel_futures:
             for task in list(self.tasks.values()):
-                if task.state in (WAITING, QUEUED):
+                if task.state in (WAITING, QUEUED, SENT):
                     task.future.cancel()
         self.post(self._begin_close)
         if wait:
@@ -174,10 +175,8 @@ class _TaskFlow:
             if not self._block_started:  # workers start with the first call that needs one
                 self._block_started = True
                 self._start_block_workers()
-            if not self._known_tiny(task.fn):
-                task.slow = True
-                self._slow_active += 1
-                self._set_depth()
+            if not task.slow and not self._known_tiny(task.fn):
+                self._mark_slow(task)
             demand = Demand(1)
         else:
             demand = Demand(task.res.cpus, task.res.gpus, task.res.exclusive)
@@ -189,14 +188,14 @@ class _TaskFlow:
             task = self.tasks.get(cast(int, start.task))
             if task is None:
                 continue
-            task.state = RUNNING
-            self._running += 1
             if task.res.run_time_max is not None:
                 task.deadline = time.monotonic() + task.res.run_time_max
                 heapq.heappush(self._timers, (task.deadline, task.id, task))
             if self.cfg.block_workers:
-                self._run_on_block_worker(task, start.cpus[0])
+                self._run_on_block_worker(task)  # RUNNING, or SENT behind other calls
             else:
+                task.state = RUNNING
+                self._running += 1
                 self._spawn_task(task, start)
 
 
@@ -215,7 +214,10 @@ class _TaskFlow:
             w.held = None
             self._starts(self.sched.finish(task.id))
         elif w is not None and w.persistent:
-            self._learn_runtime(task, msg.finished - msg.started)
+            own = msg.elapsed if msg.elapsed >= 0 else msg.finished - msg.started
+            self.estimator.observe(task.fn, own)
+            if msg.next_task:
+                self._queued_started(w, msg.next_task)
             self._starts(self.sched.finish(task.id))
         tiny = self._slow_active == 0
         if self._dirty and not (w is not None and w.persistent and tiny):
@@ -274,11 +276,10 @@ class _TaskFlow:
         state = task.state
         if state in (WAITING, QUEUED):
             self._finish(task, exc=CancelledError())
+        elif state == SENT:
+            self._cancel_queued(task)  # the worker drops it before it starts
         elif state == RUNNING and task.worker is not None:
-            w = task.worker
-            if next(iter(w.tasks), None) == task.id:
-                self._stop_worker(w)
-            # else: still queued inside a worker; its result will simply be dropped
+            self._stop_worker(task.worker)
 
 
     def _fire_timers(self) -> None:
@@ -286,9 +287,9 @@ class _TaskFlow:
         while self._timers and self._timers[0][0] <= now:
             deadline, _, task = heapq.heappop(self._timers)
             w = task.worker
-            if task.state != RUNNING or w is None or task.deadline != deadline:
+            if task.state not in (RUNNING, SENT) or w is None or task.deadline != deadline:
                 continue  # finished, or an old entry of a call that was queued again
-            if w.chan is None or next(iter(w.tasks), None) != task.id:
+            if task.state == SENT or w.chan is None:
                 # not started yet (worker still starting, or earlier calls ahead of it)
                 task.deadline = now + (task.res.run_time_max or 0.0)
                 heapq.heappush(self._timers, (task.deadline, task.id, task))

@@ -15,7 +15,7 @@ from collections import deque
 
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._failures import _error_from_info
-from executorkit.engine._records import _Task, _Worker
+from executorkit.engine._records import RUNNING, _Task, _Worker
 from executorkit.errors import (
     ExecutorBrokenError,
     TaskTimeoutError,
@@ -179,7 +179,7 @@ class _WorkerLife:
                 self._spares_coming -= 1
             return
         tasks, w.tasks = list(w.tasks.values()), {}
-        if tasks and w.persistent and w.chan is None:
+        if tasks and w.persistent and (w.chan is None or tasks[0].state != RUNNING):
             tasks.insert(0, None)  # type: ignore[arg-type]  # it never ran any of them
         elif tasks:  # the first was running: it fails; the others never started
             if w.errdir and _rank_error(w.errdir, tasks[0].id) is not None:

@@ -21,6 +21,22 @@ _functions = FunctionCache()
 _signature_cache: dict[Any, frozenset[str] | None] = {}
 
 
+class _CallClock:
+    """When the function itself started (``time.perf_counter``); 0.0 outside of it.
+
+    Read by the worker's overrun watch (another thread) to time the call alone, never the
+    unpickling before it (which may import the function's module).
+    """
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+
+CLOCK = _CallClock()
+
+
 def error_info(exc: BaseException, *, kind: str = "raised", skip_frames: int = 0) -> ErrorInfo:
     """The exception as bytes if it survives a round trip through pickle, always as text."""
     tb = exc.__traceback__
@@ -184,9 +200,13 @@ def _flush() -> None:
 
 
 def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
-    """Unpickle, call, pickle: every failure becomes an error payload, never a crash."""
+    """Unpickle, call, pickle: every failure becomes an error payload, never a crash.
+
+    The reply's ``elapsed`` times the function call alone (see :class:`_CallClock`).
+    """
     started = time.time()
     ok = False
+    elapsed = -1.0
     # The environment, directory and CPUs apply before unpickling: a module imported while
     # unpickling (numpy, say) must already see OMP_NUM_THREADS and its GPUs.
     try:
@@ -198,7 +218,12 @@ def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
                 return _failed(msg, started, error_info(exc, kind="serialization"))
             if init_values:
                 kwargs = inject(fn, args, kwargs, init_values)
-            result = fn(*args, **kwargs)
+            begun = CLOCK.started = time.perf_counter()
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - begun
+                CLOCK.started = 0.0
         ok = True
     except BaseException as exc:
         info = error_info(exc, skip_frames=1)
@@ -212,14 +237,15 @@ def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
             info.message = (f"the result of {_name(fn)} (a {type(result).__qualname__}) "
                             f"cannot be pickled: {info.message}")
         else:
-            done = TaskDone(msg.task_id, True, payload, started, time.time())
+            done = TaskDone(msg.task_id, True, payload, started, time.time(), elapsed)
             _record(msg, done)
             return done
-    return _failed(msg, started, info)
+    return _failed(msg, started, info, elapsed)
 
 
-def _failed(msg: RunTask, started: float, info: ErrorInfo) -> TaskDone:
-    done = TaskDone(msg.task_id, False, pickle.dumps(info, protocol=5), started, time.time())
+def _failed(msg: RunTask, started: float, info: ErrorInfo, elapsed: float = -1.0) -> TaskDone:
+    done = TaskDone(msg.task_id, False, pickle.dumps(info, protocol=5), started, time.time(),
+                    elapsed)
     _record(msg, done)
     return done
 

@@ -11,12 +11,29 @@ import os
 import pickle
 import socket
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from executorkit.transport import FrameReader, Hello, InitFailed, RunTask, Stop, connect, encode
+from executorkit.transport import (
+    Cancel,
+    Dropped,
+    FrameReader,
+    GaveBack,
+    Hello,
+    InitFailed,
+    RunTask,
+    Started,
+    Stop,
+    TaskDone,
+    connect,
+    encode,
+)
 from executorkit.worker import _call
+
+WATCH_PERIOD = 0.005  # seconds between two looks of the overrun watch at the running call
 
 
 def serve(address: tuple[str, int], secret: bytes, worker_id: int, *, persistent: bool,
@@ -37,44 +54,158 @@ def serve(address: tuple[str, int], secret: bytes, worker_id: int, *, persistent
             chan.send(InitFailed(_call.error_info(exc)))
             return 3
     chan.send(Hello(worker_id, os.getpid(), socket.gethostname()))
-    # Read whatever has arrived in one system call: a block-allocation worker may be sent
-    # several tiny calls at once. Every reply is sent before the next call starts, so a
-    # reply never waits behind a slow (or crashing) neighbour, and the engine always knows
-    # that the first call without a reply is the one running.
-    reader = FrameReader(secret)
-    pending: deque[object] = deque()
-    replies: list[bytes] = []
-    sock = chan.sock
-    while True:
-        if not pending:
-            _flush(sock, replies)
+    return _Server(chan.sock, secret, persistent, init_values, setup).serve()
+
+
+class _Server:
+    """The worker's side of the calls queued in it (block allocation).
+
+    Whatever has arrived is read in one system call: a persistent worker may be sent several
+    tiny calls at once. Every reply is sent before the next call starts, so a reply never
+    waits behind a slow (or crashing) neighbour. A call sent ``queued`` (behind calls the
+    engine had no reply for) is not running until the worker says so: its start rides on
+    the previous reply (``TaskDone.next_task``) or, when there is none, goes out as
+    :class:`Started`. Until then a :class:`Cancel` drops it, and the overrun watch may give
+    it back (see :meth:`_watch`).
+    """
+
+    def __init__(self, sock: socket.socket, secret: bytes, persistent: bool,
+                 init_values: Mapping[str, Any] | None, setup: _call.TaskSetup | None) -> None:
+        self.sock = sock
+        self.secret = secret
+        self.persistent = persistent
+        self.init_values = init_values
+        self.setup = setup
+        self.reader = FrameReader(secret)
+        self.pending: deque[object] = deque()
+        self.cancelled: set[int] = set()
+        self.dropped: list[int] = []
+        self.replies: list[bytes] = []
+        self.eof = False
+        # Between calls the main thread holds ``io``; the overrun watch takes it only while
+        # a call runs, so the socket, the reader and ``pending`` have one user at a time.
+        self.io = threading.Lock()
+        self.running: RunTask | None = None
+        self.watching = False
+
+    def serve(self) -> int:
+        self.io.acquire()
+        last: TaskDone | None = None  # a reply held back: it may announce the next call
+        while True:
+            if not self.pending:
+                self._reply(last)
+                last = None
+                self._flush()
+                if self.eof or not self._receive(block=True):
+                    return 0
+                continue
+            msg = self.pending.popleft()
+            if isinstance(msg, Stop):
+                self._reply(last)
+                self._flush()
+                return 0
+            assert isinstance(msg, RunTask), f"unexpected message {type(msg).__name__}"
+            if msg.queued:
+                self._receive(block=False)  # a Cancel for it may have arrived meanwhile
+                if msg.task_id in self.cancelled:
+                    self.cancelled.discard(msg.task_id)
+                    self.dropped.append(msg.task_id)
+                    continue
+                if last is None:
+                    self.replies.extend(encode(Started(msg.task_id), self.secret))
+            self._reply(last, msg.task_id if msg.queued else 0)
+            last = None
+            self._flush()
+            last = self._run(msg)
+            if not self.persistent:
+                self._reply(last)
+                self._flush()
+                return 0
+
+    def _run(self, msg: RunTask) -> TaskDone:
+        if self.setup is not None and msg.setup is None:
+            msg.setup = self.setup
+        if msg.overrun_after > 0 and not self.watching:
+            self.watching = True
+            threading.Thread(target=self._watch, name="executorkit-overrun-watch",
+                             daemon=True).start()
+        self.running = msg
+        self.io.release()
+        try:
+            return _call.run(msg, self.init_values)
+        finally:
+            self.io.acquire()
+            self.running = None
+
+    def _reply(self, done: TaskDone | None, next_task: int = 0) -> None:
+        if done is not None:
+            done.next_task = next_task
+            self.replies.extend(encode(done, self.secret))
+        if self.dropped:
+            self.replies.extend(encode(Dropped(tuple(self.dropped)), self.secret))
+            self.dropped.clear()
+
+    def _flush(self) -> None:
+        if self.replies:
+            data = b"".join(self.replies)
+            self.replies.clear()
+            self.sock.sendall(data)
+
+    def _receive(self, *, block: bool) -> bool:
+        """Read what has arrived (waiting for it if ``block``); False at end of stream.
+        Cancels apply at once; everything else queues up in ``pending``."""
+        try:
+            data = self.sock.recv(1 << 20, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        for msg in self.reader.feed(data):
+            if isinstance(msg, Cancel):
+                self.cancelled.update(msg.task_ids)
+            else:
+                self.pending.append(msg)
+        return True
+
+    def _watch(self) -> None:
+        """Give back the calls queued behind a call that outlives its ``overrun_after``.
+
+        The engine queues calls in a worker only behind calls it expects to be tiny; when
+        one is not (``time.sleep(0)`` was, ``time.sleep(10)`` is not), the calls behind it
+        return to the engine, which places them on workers that are free, and learns the
+        overrun. Checked every ``WATCH_PERIOD`` seconds; a call's own clock starts after
+        unpickling, so importing its module never counts.
+        """
+        while True:
+            time.sleep(WATCH_PERIOD)
+            msg, begun = self.running, _call.CLOCK.started
+            if msg is None or not begun or msg.overrun_after <= 0:
+                continue
+            elapsed = time.perf_counter() - begun
+            if elapsed < msg.overrun_after or not self.io.acquire(blocking=False):
+                continue
             try:
-                data = sock.recv(1 << 20)
+                if self.running is msg:
+                    self._give_back(msg, elapsed)
             except OSError:
-                return 0
-            if not data:
-                return 0
-            pending.extend(reader.feed(data))
-            continue
-        msg = pending.popleft()
-        if isinstance(msg, Stop):
-            _flush(sock, replies)
-            return 0
-        assert isinstance(msg, RunTask), f"unexpected message {type(msg).__name__}"
-        if setup is not None and msg.setup is None:
-            msg.setup = setup
-        _flush(sock, replies)
-        replies.extend(encode(_call.run(msg, init_values), secret))
-        if not persistent:
-            _flush(sock, replies)
-            return 0
+                return  # the driver is gone; the main thread will find out
+            finally:
+                self.io.release()
 
-
-def _flush(sock: socket.socket, replies: list[bytes]) -> None:
-    if replies:
-        data = b"".join(replies)
-        replies.clear()
-        sock.sendall(data)
+    def _give_back(self, running: RunTask, elapsed: float) -> None:
+        self._receive(block=False)
+        back = [m for m in self.pending if isinstance(m, RunTask) and m.queued
+                and m.task_id not in self.cancelled]
+        if not back:
+            return
+        ids = {m.task_id for m in back}
+        self.pending = deque(m for m in self.pending
+                             if not (isinstance(m, RunTask) and m.task_id in ids))
+        self.sock.sendall(b"".join(encode(
+            GaveBack(running.task_id, elapsed, tuple(m.task_id for m in back)), self.secret)))
 
 
 def _main(bootfile: str) -> None:

@@ -1,0 +1,120 @@
+"""Calls queued inside a block-allocation worker (prefetch of tiny calls): they are not
+running until they start, they stay cancellable, and they never wait behind a call that
+turned out long while another worker is free."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import taskfuncs
+from conftest import wait_until
+
+from executorkit import SingleNodeExecutor
+from executorkit.engine import _block
+from executorkit.engine._records import SENT
+
+
+def learn_tiny(exe, directory) -> None:
+    """Run released gate calls until the executor knows ``gate`` as a tiny function."""
+    os.makedirs(directory, exist_ok=True)
+    estimator = exe._engine.estimator
+    for round_ in range(200):
+        names = [f"warm-{round_}-{i}" for i in range(4)]
+        for name in names:
+            taskfuncs.release(directory, name)
+        fs = [exe.submit(taskfuncs.gate, directory, name, i) for i, name in enumerate(names)]
+        assert [f.result(timeout=60) for f in fs] == list(range(4))
+        if estimator.is_tiny(taskfuncs.gate):
+            return
+    pytest.skip("the machine is too loaded for a file-system call to take under 2 ms")
+
+
+@pytest.fixture
+def keep_queued(monkeypatch):
+    """No give-back of queued calls: they stay queued in the worker (SENT) while the call
+    ahead of them blocks."""
+    monkeypatch.setattr(_block, "OVERRUN", 0.0)
+
+
+def _state(fut):
+    task = fut._task
+    return None if task is None else task.state
+
+
+def test_queued_call_is_not_running_and_cancel_drops_it(tmp_path, keep_queued):
+    d = str(tmp_path)
+    with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
+        learn_tiny(exe, d)
+        a = exe.submit(taskfuncs.gate, d, "a", "A")
+        wait_until(lambda: taskfuncs.started(d, "a"))
+        b = exe.submit(taskfuncs.gate, d, "b", "B")
+        wait_until(lambda: _state(b) == SENT)  # sent to the worker, behind a
+        assert a.running()
+        assert not b.running()
+        assert b.cancel()
+        taskfuncs.release(d, "a")
+        assert a.result(timeout=60) == "A"
+        wait_until(lambda: exe.info()["waiting"] == 0)
+        # the worker dropped b before starting it, and is still usable
+        assert exe.submit(taskfuncs.identity, 5).result(timeout=60) == 5
+    assert b.cancelled()
+    assert not taskfuncs.started(d, "b")
+
+
+def test_queued_call_reports_running_once_it_starts(tmp_path, keep_queued):
+    d = str(tmp_path)
+    with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
+        learn_tiny(exe, d)
+        a = exe.submit(taskfuncs.gate, d, "a", "A")
+        wait_until(lambda: taskfuncs.started(d, "a"))
+        b = exe.submit(taskfuncs.gate, d, "b", "B")
+        wait_until(lambda: _state(b) == SENT)
+        assert not b.running()
+        taskfuncs.release(d, "a")
+        wait_until(lambda: taskfuncs.started(d, "b"))
+        wait_until(b.running)
+        taskfuncs.release(d, "b")
+        assert b.result(timeout=60) == "B"
+
+
+def test_shutdown_cancel_futures_cancels_calls_queued_in_workers(tmp_path, keep_queued):
+    d = str(tmp_path)
+    exe = SingleNodeExecutor(max_workers=1, block_allocation=True)
+    try:
+        learn_tiny(exe, d)
+        a = exe.submit(taskfuncs.gate, d, "a", "A")
+        wait_until(lambda: taskfuncs.started(d, "a"))
+        queued = [exe.submit(taskfuncs.gate, d, f"q{i}", i) for i in range(3)]
+        wait_until(lambda: all(_state(f) == SENT for f in queued))
+        exe.shutdown(wait=False, cancel_futures=True)
+        assert all(f.cancelled() for f in queued)
+        assert not a.cancelled()
+        taskfuncs.release(d, "a")
+        assert a.result(timeout=60) == "A"
+    finally:
+        taskfuncs.release(d, "a")
+        exe.shutdown(wait=True, cancel_futures=True)
+    assert not any(taskfuncs.started(d, f"q{i}") for i in range(3))
+
+
+def test_call_behind_a_long_call_moves_to_a_free_worker(tmp_path):
+    # gate is known tiny (like time.sleep(0)); then one of its calls blocks (like
+    # time.sleep(100)). A call queued behind it must not wait for it while the other
+    # worker is free.
+    d = str(tmp_path)
+    with SingleNodeExecutor(max_workers=2, block_allocation=True) as exe:
+        try:
+            learn_tiny(exe, d)
+            a = exe.submit(taskfuncs.gate, d, "a", "A")
+            b = exe.submit(taskfuncs.gate, d, "b", "B")
+            wait_until(lambda: taskfuncs.started(d, "a") and taskfuncs.started(d, "b"))
+            taskfuncs.release(d, "c")
+            c = exe.submit(taskfuncs.gate, d, "c", "C")
+            taskfuncs.release(d, "b")
+            assert b.result(timeout=60) == "B"
+            assert c.result(timeout=60) == "C"  # ran while a still blocks
+            assert a.running()
+        finally:
+            taskfuncs.release(d, "a")
+        assert a.result(timeout=60) == "A"
