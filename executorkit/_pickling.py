@@ -205,3 +205,30 @@ class FunctionCache:
         else:
             self._items.move_to_end(blob)
         return fn
+
+
+def imports_of(fn: Any) -> tuple[str, ...]:
+    """Modules a worker imports to run ``fn``: the module it is pickled by reference from,
+    and the modules of what its code uses by a global name (``np`` in ``np.sum``, or a
+    function imported from another module). ``__main__`` and modules sent by value are
+    never named: they cannot be imported elsewhere."""
+    found: list[str] = []
+    by_value = _by_value_modules()
+
+    def add(name: Any) -> None:
+        if (isinstance(name, str) and name and name != "__main__" and name not in by_value
+                and name not in found and getattr(sys.modules.get(name), "__spec__", None)):
+            found.append(name)
+
+    target = getattr(fn, "__func__", fn)  # a bound method: its function
+    if _by_reference(target):
+        add(target.__module__)
+    if type(target) is types.FunctionType:
+        glob = target.__globals__
+        for name in _global_names(target.__code__):
+            value = glob.get(name)
+            if isinstance(value, types.ModuleType):
+                add(value.__name__)
+            elif isinstance(value, (types.FunctionType, type)) and _by_reference(value):
+                add(value.__module__)
+    return tuple(found)

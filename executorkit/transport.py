@@ -28,7 +28,7 @@ from typing import Any
 
 __all__ = [
     "AuthenticationError", "BlockingChannel", "Cancel", "Dropped", "Exited", "FrameReader",
-    "GaveBack", "Hello", "Kill", "RunTask", "Spawn", "Started", "Stop", "TaskDone", "encode",
+    "GaveBack", "Hello", "Kill", "Preload", "RunTask", "Spawn", "Started", "Stop", "TaskDone", "encode",
 ]
 
 _HEADER = struct.Struct("!Q32s")
@@ -185,6 +185,16 @@ class Spawn(_Message):
     errdir: str | None = None  # private directory of this worker (MPI error reports)
     res: Any = None  # the Resources of the call (launchers that ask a scheduler need them)
     spare: bool = False  # a warm per-task worker that gets its call later
+
+
+@dataclass(slots=True)
+class Preload(_Message):
+    """Fork-server request: import ``modules`` now, so the workers forked from here on
+    start with them. ``env`` (the thread variables of a default call) is set first, as
+    libraries such as OpenBLAS size their thread pools when they are imported."""
+
+    modules: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)

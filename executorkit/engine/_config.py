@@ -31,4 +31,5 @@ class EngineConfig:
     advertise_host: str | None = None  # the host workers connect to (default: bind_host)
     tmp_dir: str | None = None  # parent of private worker directories (shared for Slurm)
     log_obj_size: bool = False  # log pickled sizes of calls and results (INFO)
+    preload: tuple[str, ...] = ()  # modules the fork server imports before forking workers
 

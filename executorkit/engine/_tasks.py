@@ -174,6 +174,7 @@ class _TaskFlow:
         if self.cfg.block_workers:
             if not self._block_started:  # workers start with the first call that needs one
                 self._block_started = True
+                self._learn_imports(task.fn)  # imported before the workers are forked
                 self._start_block_workers()
             if not task.slow and not self._known_tiny(task.fn):
                 self._mark_slow(task)

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections import deque
 
+from executorkit._pickling import imports_of
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._failures import _error_from_info
 from executorkit.engine._records import RUNNING, _Task, _Worker
@@ -25,7 +26,16 @@ from executorkit.errors import (
 from executorkit.launchers.local import LocalLauncher
 from executorkit.resources import Resources
 from executorkit.scheduler import Start
-from executorkit.transport import ErrorInfo, Exited, RunTask, Spawn, SpawnFailed, Stop, TaskSetup
+from executorkit.transport import (
+    ErrorInfo,
+    Exited,
+    Preload,
+    RunTask,
+    Spawn,
+    SpawnFailed,
+    Stop,
+    TaskSetup,
+)
 
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
@@ -49,16 +59,69 @@ class _WorkerLife:
         # what a spare sets while idle: the environment of a default one-CPU call
         self._spare_env = dict(self._task_env(config.worker_res, 1, ()))
         self._tmp: str | None = None  # private directory for MPI workers, made on demand
+        # Modules the fork server imports before forking (preload= and learned ones)
+        self._forks_warm = isinstance(config.launcher, LocalLauncher)
+        self._preload_queue: list[str] = list(config.preload) if self._forks_warm else []
+        self._preloaded: set[str] = set(config.preload)
+        self._imports_seen: set[object] = set()  # code objects whose imports were learned
+        self._thread_env_fixed = False  # a Preload fixed the fork server's thread variables
 
     def _spawn(self, spawn: Spawn) -> None:
+        if self._preload_queue:
+            self._send_preload(keep=spawn.worker_id)
         self.launcher.spawn(spawn)
         if not self._output_registered:
             self._watch_output()
 
+    def _learn_imports(self, fn: object) -> None:
+        """Have the fork server import what ``fn`` needs, so the next workers start with it
+        (a call of a numpy-using function then costs what a tiny call costs)."""
+        if not self._forks_warm:
+            return
+        code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+        if code is None or code in self._imports_seen:
+            return
+        if len(self._imports_seen) < 4096:
+            self._imports_seen.add(code)
+        new = [m for m in imports_of(fn) if m not in self._preloaded]
+        if new:
+            self._preloaded.update(new)
+            self._preload_queue += new
+            if self.launcher.started:
+                self._send_preload(keep=None)
+
+    def _send_preload(self, keep: int | None) -> None:
+        """Send the queued Preload; spares forked before it (but ``keep``) are replaced."""
+        modules, self._preload_queue = tuple(self._preload_queue), []
+        threads = tuple((k, v) for k, v in self._spare_env.items() if k in THREAD_VARIABLES)
+        self.launcher.import_modules(Preload(modules, threads))
+        self._thread_env_fixed = True
+        stale = [w for w in self.workers.values() if w.spare and w.id != keep]
+        for w in stale:
+            w.spare = False  # no longer handed a call; its exit is a plain one
+            if w in self._spares:
+                self._spares.remove(w)
+            else:
+                self._spares_coming -= 1
+            self._stop_worker(w)
+        if stale:
+            self._replenish()
+
+    def _spare_fits(self, task: _Task, env: tuple) -> bool:
+        """A warm spare can take a one-rank call, unless preloaded libraries were sized for
+        other thread variables than the call's (then a new worker starts fresh)."""
+        if task.res.cores != 1 or not self._spares:
+            return False
+        if not self._thread_env_fixed:
+            return True
+        base = self._spare_env
+        return all(base.get(k) == v for k, v in env if k in THREAD_VARIABLES)
+
     def _spawn_task(self, task: _Task, start: Start) -> None:
+        self._learn_imports(task.fn)
         env = self._task_env(task.res, len(start.cpus), start.gpus)
         cpus = self._pin(start.cpus)
-        if task.res.cores == 1 and self._spares:
+        if self._spare_fits(task, env):
             # A warm spare takes the call: no fork on the critical path.
             w = self._spares.popleft()
             w.spare = False

@@ -6,7 +6,7 @@ import functools
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from executorkit.engine import EngineConfig
@@ -58,6 +58,14 @@ class SingleNodeExecutor(BaseExecutor):
         Show a progress bar (tqdm): done, running, waiting and failed calls.
     log_obj_size
         Log the pickled size of every call and result (logger ``executorkit``, INFO).
+    preload
+        Module names (``["numpy", "scipy.linalg"]``) the fork server imports before it forks
+        workers, so no call pays for importing them. The modules a submitted function needs
+        (its own module and the modules its code uses) are learned and preloaded anyway
+        after its first call; ``preload`` also spares that first call. Modules are imported
+        with the thread variables of a default call (``threads_per_core`` of the executor's
+        ``resource_dict``); a call asking for other thread counts then starts in a fresh
+        interpreter, so that libraries size their thread pools for it.
     plot_dependency_graph, plot_dependency_graph_filename, export_workflow_filename
         A dry run: nothing runs; at shutdown the graph of the submitted calls is drawn
         (inline in Jupyter, or a ``.png``/``.svg`` file) and/or written as Python Workflow
@@ -75,7 +83,9 @@ class SingleNodeExecutor(BaseExecutor):
 
     _backend = "SingleNodeExecutor"
 
-    def __init__(self, max_workers: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, max_workers: int | None = None, *, preload: Iterable[str] = (),
+                 **kwargs: Any) -> None:
+        self._user_preload = _check_preload(preload)
         super().__init__(max_workers, **kwargs)
 
     def _engine_config(self, p: PoolParams) -> tuple[EngineConfig, Capabilities]:
@@ -95,6 +105,7 @@ class SingleNodeExecutor(BaseExecutor):
             max_running=plan.max_running, block_workers=plan.workers,
             worker_res=self._defaults, init_function=p.init_function,
             restart_limit=p.restart_limit, mpi_command=self._mpi_command(),
+            preload=self._user_preload,
         )
         return config, plan.caps
 
@@ -114,3 +125,16 @@ class SingleNodeExecutor(BaseExecutor):
         oversubscribe = self._openmpi_oversubscribe
         return functools.partial(mpiexec_command, mpiexec=mpiexec, flavor=flavor,
                                  oversubscribe=oversubscribe)
+
+
+def _check_preload(preload: Iterable[str]) -> tuple[str, ...]:
+    allowed = "a list of importable module names, e.g. ['numpy', 'scipy.linalg']"
+    if isinstance(preload, (str, bytes)) or not isinstance(preload, Iterable):
+        raise ResourceError(f"preload must be a list of module names, got {preload!r}",
+                            key="preload", allowed=allowed)
+    names = tuple(preload)
+    for name in names:
+        if not isinstance(name, str) or not name or name == "__main__":
+            raise ResourceError(f"preload: {name!r} is not a module name the fork server "
+                                f"can import", key="preload", allowed=allowed)
+    return names

@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from executorkit.transport import BlockingChannel, Kill, Spawn, Stop
+from executorkit.transport import BlockingChannel, Kill, Preload, Spawn, Stop
 
 
 @functools.cache
@@ -126,6 +126,10 @@ class LocalLauncher:
 
     def spawn(self, spawn: Spawn) -> None:
         self._send(spawn)
+
+    def import_modules(self, request: Preload) -> None:
+        """Have the fork server import modules before it forks the next workers."""
+        self._send(request)
 
     def kill(self, worker_id: int, signum: int = 9) -> None:
         if self.process is not None:

@@ -26,6 +26,7 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import traceback
 from typing import Any
 
@@ -37,6 +38,7 @@ from executorkit.transport import (
     FrameReader,
     Hello,
     Kill,
+    Preload,
     Spawn,
     SpawnFailed,
     Stop,
@@ -64,6 +66,8 @@ class ForkServer:
         self.chan.send(Hello(0, os.getpid(), socket.gethostname()))
         self.reader = FrameReader(secret)
         self.children: dict[int, int] = {}  # pid -> worker_id
+        # thread variables set when modules were preloaded (their pools are sized so)
+        self.thread_env: dict[str, str] = {}
         self.pids: dict[int, int] = {}  # worker_id -> pid
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -97,9 +101,23 @@ class ForkServer:
                 self._spawn(msg)
             elif isinstance(msg, Kill):
                 self._kill(msg.worker_id, msg.signum)
+            elif isinstance(msg, Preload):
+                self._preload(msg)
             elif isinstance(msg, Stop):
                 return False
         return True
+
+    def _preload(self, msg: Preload) -> None:
+        """Import what the calls need, once here instead of once per forked worker."""
+        import gc
+
+        for key, value in msg.env:
+            os.environ[key] = value
+        self.thread_env.update(msg.env)
+        for module in msg.modules:
+            _import(module)
+        gc.collect()
+        gc.freeze()  # the new objects too: children's collections must not copy their pages
 
     def _spawn(self, msg: Spawn) -> None:
         try:
@@ -138,6 +156,10 @@ class ForkServer:
         setup = _call.TaskSetup(cwd=msg.cwd) if msg.cwd else None
         if msg.mpi_command:
             self._exec_mpi(msg, setup)
+        if any(os.environ.get(k) != v for k, v in self.thread_env.items()):
+            # Preloaded libraries sized their thread pools for other thread variables
+            # (threads_per_core): only a fresh interpreter honours this worker's.
+            self._exec_fresh(msg, setup)
         if msg.spare:
             # A spare (no call yet): fault in the pages a call touches now, while it is
             # idle, instead of on the critical path of its call.
@@ -156,6 +178,18 @@ class ForkServer:
         with os.fdopen(fd, "wb") as fh:
             pickle.dump(boot, fh)
         os.execv(msg.mpi_command[0], [*msg.mpi_command, path])
+
+    def _exec_fresh(self, msg: Spawn, setup: _call.TaskSetup | None) -> None:
+        """Become a fresh worker interpreter; it reads (and removes) a private boot file."""
+        directory = tempfile.mkdtemp(prefix="executorkit-worker-")  # mode 0o700
+        path = os.path.join(directory, "boot.pkl")
+        boot = {"address": self.address, "secret": self.secret, "worker_id": msg.worker_id,
+                "persistent": msg.persistent, "init_payload": msg.init_payload,
+                "setup": setup, "remove": True}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(boot, fh)
+        os.execv(sys.executable, [sys.executable, "-m", "executorkit.worker.loop", path])
 
     def _kill(self, worker_id: int, signum: int) -> None:
         pid = self.pids.get(worker_id)
@@ -196,6 +230,14 @@ class ForkServer:
                 os.waitpid(pid, 0)
 
 
+def _import(module: str) -> None:
+    """Import ``module`` if it can be; a worker that needs it reports the failure itself."""
+    if module == "__main__":
+        return  # the driver's script: importing it here would run it
+    with contextlib.suppress(Exception, SystemExit):
+        importlib.import_module(module)
+
+
 def _probe_call() -> None:
     from executorkit.transport import RunTask, TaskSetup
 
@@ -227,8 +269,7 @@ def main() -> None:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     for module in boot.get("preload", ()):
         # Warm what the executor's calls will need (h5py for the cache) once, not per fork.
-        with contextlib.suppress(Exception):
-            importlib.import_module(module)
+        _import(module)
     _warm_up()
     with contextlib.suppress(ConnectionError, EOFError):
         ForkServer(boot["address"], boot["secret"]).run()

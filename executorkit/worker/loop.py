@@ -212,6 +212,9 @@ def _main(bootfile: str) -> None:
     """Entry point of launchers that start a fresh interpreter (srun): a private boot file."""
     with open(bootfile, "rb") as fh:
         boot = pickle.load(fh)
+    if boot.get("remove"):  # a private file of the fork server: nobody else reads it
+        os.remove(bootfile)
+        os.rmdir(os.path.dirname(bootfile))
     sys.exit(serve(boot["address"], boot["secret"], boot["worker_id"],
                    persistent=boot["persistent"], init_payload=boot.get("init_payload"),
                    setup=boot.get("setup")))
