@@ -40,6 +40,13 @@ import executorkit
 from executorkit import SingleNodeExecutor
 from executorkit.cache import CacheStore
 
+# The task modules next to this script (npfuncs imports numpy and scipy): importable by
+# reference in this process and, through PYTHONPATH, in every worker of every peer.
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p)
+
 EK, STDLIB, EL = "executorkit", "ProcessPoolExecutor", "executorlib"
 PEERS = (EK, STDLIB, EL)
 WORKERS = 2
@@ -875,6 +882,68 @@ def figure_8(report: Report) -> None:
         row.values[EK] = result[mode] if isinstance(result, dict) else result
 
 
+# ----------------------------------------------------------------------------- figure 9, 10
+def real_function(name: str) -> Callable[[int], Any]:
+    """A task function from a module of its own (npfuncs imports numpy and scipy)."""
+    module = "purefuncs" if name == "spin" else "npfuncs"
+    return getattr(importlib.import_module(module), name)
+
+
+def first_round(peer: str, block: bool, fn: Callable[[int], Any], n: int) -> float:
+    """Calls/s of ``n`` calls of ``fn`` on a fresh executor whose workers are up (warmed
+    with ``inc``) but have never seen ``fn``: the first round a user's campaign gets."""
+    with running(peer, block) as exe:
+        warm_up(exe)
+        start = time.perf_counter()
+        futures = [exe.submit(fn, i) for i in range(n)]
+        results = wait_all(futures, timeout_for(peer, n))
+        elapsed = time.perf_counter() - start
+    if results != [fn(i) for i in range(n)]:
+        raise AssertionError(f"wrong results of {fn.__name__}")
+    return n / elapsed
+
+
+def real_rows(report: Report, key: str, label: str, target: str,
+              check: Callable[[float, dict[str, Any]], bool], block: bool, fn_name: str,
+              sizes: dict[str, int]) -> None:
+    """One row: the median over fresh executors of the first round's calls/s."""
+    row = report.add(Row(key, label, target, check, "{:,.0f}"))
+    fn = real_function(fn_name)
+    for peer in report.config.peers:
+        n = sizes.get(peer, sizes[EK])
+
+        def measure(peer: str = peer, n: int = n) -> float:
+            rates = repeated(lambda: first_round(peer, block, fn, n), report.config)
+            report.note(f"fig {key}, {peer}: {fn_name}, N={n}, first-round calls/s on fresh "
+                        f"executors: {_samples(rates)} -> median")
+            return sorted(rates)[len(rates) // 2]
+
+        row.values[peer] = attempt(report, f"fig {key}", peer, measure)
+
+
+def figure_9(report: Report) -> None:
+    """Per-task calls of a function whose module imports numpy and scipy (issue 10.14)."""
+    cfg = report.config
+    n = 100 if cfg.quick else 400
+    sizes = {EK: n, STDLIB: max(10, n // (4 * cfg.stdlib_per_task_divisor)), EL: n // 10}
+    real_rows(report, "9", "numpy/scipy-module calls/s, per-task process", ">= 200/s",
+              lambda v, _: v >= 200, False, "trivial", sizes)
+
+
+def figure_10(report: Report) -> None:
+    """Block allocation on real functions, first round, against the stdlib (issue 13)."""
+    n = 1000 if report.config.quick else 3000
+    sizes = {EK: n, STDLIB: n, EL: n}
+    ratio = (">= 1.2 x stdlib",
+             lambda v, vals: _number(vals.get(STDLIB)) and v >= 1.2 * vals[STDLIB])
+    for key, label, name in (
+            ("10a", "numpy/scipy module: trivial (x + 1)", "trivial"),
+            ("10b", "numpy/scipy module: float(np.arange(4.0).sum() * x)", "np_sum"),
+            ("10c", "numpy/scipy module: scipy.linalg.norm", "scipy_norm"),
+            ("10d", "pure-Python loop, ~40 us per call", "spin")):
+        real_rows(report, key, f"block calls/s, {label}", *ratio, True, name, sizes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
@@ -883,14 +952,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-executorlib", action="store_true",
                         help="skip executorlib even if it is installed")
     parser.add_argument("--slurm-inner", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--figures", default="1,2,3,4,5,6,7,8",
+    parser.add_argument("--figures", default="1,2,3,4,5,6,7,8,9,10",
                         help="comma-separated figures to run (default: all)")
     args = parser.parse_args(argv)
     if args.slurm_inner:
         slurm_inner()
         return 0
     figures = {"1": figure_1, "2": figure_2, "3": figure_3, "4": figure_4, "5": figure_5,
-               "6": figure_6, "7": figure_7, "8": figure_8}
+               "6": figure_6, "7": figure_7, "8": figure_8, "9": figure_9, "10": figure_10}
     try:
         chosen = [figures[f.strip()] for f in args.figures.split(",") if f.strip()]
     except KeyError as exc:

@@ -32,6 +32,7 @@ import cloudpickle
 _ATOMS = frozenset({int, float, str, bytes, bool, type(None), complex, range})
 _PLAIN_CONTAINERS = frozenset({tuple, list, dict, set, frozenset})
 _SCALARS = _ATOMS | {types.ModuleType}
+_STDLIB = frozenset(getattr(sys, "stdlib_module_names", ()))  # Python >= 3.10
 
 
 def _plain(obj: Any, depth: int = 0) -> bool:
@@ -216,8 +217,10 @@ def imports_of(fn: Any) -> tuple[str, ...]:
     by_value = _by_value_modules()
 
     def add(name: Any) -> None:
+        # (the standard library is skipped: small, and mostly imported by any worker)
         if (isinstance(name, str) and name and name != "__main__" and name not in by_value
-                and name not in found and getattr(sys.modules.get(name), "__spec__", None)):
+                and name not in found and name.partition(".")[0] not in _STDLIB
+                and getattr(sys.modules.get(name), "__spec__", None)):
             found.append(name)
 
     target = getattr(fn, "__func__", fn)  # a bound method: its function
