@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-
+import capabilities
 import pytest
 import taskfuncs as tf
 
 from executorkit import SingleNodeExecutor
 from executorkit.errors import SerializationError, TaskTimeoutError, WorkerDiedError
-from executorkit.launchers.local import find_mpiexec, mpiexec_command
+from executorkit.launchers.local import mpiexec_command
 
 T = 120
-HAVE_MPI = find_mpiexec() is not None and importlib.util.find_spec("mpi4py") is not None
-pytestmark = [pytest.mark.mpi,
-              pytest.mark.skipif(not HAVE_MPI, reason="needs mpiexec and mpi4py "
-                                 "(pip install mpich mpi4py)")]
+HAVE_MPI = capabilities.missing("mpi") is None
+pytestmark = [pytest.mark.mpi, capabilities.skip_unless("mpi")]
 
 MPI_MODES = {
     "per-task": ({"max_cores": 2}, {"cores": 2}),

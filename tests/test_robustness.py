@@ -6,10 +6,10 @@ import os
 import socket
 import struct
 
+import capabilities
 import pytest
 import taskfuncs as tf
 from conftest import wait_until
-from test_mpi import HAVE_MPI
 
 from executorkit import SingleNodeExecutor
 from executorkit.errors import ExecutorBrokenError, WorkerDiedError
@@ -86,7 +86,7 @@ def test_block_calls_go_to_idle_workers(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(not HAVE_MPI, reason="needs mpiexec and mpi4py")
+@capabilities.skip_unless("mpi")
 def test_mpi_exceptions_are_not_worker_crashes():
     with SingleNodeExecutor(max_cores=2, block_allocation=True, restart_limit=0,
                             resource_dict={"cores": 2}) as exe:
