@@ -33,11 +33,9 @@ import errno
 import fcntl
 import heapq
 import itertools
-import linecache
 import logging
 import os
 import pickle
-import re
 import secrets
 import selectors
 import shutil
@@ -57,6 +55,7 @@ import cloudpickle
 
 from executorkit import graph
 from executorkit._pickling import FunctionPickles, dumps_args
+from executorkit._sources import fill_source_lines
 from executorkit.cache._hook import CacheHook
 from executorkit.errors import (
     DependencyError,
@@ -890,7 +889,7 @@ class Engine:
                 f"stopped")
         reported = _rank_error(w.errdir, task.id) if w.errdir else None
         if reported is not None:
-            return _error_from_info(reported, task.name())
+            return _error_from_info(reported, task.name(), task.fn)
         status = w.exit_status if w.exit_status is not None else -1
         how, code, signum = describe_exit(status)
         where = f"pid {w.pid} on {w.host}" if w.pid else "its process"
@@ -987,7 +986,7 @@ class Engine:
         self._starts(self.sched.finish_none())
 
     def _init_failed(self, w: _Worker | None, info: ErrorInfo) -> None:
-        err = _error_from_info(info, "init_function")
+        err = _error_from_info(info, "init_function", self.cfg.init_function)
         broken = ExecutorBrokenError(f"init_function failed in a worker: {err}")
         broken.__cause__ = err
         self._break(broken)
@@ -1130,7 +1129,7 @@ def _describe_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     return f"cannot submit {name}: the call cannot be pickled: {type(exc).__name__}: {exc}"
 
 
-def _error_from_info(info: ErrorInfo, name: str) -> BaseException:
+def _error_from_info(info: ErrorInfo, name: str, fn: Any = None) -> BaseException:
     exc: BaseException | None = None
     if info.exc is not None:
         with contextlib.suppress(Exception):
@@ -1143,38 +1142,13 @@ def _error_from_info(info: ErrorInfo, name: str) -> BaseException:
         err = RemoteError(info.type_name, info.message)
     else:
         err = exc
-    err.__cause__ = RemoteTraceback(fill_source_lines(info.traceback))
+    err.__cause__ = RemoteTraceback(fill_source_lines(info.traceback, fn))
     return err
-
-
-_FRAME = re.compile(r'^  File "(?P<file>.+)", line (?P<line>\d+), in ')
-
-
-def fill_source_lines(text: str) -> str:
-    """Add the source lines a worker could not show, from the driver's line cache.
-
-    Functions defined in a notebook cell (or typed at a prompt) live only in the driver's
-    ``linecache``; the worker prints their frames without source. The driver has it.
-    """
-    lines = text.splitlines(keepends=True)
-    out: list[str] = []
-    for i, line in enumerate(lines):
-        out.append(line)
-        match = _FRAME.match(line)
-        if match is None:
-            continue
-        following = lines[i + 1] if i + 1 < len(lines) else ""
-        if following.startswith("    "):
-            continue  # the worker already showed the source
-        source = linecache.getline(match["file"], int(match["line"])).strip()
-        if source:
-            out.append(f"    {source}\n")
-    return "".join(out)
 
 
 def _rebuild_error(payload: bytes, task: _Task) -> BaseException:
     info: ErrorInfo = pickle.loads(payload)
-    return _error_from_info(info, task.name())
+    return _error_from_info(info, task.name(), task.fn)
 
 
 def _log_failure(task: _Task, exc: BaseException) -> None:
