@@ -128,6 +128,11 @@ class TaskFuture(Future):
         return task is not None and task.state == RUNNING and not self.done()
 
 
+# epoll takes at most 2**31-1 ms (about 24.8 days): a longer timer wakes the loop, which
+# finds nothing due and waits again.
+_LONGEST_WAIT = 3600.0
+
+
 class _Task:
     __slots__ = (
         "args", "cache_spec", "deadline", "deps", "deps_left", "engine", "fn", "future", "id",
@@ -430,6 +435,8 @@ class Engine:
                 timeout = due if timeout is None else min(timeout, due)
             if inbox:
                 timeout = 0
+            elif timeout is not None:
+                timeout = min(timeout, _LONGEST_WAIT)
             for key, events in select(timeout):
                 data = key.data
                 if isinstance(data, _Conn):
