@@ -584,3 +584,35 @@ def test_fast_path_header_is_checked_against_the_output(store: CacheStore) -> No
     assert _store._read_output_fast(os.fspath(path)) is _store._NO_HEADER
     with h5py.File(path, "r") as handle:  # still an ordinary HDF5 file
         assert handle.attrs["complete"] == 1
+
+
+def _leftover(store: CacheStore, pid: int, age: float) -> pathlib.Path:
+    """A temporary file as a writer killed ``age`` seconds ago would leave it."""
+    path = store.directory / f".k{pid}.{pid}.0123abcd.tmp"
+    path.write_bytes(b"partial")
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    return int(proc.stdout)
+
+
+def test_a_filtered_clear_cache_also_removes_stale_temporaries(store: CacheStore) -> None:
+    fill_for_clearing(store)
+    stale = _leftover(store, _dead_pid(), age=600)
+    fresh = _leftover(store, os.getpid(), age=600)  # its writer (this process) is alive
+    assert clear_cache(store.directory, status="failed") == 1
+    assert not stale.exists() and fresh.exists()
+
+
+def test_temporaries_are_never_entries(store: CacheStore) -> None:
+    fill_for_clearing(store)
+    leftover = store.directory / ".a_done_old.1.0123abcd.tmp"
+    leftover.write_bytes(store.path("a_done_old").read_bytes())  # complete, but not published
+    frame = get_cache_data(store.directory, load_outputs=False)
+    assert not any(name.endswith(".tmp") for name in frame["filename"])
+    assert len(frame) == len(_store.entry_files(store.directory))
