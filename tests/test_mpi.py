@@ -83,3 +83,20 @@ def test_mpiexec_command_is_built_per_flavor():
     assert cmd[-2:] == ("-m", "executorkit.worker.mpi")
     cmd = mpiexec_command(2, mpiexec="mpiexec", flavor="mpich", oversubscribe=True)
     assert "--oversubscribe" not in cmd
+
+
+def test_mpich_ranks_of_a_local_call_listen_on_loopback_only():
+    with SingleNodeExecutor(max_cores=2) as exe:
+        per_rank = exe.submit(tf.mpi_listening_addresses,
+                              resource_dict={"cores": 2}).result(timeout=T)
+    assert len(per_rank) == 2
+    for addresses in per_rank:
+        assert all(ip.startswith("127.") or ip == "::1" for ip in addresses), per_rank
+
+
+def test_mpich_command_keeps_the_transports_on_loopback():
+    cmd = mpiexec_command(2, mpiexec="mpiexec", flavor="mpich")
+    text = " ".join(cmd)
+    assert "-iface lo" in text and "-genv UCX_NET_DEVICES lo" in text
+    assert "-genv FI_TCP_IFACE lo" in text
+    assert "UCX_NET_DEVICES" not in " ".join(mpiexec_command(2, mpiexec="m", flavor="openmpi"))
