@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("executorkit.resources",),
     ("executorkit.cache",),
     ("executorkit.transport", "executorkit.scheduler", "executorkit.graph"),
-    ("executorkit.errors", "executorkit._pickling", "executorkit._version"),
+    ("executorkit.errors", "executorkit._pickling", "executorkit._sources", "executorkit._version"),
 )
 
 

@@ -19,7 +19,8 @@ What the function identity covers
 
 What the argument encoding covers
     builtin scalars, strings and containers (dicts in insertion order, sets independent of
-    hash order, keyword arguments independent of their order), ranges, enums, dataclasses, numpy arrays and scalars, paths, callables, and
+    hash order, keyword arguments independent of their order), ranges, enums, dataclasses,
+    numpy arrays and scalars, paths, callables, and
     ``concurrent.futures.Future`` objects, which contribute the key of the task producing
     them (``future_key``), so keys chain like a Merkle tree.
 
