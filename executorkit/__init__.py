@@ -25,6 +25,9 @@ _PUBLIC = {
     "split_future": "executorkit.streaming",
     "as_completed": "executorkit.streaming",
     "batched": "executorkit.streaming",
+    "Command": "executorkit.command",
+    "CommandResult": "executorkit.command",
+    "CommandError": "executorkit.command",
 }
 
 __all__ = ["__version__", *_PUBLIC]

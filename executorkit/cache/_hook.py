@@ -79,12 +79,19 @@ class CacheHook:
     def _lookup(self, task: _Task, directory: str, key: str) -> bool:
         task.key = key
         hit, value = self._store(directory).lookup(key)
+        if hit and not _still_valid(value):
+            hit = False  # e.g. a program's declared output files were removed since
         if hit:
             with contextlib.suppress(InvalidStateError):  # cancelled by the user meanwhile
                 task.future.set_result(value)
             return False
         task.cache_spec = CacheSpec(directory, key, _name(task.fn), task.res.as_dict())
         return True
+
+
+def _still_valid(value: Any) -> bool:
+    check = getattr(type(value), "__executorkit_cache_valid__", None)
+    return check is None or bool(check(value))
 
 
 def _name(fn: Any) -> str:

@@ -19,7 +19,9 @@ What the argument encoding covers
     builtin scalars, strings and containers (dicts and sets independent of insertion and hash
     order), ranges, enums, dataclasses, numpy arrays and scalars, paths, callables, and
     ``concurrent.futures.Future`` objects, which contribute the key of the task producing
-    them (``future_key``), so keys chain like a Merkle tree.
+    them (``future_key``), so keys chain like a Merkle tree. An object whose class defines
+    ``__executorkit_cache_state__()`` is keyed by its type and what that returns (a
+    Command call adds the contents of its input files).
 
 Fallback
     Any other object is pickled (``pickle`` protocol 5, then ``cloudpickle``) and the bytes
@@ -351,6 +353,14 @@ class _Encoder:
         _put_str(out, member.name)
         self.encode(member.value, out)
 
+    def _custom_state(self, obj: Any, out: Any) -> None:
+        # Objects that define their own cache state (a Command call: its input files'
+        # contents) are keyed by their type and that state.
+        with self._visiting(obj):
+            out.update(b"C")
+            _put_str(out, _type_name(type(obj)))
+            self.encode(obj.__executorkit_cache_state__(), out)
+
     def _dataclass(self, obj: Any, out: Any) -> None:
         with self._visiting(obj):
             out.update(b"D")
@@ -674,6 +684,7 @@ _SPECIAL_WRITERS: list[tuple[Callable[[object], bool], Callable[[_Encoder, Any, 
     (lambda obj: isinstance(obj, types.ModuleType), _Encoder._module),
     (_is_numpy_array, _Encoder._numpy_array),
     (_is_numpy_scalar, _Encoder._numpy_scalar),
+    (lambda obj: hasattr(type(obj), "__executorkit_cache_state__"), _Encoder._custom_state),
     (_is_dataclass_instance, _Encoder._dataclass),
     (lambda obj: isinstance(obj, pathlib.PurePath), _Encoder._path),
     (lambda obj: _stateless_subclass_base(obj) is not None, _Encoder._stateless_subclass),

@@ -17,6 +17,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
+from executorkit.command import Command, CommandCall, run_command
 from executorkit.errors import ResourceError
 from executorkit.executors._engine import Engine, EngineConfig, TaskFuture
 from executorkit.resources import Capabilities, Resources, merge, parse
@@ -171,12 +172,26 @@ class BaseExecutor(Executor):
         res = self._defaults if resource_dict is None else merge(self._defaults, resource_dict)
         if res is not self._defaults:
             res = self._check_resources(self._caps.check(res))
+        if isinstance(fn, Command):
+            fn, args = self._program_call(fn, args, kwargs, res)
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._recorder is not None:
                 return self._recorder.record(fn, args, kwargs)
             return self._engine.submit(fn, args, kwargs, res)
+
+    def _program_call(self, command: Command, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      res: Resources) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """A Command becomes a call of ``run_command`` (see executorkit.command)."""
+        if args or kwargs:
+            raise TypeError("a Command takes no call arguments: put them in its argv")
+        if self._block and self._defaults.cores > 1:
+            raise ResourceError(
+                "a Command cannot run in block-allocation workers of several MPI ranks "
+                "(each rank would start the program); use per-task mode (the default) and "
+                "resource_dict={'cores': n}", key="cores", allowed="block workers of cores=1")
+        return run_command, (CommandCall(command, res.env, res.cwd),)
 
     def batched(self, futures: Iterable[Future], n: int) -> list[Future]:
         """Futures of lists of ``n`` results each, in completion order (see streaming)."""

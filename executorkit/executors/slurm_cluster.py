@@ -32,6 +32,7 @@ from executorkit import graph
 from executorkit._pickling import dumps_args
 from executorkit.cache._hook import _name
 from executorkit.cache._keys import compute_key
+from executorkit.command import Command, CommandCall, run_command
 from executorkit.errors import (
     DependencyError,
     ExecutorkitError,
@@ -146,6 +147,10 @@ class SlurmClusterExecutor(Executor):
         if res.cache_directory not in (None, self._dir):
             raise ResourceError("SlurmClusterExecutor keeps calls in its own cache_directory",
                                 key="cache_directory", allowed="the executor's directory")
+        if isinstance(fn, Command):  # a program run: see executorkit.command
+            if args or kwargs:
+                raise TypeError("a Command takes no call arguments: put them in its argv")
+            fn, args = run_command, (CommandCall(fn, res.env, res.cwd),)
         deps = graph.find_futures(args, kwargs)
         if deps and self._disable_dependencies:
             raise ValueError("a Future was passed as an argument but disable_dependencies=True")
@@ -440,6 +445,10 @@ _CAPS = Capabilities(
         "priority": "Slurm orders batch jobs itself (pass --nice or --priority in "
                     "slurm_cmd_args)",
         "error_log_file": "each job keeps its own log, <cache_directory>/<key>.out",
+        "max_retries": "retries run in the engine of the job executors (use "
+                       "SlurmJobExecutor inside an allocation)",
+        "retry_escalation": "see max_retries",
+        "retry_on": "see max_retries",
     })
 
 # accepted for executorlib compatibility; Slurm decides these for batch jobs
