@@ -91,14 +91,14 @@ def expand(parameters: Mapping[str, Any], relation: str = "many-to-many") -> lis
     if not names:
         return [{}]
     if relation == "one-to-one":
-        lengths = {n: len(c) for n, c in zip(names, columns)}
+        lengths = {n: len(c) for n, c in zip(names, columns, strict=True)}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"relation 'one-to-one' needs parameters of one length, got "
                              f"{lengths}")
-        rows = zip(*columns)
+        rows = zip(*columns, strict=True)
     else:
         rows = itertools.product(*columns)
-    return [dict(zip(names, row)) for row in rows]
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 def template_fields(template: str) -> set[str]:

@@ -33,6 +33,7 @@ import errno
 import fcntl
 import heapq
 import itertools
+import json
 import linecache
 import logging
 import os
@@ -55,9 +56,10 @@ from typing import Any, cast
 
 import cloudpickle
 
-from executorkit import graph
+from executorkit import graph, retry
 from executorkit._pickling import FunctionPickles, dumps_args
 from executorkit.cache._hook import CacheHook
+from executorkit.command import PREFIX_VARIABLE
 from executorkit.errors import (
     DependencyError,
     ExecutorBrokenError,
@@ -68,7 +70,7 @@ from executorkit.errors import (
     WorkerDiedError,
     describe_exit,
 )
-from executorkit.resources import Resources
+from executorkit.resources import Capabilities, Resources
 from executorkit.scheduler import Demand, Scheduler, Start
 from executorkit.transport import (
     MAX_FRAME,
@@ -131,8 +133,9 @@ class TaskFuture(Future):
 
 class _Task:
     __slots__ = (
-        "args", "cache_spec", "deadline", "deps", "deps_left", "engine", "fn", "future", "id",
-        "key", "kwargs", "payload", "res", "slow", "state", "timed_out", "worker",
+        "args", "cache_spec", "deadline", "deps", "deps_left", "engine", "failures", "fn",
+        "future", "id", "key", "kwargs", "payload", "res", "slow", "started", "state",
+        "timed_out", "worker",
     )
 
     def __init__(self, engine: Engine, task_id: int, fn: Callable[..., Any],
@@ -155,6 +158,8 @@ class _Task:
         self.deadline: float | None = None
         self.timed_out = False
         self.slow = False  # block allocation: counted in Engine._slow_active
+        self.failures: list[BaseException] | None = None  # failed attempts (retries)
+        self.started: float | None = None  # wall-clock start of the current attempt
 
     def input_done(self, fut: Future) -> None:
         """Done-callback on each input future; runs in whichever thread completed it."""
@@ -267,6 +272,14 @@ class Engine:
         self._spare_env = dict(self._task_env(config.worker_res, 1, ()))
         self._pickles = FunctionPickles()
         self.cache = CacheHook(config.init_function)
+        # retries: the resources each retried task was first submitted with, and the most
+        # one attempt can be granted (escalation is capped there)
+        self._first_res: dict[int, Resources] = {}
+        worker = config.worker_res
+        self._retry_caps = Capabilities(
+            "engine", len(config.cpus), len(config.gpus),
+            per_task_cpus=worker.cpus if config.block_workers else None,
+            per_task_gpus=worker.gpus if config.block_workers else None)
 
         if config.block_workers:
             # DEPTH slots per worker: slot s belongs to worker s % workers. While calls are
@@ -654,6 +667,7 @@ class Engine:
             if task is None:
                 continue
             task.state = RUNNING
+            task.started = time.time()
             self._running += 1
             if task.res.run_time_max is not None:
                 task.deadline = time.monotonic() + task.res.run_time_max
@@ -666,7 +680,14 @@ class Engine:
     def _spawn_task(self, task: _Task, start: Start) -> None:
         env = self._task_env(task.res, len(start.cpus), start.gpus)
         cpus = self._pin(start.cpus)
-        if task.res.cores == 1 and self._spares:
+        # A program (executorkit.command) runs in one worker holding all its CPUs and is
+        # itself started as the MPI job, through the launcher's prefix: no Python ranks.
+        program = getattr(task.fn, "__executorkit_program__", False)
+        ranks = 1 if program else task.res.cores
+        if program:
+            prefix = self.launcher.program_prefix(task.res)
+            env = (*env, (PREFIX_VARIABLE, json.dumps(list(prefix))))
+        if ranks == 1 and self._spares:
             # A warm spare takes the call: no fork on the critical path.
             w = self._spares.popleft()
             w.spare = False
@@ -689,8 +710,9 @@ class Engine:
         w = _Worker(next(self._worker_ids), persistent=False)
         self.workers[w.id] = w
         self._assign(w, task, self._run_message(task, None))
-        spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res)
-        self._mpi(w, spawn, task.res.cores)
+        spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res,
+                      program=program)
+        self._mpi(w, spawn, ranks)
         self._spawn(spawn)
         self._replenish()
 
@@ -774,6 +796,8 @@ class Engine:
         """Complete a task's future (exactly once) and forget the task."""
         if task.state == FINISHED:
             return
+        if exc is not None and task.state == RUNNING and self._retry(task, exc):
+            return
         was_queued = task.state == QUEUED
         if task.state == RUNNING:
             self._running -= 1
@@ -809,6 +833,33 @@ class Engine:
         task.release()
         if self.progress is not None:
             self.progress.update(self.counts())
+
+    def _retry(self, task: _Task, exc: BaseException) -> bool:
+        """A running attempt failed: queue it again with escalated resources (True), or
+        let it fail with every attempt's reason (False). See executorkit.retry."""
+        if task.future.cancelled():
+            self.cache.attempt_ended(task, exc, final=True)
+            return False
+        failures = task.failures = [*(task.failures or ()), exc]
+        first = task.res if len(failures) == 1 else self._first_res[task.id]
+        decision = retry.next_attempt(first, failures, self._retry_caps)
+        self.cache.attempt_ended(task, exc, final=decision.res is None)
+        if decision.res is None:
+            self._first_res.pop(task.id, None)
+            if len(failures) > 1:
+                retry.exhausted_error(failures)
+            return False
+        self._first_res.setdefault(task.id, first)
+        log.info("task %d (%s): %s", task.id, task.name(), decision.reason)
+        self._running -= 1
+        if task.slow:
+            task.slow = False
+            self._slow_active -= 1
+        task.state, task.res, task.worker = WAITING, decision.res, None
+        task.deadline, task.timed_out = None, False
+        # Posted: the caller frees the failed attempt's resources after this returns.
+        self.post(self._enqueue, task)
+        return True
 
     def cancelled(self, task: _Task) -> None:
         """The user cancelled the task's future (it is already CANCELLED)."""
