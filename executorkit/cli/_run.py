@@ -79,8 +79,9 @@ def make_executor(name: str, *, cache_directory: str, max_workers: int | None,
 
 def run(spec: str, *, executor: str = "single", cache_directory: str | None = None,
         max_workers: int | None = None, dry: bool = False, progress: bool = True,
-        out: TextIO = sys.stdout) -> int:
+        out: TextIO | None = None) -> int:
     """Run (or with ``dry`` print) every call; 0 when all succeeded, 1 when any failed."""
+    out = out or sys.stdout
     ensembles = load_spec(spec)
     for ens in ensembles:
         if ens.function is not None:
