@@ -110,7 +110,7 @@ def test_unparsable_file_and_unknown_format(tmp_path):
         load_spec(str(bad))
     other = tmp_path / "x.ini"
     other.write_text("")
-    with pytest.raises(SpecError, match="allowed: .toml, .json"):
+    with pytest.raises(SpecError, match=r"allowed: \.toml, \.json"):
         load_spec(str(other))
 
 
