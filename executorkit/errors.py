@@ -36,6 +36,10 @@ class DependencyError(ExecutorkitError):
         self.upstream = upstream
 
 
+class WorkflowError(ExecutorkitError, ValueError):
+    """A workflow cannot be exported, read or run; the message says which node or argument."""
+
+
 class SerializationError(ExecutorkitError, TypeError):
     """A function, an argument or a result could not be pickled or unpickled."""
 
