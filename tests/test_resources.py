@@ -21,7 +21,7 @@ from executorkit.resources import KEYS, Capabilities, Resources, merge, parse
 ALL_KEYS = {
     "cores", "threads_per_core", "gpus_per_core", "cwd", "env", "cache_key",
     "cache_directory", "num_nodes", "exclusive", "error_log_file", "run_time_max",
-    "priority", "slurm_cmd_args",
+    "priority", "slurm_cmd_args", "max_retries", "retry_escalation", "retry_on",
 }
 
 
