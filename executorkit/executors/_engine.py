@@ -685,7 +685,8 @@ class Engine:
         program = getattr(task.fn, "__executorkit_program__", False)
         ranks = 1 if program else task.res.cores
         if program:
-            prefix = self.launcher.program_prefix(task.res)
+            prefix_of = getattr(self.launcher, "program_prefix", None)
+            prefix = prefix_of(task.res) if prefix_of is not None else ()
             env = (*env, (PREFIX_VARIABLE, json.dumps(list(prefix))))
         if ranks == 1 and self._spares:
             # A warm spare takes the call: no fork on the critical path.
