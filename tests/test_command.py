@@ -166,22 +166,3 @@ def test_map_over_commands():
         results = list(exe.map(lambda c: c(), [Command(["true"])] * 3, timeout=60))
     assert [r.returncode for r in results] == [0, 0, 0]
 
-
-@pytest.mark.slurm
-@pytest.mark.skipif(shutil.which("srun") is None, reason="needs Slurm (srun)")
-def test_command_on_slurm_job_executor(tmp_path):
-    script = tmp_path / "inner.py"
-    script.write_text(
-        "from executorkit import SlurmJobExecutor, Command\n"
-        "from executorkit.errors import ResourceError\n"
-        "with SlurmJobExecutor(max_workers=1) as exe:\n"
-        "    print('rc', exe.submit(Command(['echo', 'hi'])).result(timeout=120).stdout)\n"
-        "    try:\n"
-        "        exe.submit(Command(['true']), resource_dict={'cores': 2})\n"
-        "    except ResourceError as exc:\n"
-        "        print('refused', exc.key)\n")
-    import subprocess
-    import sys
-    proc = subprocess.run(["srun", "-N1", "-n1", "-c2", sys.executable, str(script)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert "rc hi" in proc.stdout and "refused cores" in proc.stdout, proc.stderr
