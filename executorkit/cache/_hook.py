@@ -17,8 +17,9 @@ import pickle
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
 
@@ -28,7 +29,25 @@ from executorkit.transport import CacheSpec
 
 if TYPE_CHECKING:
     from executorkit.cache._store import CacheStore
-    from executorkit.executors._engine import _Task
+
+
+class _CallResources(Protocol):
+    cache_directory: str | None
+    cache_key: str | None
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class _Call(Protocol):
+    """What the hook reads and sets on an engine task (the engine's ``_Task`` has these)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    res: _CallResources
+    future: Future
+    key: str | None
+    cache_spec: CacheSpec | None
 
 
 log = logging.getLogger("executorkit")
@@ -62,13 +81,13 @@ class CacheHook:
             store = self._stores[directory] = CacheStore(directory)
         return store
 
-    def _key(self, task: _Task) -> str:
+    def _key(self, task: _Call) -> str:
         kwargs = task.kwargs
         if self._init is not None:
             kwargs = {**kwargs, "\0init_function": self._init}
         return compute_key(task.fn, task.args, kwargs, future_key=_future_key)
 
-    def prepare(self, task: _Task, deps: list[Future]) -> bool:
+    def prepare(self, task: _Call, deps: list[Future]) -> bool:
         """At submit. False: the future was answered from the cache (nothing to run)."""
         directory = task.res.cache_directory
         if directory is None:
@@ -81,19 +100,19 @@ class CacheHook:
                 return True  # decided in ready(), once the inputs are known
         return self._lookup(task, directory, key)
 
-    def ready(self, task: _Task) -> bool:
+    def ready(self, task: _Call) -> bool:
         """Inputs resolved. False: answered from the cache."""
         directory = task.res.cache_directory
         if directory is None or task.key is not None:
             return True
         return self._lookup(task, directory, self._key(task))
 
-    def attempt_ended(self, task: _Task, exc: BaseException, *, final: bool) -> None:
+    def attempt_ended(self, task: Any, exc: BaseException, *, final: bool) -> None:
         """A running attempt failed (``final``: and will not run again): keep it."""
         if task.cache_spec is not None:
             _Attempts.ended(self._store(task.cache_spec.directory), task, exc, final=final)
 
-    def _lookup(self, task: _Task, directory: str, key: str) -> bool:
+    def _lookup(self, task: _Call, directory: str, key: str) -> bool:
         task.key = key
         hit, value = self._store(directory).lookup(key)
         if hit and not _still_valid(value):
@@ -113,7 +132,7 @@ class _Attempts:
     here, in the driver, with what it knows."""
 
     @staticmethod
-    def ended(store: CacheStore, task: _Task, exc: BaseException, *, final: bool) -> None:
+    def ended(store: CacheStore, task: Any, exc: BaseException, *, final: bool) -> None:
         spec = task.cache_spec
         if spec is None or task.started is None:
             return
@@ -136,7 +155,7 @@ class _Attempts:
                         spec.directory, err)
 
 
-def _driver_record(key: str, spec: CacheSpec, task: _Task, exc: BaseException) -> Any:
+def _driver_record(key: str, spec: CacheSpec, task: Any, exc: BaseException) -> Any:
     from executorkit.cache._store import CacheRecord
 
     fn_blob, args_blob = task.payload or (b"", pickle.dumps(((), {})))

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from executorkit.command import Command, CommandCall, run_command
+from executorkit.engine import Engine, EngineConfig, TaskFuture
 from executorkit.errors import ResourceError
-from executorkit.executors._engine import Engine, EngineConfig, TaskFuture
 from executorkit.resources import Capabilities, Resources, merge, parse
 
 log = logging.getLogger("executorkit")

@@ -33,6 +33,7 @@ from executorkit._pickling import dumps_args
 from executorkit.cache._hook import _name
 from executorkit.cache._keys import compute_key
 from executorkit.command import Command, CommandCall, run_command
+from executorkit.engine import THREAD_VARIABLES
 from executorkit.errors import (
     DependencyError,
     ExecutorkitError,
@@ -41,7 +42,6 @@ from executorkit.errors import (
     ResourceError,
     TaskTimeoutError,
 )
-from executorkit.executors._engine import THREAD_VARIABLES
 from executorkit.launchers.queue import TERMINAL, SlurmQueue, job_script, sbatch_command
 from executorkit.resources import Capabilities, Resources, merge, parse
 from executorkit.transport import Upstream
