@@ -39,6 +39,7 @@ from executorkit.errors import (
     RemoteTraceback,
     ResourceError,
     TaskTimeoutError,
+    dependency_error,
 )
 from executorkit.executors._engine import THREAD_VARIABLES
 from executorkit.launchers.queue import TERMINAL, SlurmQueue, job_script, sbatch_command
@@ -414,10 +415,9 @@ def _dependency_error(fn: Any, upstream: Future) -> DependencyError:
     cause: BaseException = (CancelledError("input future was cancelled") if upstream.cancelled()
                             else upstream.exception())  # type: ignore[assignment]
     name = getattr(fn, "__qualname__", "the call") if fn is not None else "the call"
-    err = DependencyError(f"{name}: an input failed with {type(cause).__name__}: {cause}",
-                          upstream=upstream)
-    err.__cause__ = cause
-    return err
+    job = getattr(upstream, "_job", None)
+    label = f"job {job.key}" if job is not None else "future"
+    return dependency_error(name, label, cause, future=upstream)
 
 
 def _stored_error(record: Any) -> BaseException:
