@@ -160,6 +160,16 @@ def dependency_error(dependent: str, upstream: str, cause: BaseException, *,
     return err
 
 
+class CacheMissError(ExecutorkitError, FileNotFoundError, KeyError):
+    """A cache directory holds no entry for the requested key.
+
+    A ``FileNotFoundError`` (what executorlib raises) and a ``KeyError`` (a lookup by key).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class SerializationError(ExecutorkitError, TypeError):
     """A function, an argument or a result could not be pickled or unpickled."""
 

@@ -234,6 +234,7 @@ class SlurmClusterExecutor(Executor):
                 "fn": cloudpickle.dumps(fn), "args": dumps_args(m_args, m_kwargs),
                 "function_name": _name(fn), "resource_dict": job.res.as_dict()}
         base = os.path.join(self._dir, job.key)
+        os.makedirs(os.path.dirname(base), exist_ok=True)  # a cache_key "subdir/name"
         if job.res.cwd:
             os.makedirs(job.res.cwd, exist_ok=True)  # sbatch --chdir does not create it
         with open(base + ".in.pkl.tmp", "wb") as fh:
