@@ -40,6 +40,7 @@ class Resources:
     run_time_max: float | None = None
     priority: int = 0
     slurm_cmd_args: tuple[str, ...] = ()
+    submission_template: str | None = None
     # Keys the user set explicitly, so a backend can reject what it cannot honour even when
     # the value equals the default (``exclusive=False`` is harmless, ``num_nodes=1`` is not
     # always).
@@ -179,6 +180,7 @@ _CHECKS = {
     "run_time_max": _seconds,
     "priority": _int,
     "slurm_cmd_args": _args,
+    "submission_template": _str,
 }
 KEYS = frozenset(_CHECKS)
 assert {f.name for f in fields(Resources)} - {"given"} == KEYS
@@ -238,8 +240,14 @@ class Capabilities:
     per_task_cpus: int | None = None
     per_task_gpus: int | None = None
     max_nodes: int = 1
+    batch_scripts: bool = False  # the backend writes a batch script (submission_template)
 
     def check(self, res: Resources) -> Resources:
+        if "submission_template" in res.given and not self.batch_scripts:
+            raise ResourceError(
+                f"{self.backend} cannot honour resource_dict['submission_template']: only "
+                "executors that submit batch jobs (SlurmClusterExecutor) write a job script",
+                key="submission_template", allowed="SlurmClusterExecutor only")
         for key in res.given:
             reason = self.unsupported.get(key)
             if reason is not None:

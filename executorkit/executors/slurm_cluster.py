@@ -23,7 +23,7 @@ import pickle
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
 import cloudpickle
@@ -41,6 +41,7 @@ from executorkit.errors import (
     TaskTimeoutError,
     dependency_error,
 )
+from executorkit.executors._compat import ExecutorkitExecutor, check_function
 from executorkit.executors._engine import THREAD_VARIABLES
 from executorkit.launchers.queue import TERMINAL, SlurmQueue, job_script, sbatch_command
 from executorkit.resources import Capabilities, Resources, merge, parse
@@ -85,7 +86,7 @@ class _Job:
         self.dependents: list[_Job] = []
 
 
-class SlurmClusterExecutor(Executor):
+class SlurmClusterExecutor(ExecutorkitExecutor):
     """Submit each call as its own Slurm batch job (from a login node).
 
     ``exe.submit(fn, *args, resource_dict={...})``: ``cores`` -> ``--ntasks`` (MPI ranks via
@@ -141,6 +142,7 @@ class SlurmClusterExecutor(Executor):
     ) -> Future:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
+        check_function(fn)
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         res = _CAPS.check(merge(self._defaults, resource_dict))
@@ -244,7 +246,7 @@ class SlurmClusterExecutor(Executor):
         env += list(job.res.env)
         with open(base + ".sh", "w") as script:
             script.write(job_script(job.res, input_file=base + ".in.pkl", env=env,
-                                    pmi_mode=self._pmi_mode))
+                                    pmi_mode=self._pmi_mode, job_name=job.key))
         after = [u.job_id for u in upstream if u.job_id is not None]
         cmd = sbatch_command(job.res, job_name=job.key, script=base + ".sh",
                              output=base + ".out", after_ok=after)
@@ -389,6 +391,24 @@ class SlurmClusterExecutor(Executor):
     def __exit__(self, *exc: object) -> None:
         self.shutdown(wait=self._wait_on_exit)
 
+    def __len__(self) -> int:
+        """Calls submitted and not finished yet."""
+        with self._lock:
+            return sum(not job.future.done() for job in self._live.values()) + \
+                sum(not f.done() for f in self._pending)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Settings and counts: ``backend``, ``cache_directory``, ``resource_dict`` (the
+        defaults), ``unfinished`` (as ``len(exe)``)."""
+        return {"backend": "SlurmClusterExecutor", "cache_directory": self._dir,
+                "resource_dict": self._defaults.as_dict(), "unfinished": len(self)}
+
+    @property
+    def max_workers(self) -> None:
+        """None: Slurm decides how many jobs run at once."""
+        return None
+
     def batched(self, futures: Iterable[Future], n: int) -> list[Future]:
         from executorkit.streaming import batched
 
@@ -437,6 +457,7 @@ def _stored_error(record: Any) -> BaseException:
 # Slurm grants batch jobs; what it cannot honour for one is refused at submit.
 _CAPS = Capabilities(
     "SlurmClusterExecutor", max_cpus=1 << 30, max_gpus=1 << 30, max_nodes=1 << 30,
+    batch_scripts=True,
     unsupported={
         "priority": "Slurm orders batch jobs itself (pass --nice or --priority in "
                     "slurm_cmd_args)",
@@ -453,16 +474,51 @@ _UNSUPPORTED = {
     "plot_dependency_graph_filename": "see plot_dependency_graph",
     "export_workflow_filename": "use SingleNodeExecutor for a dry run",
     "progress": "not available for batch jobs yet",
+    "pysqa_config_directory": "executorkit runs sbatch itself, without pysqa: give your own "
+                              "job script as resource_dict['submission_template'] and queue "
+                              "options as resource_dict['slurm_cmd_args']",
 }
 
 
-def terminate_tasks_in_cache(cache_directory: str | os.PathLike[str]) -> int:
+def terminate_tasks_in_cache(cache_directory: str | os.PathLike[str],
+                             pysqa_config_directory: str | None = None,
+                             backend: str | None = None) -> int:
     """Cancel the queued or running Slurm jobs of the calls kept in ``cache_directory``
-    (jobs are named by cache key). Returns how many jobs were cancelled."""
+    (jobs are named by cache key). Returns how many jobs were cancelled.
+
+    ``pysqa_config_directory`` and ``backend`` are executorlib's parameters: the first is
+    accepted and unused (executorkit talks to Slurm directly), ``backend`` may be None or
+    ``"slurm"``."""
+    return _terminate(cache_directory, None, backend)
+
+
+def terminate_task_in_cache(cache_directory: str | os.PathLike[str], cache_key: str,
+                            pysqa_config_directory: str | None = None,
+                            backend: str | None = None) -> int:
+    """Cancel the queued or running Slurm job of the call ``cache_key`` in
+    ``cache_directory``; returns 1 if a job was cancelled, else 0. Parameters as
+    :func:`terminate_tasks_in_cache`."""
+    from executorkit.cache._store import entry_path
+
+    entry_path(cache_directory, cache_key)  # refuses a malformed key
+    return _terminate(cache_directory, cache_key, backend)
+
+
+def _terminate(cache_directory: str | os.PathLike[str], only: str | None,
+               backend: str | None) -> int:
+    if backend not in (None, "slurm"):
+        raise ResourceError(f"backend={backend!r} is not supported here", key="backend",
+                            allowed="None or 'slurm'")
     directory = os.fspath(cache_directory)
-    try:
-        names = {f[:-3] for f in os.listdir(directory) if f.endswith(".sh")}
-    except FileNotFoundError:
+    names = set()
+    for folder, _, files in os.walk(directory):  # keys "subdir/name" live in sub-directories
+        rel = os.path.relpath(folder, directory)
+        for f in files:
+            if f.endswith(".sh"):
+                names.add(f[:-3] if rel == "." else f"{rel}/{f[:-3]}")
+    if only is not None:
+        names &= {only}
+    if not names:
         return 0
     queue = SlurmQueue()
     jobs = queue.jobs_by_name()
