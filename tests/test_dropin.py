@@ -169,8 +169,8 @@ def test_submission_template_fills_the_job_script(tmp_path):
 
 def test_submission_template_and_pysqa_config_directory_elsewhere_are_clear_errors(tmp_path):
     with executorlib.SingleNodeExecutor(max_workers=1) as exe, \
-            pytest.raises(ValueError, match="submission_template.*SlurmClusterExecutor"):
+            pytest.raises(ValueError, match=r"submission_template.*SlurmClusterExecutor"):
         exe.submit(tf.inc, 1, resource_dict={"submission_template": SUBMISSION_TEMPLATE})
-    with pytest.raises(ValueError, match="pysqa_config_directory.*submission_template"):
+    with pytest.raises(ValueError, match=r"pysqa_config_directory.*submission_template"):
         executorlib.SlurmClusterExecutor(cache_directory=str(tmp_path),
                                          pysqa_config_directory=str(tmp_path))

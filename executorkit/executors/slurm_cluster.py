@@ -140,6 +140,9 @@ class SlurmClusterExecutor(ExecutorkitExecutor):
         self, fn: Callable[..., Any], /, *args: Any,
         resource_dict: Mapping[str, Any] | None = None, **kwargs: Any,
     ) -> Future:
+        """Submit ``fn(*args, **kwargs)`` as a batch job; Futures in the arguments become
+        ``afterok`` dependencies. ``resource_dict`` overrides the executor's defaults key by
+        key. Raises ResourceError (a ValueError) for a bad or unsupported resource_dict."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
         check_function(fn)
