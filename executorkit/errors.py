@@ -170,6 +170,10 @@ class CacheMissError(ExecutorkitError, FileNotFoundError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class WorkflowError(ExecutorkitError, ValueError):
+    """A workflow cannot be exported, read or run; the message says which node or argument."""
+
+
 class SerializationError(ExecutorkitError, TypeError):
     """A function, an argument or a result could not be pickled or unpickled."""
 

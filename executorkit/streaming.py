@@ -29,6 +29,7 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any, Generic, TypeVar
 
 from executorkit.errors import DependencyError, ExecutorkitError, ResourceError, dependency_error
+from executorkit.graph import ItemFuture, is_dry_run
 
 __all__ = [
     "AsCompleted",
@@ -333,8 +334,12 @@ def split_future(future: Future[Any], n: int) -> list[Future[Any]]:
     """
     n = _check_count(n, "n")
     _check_future(future, "split_future() input")
-    outputs: list[Future[Any]] = [Future() for _ in range(n)]
-    future.add_done_callback(functools.partial(_split_done, outputs))
+    outputs: list[Future[Any]] = [ItemFuture(future, i) for i in range(n)]
+    if is_dry_run(future):  # stands for a call that never runs: its items are None too
+        for out in outputs:
+            _resolve(out, None)
+    else:
+        future.add_done_callback(functools.partial(_split_done, outputs))
     return outputs
 
 
@@ -398,8 +403,11 @@ def get_item_from_future(future: Future[Any], key: Any) -> Future[Any]:
     :class:`DependencyError` chained to the upstream exception.
     """
     _check_future(future, "get_item_from_future() input")
-    out: Future[Any] = Future()
-    future.add_done_callback(functools.partial(_item_done, out, key))
+    out: Future[Any] = ItemFuture(future, key)
+    if is_dry_run(future):  # stands for a call that never runs: its item is None too
+        _resolve(out, None)
+    else:
+        future.add_done_callback(functools.partial(_item_done, out, key))
     return out
 
 

@@ -204,18 +204,15 @@ class BaseExecutor(ExecutorkitExecutor):
             _live_engines.discard(self._engine)
 
     def _finish_dry_run(self) -> None:
-        """Draw and/or export the recorded graph; cancel its futures so nothing waits."""
+        """Draw and/or export the recorded graph (its futures are done already)."""
         recorder = self._recorder
         assert recorder is not None
-        try:
-            if self._export_filename:
-                recorder.export(self._export_filename)
-            if self._plot:
-                image = recorder.plot(self._plot_filename)
-                if self._plot_filename is None:
-                    _display(image)
-        finally:
-            recorder.cancel_all()
+        if self._export_filename:
+            recorder.export(self._export_filename)
+        if self._plot:
+            image = recorder.plot(self._plot_filename)
+            if self._plot_filename is None:
+                _display(image)
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown(wait=self._wait_on_exit)

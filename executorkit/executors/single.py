@@ -58,6 +58,12 @@ class SingleNodeExecutor(BaseExecutor):
         Show a progress bar (tqdm): done, running, waiting and failed calls.
     log_obj_size
         Log the pickled size of every call and result (logger ``executorkit``, INFO).
+    plot_dependency_graph, plot_dependency_graph_filename, export_workflow_filename
+        A dry run: nothing runs; at shutdown the graph of the submitted calls is drawn
+        (inline in Jupyter, or a ``.png``/``.svg`` file) and/or written as Python Workflow
+        Definition JSON (see ``executorkit.export``). As in executorlib, every future of a
+        dry run is done at once with the result ``None`` (so are items taken from it with
+        ``get_item_from_future``/``split_future``): ``.result()`` never waits.
     hostname_localhost, refresh_rate, openmpi_oversubscribe
         Accepted for compatibility. Local work always listens on 127.0.0.1, nothing polls,
         and there is no MPI launch yet.
