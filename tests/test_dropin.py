@@ -70,6 +70,48 @@ def test_combined_dependency_error_pickles():
     assert str(again) == str(err)
 
 
+# 2 -----------------------------------------------------------------------------------------
+def get_worker_id(executorlib_worker_id):
+    return executorlib_worker_id
+
+
+def init_with_id(executorlib_worker_id):
+    return {"seen_at_init": executorlib_worker_id}
+
+
+def both(seen_at_init, executorlib_worker_id):
+    return seen_at_init, executorlib_worker_id
+
+
+def test_worker_id_block_allocation(tmp_path):
+    with executorlib.SingleNodeExecutor(max_cores=1, block_allocation=True) as exe:
+        assert exe.submit(get_worker_id, resource_dict={}).result(timeout=T) == 0
+    with executorlib.SingleNodeExecutor(max_cores=2, block_allocation=True,
+                                        init_function=init_with_id) as exe:
+        futures = [exe.submit(tf.gate, str(tmp_path), "w", None) for _ in range(2)]
+        ids = [exe.submit(both) for _ in range(2)]  # queued behind the gates: one per worker
+        tf.release(str(tmp_path), "w")
+        [f.result(timeout=T) for f in futures]
+        pairs = [f.result(timeout=T) for f in ids]
+    assert all(a == b for a, b in pairs) and {b for _, b in pairs} <= {0, 1}
+
+
+def gated_id(directory, executorlib_worker_id):
+    tf.gate(directory, "p")
+    return executorlib_worker_id
+
+
+def test_worker_id_per_task_is_the_slot(tmp_path):
+    from conftest import wait_until
+
+    with executorlib.SingleNodeExecutor(max_cores=2) as exe:
+        blocker = exe.submit(gated_id, str(tmp_path))
+        wait_until(lambda: tf.started(str(tmp_path), "p"))
+        other = exe.submit(get_worker_id).result(timeout=T)  # runs beside the blocker
+        tf.release(str(tmp_path), "p")
+        assert {blocker.result(timeout=T), other} == {0, 1}
+
+
 # 4 -----------------------------------------------------------------------------------------
 def test_len_counts_unfinished_calls_and_the_executor_stays_truthy(tmp_path):
     with executorlib.SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
@@ -79,6 +121,18 @@ def test_len_counts_unfinished_calls_and_the_executor_stays_truthy(tmp_path):
         tf.release(str(tmp_path), "g")
         assert [f.result(timeout=T) for f in futures] == [0, 1, 2, 3]
         assert len(exe) == 0 and exe
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_max_workers_reads_and_refuses_resizing(block):
+    exe = executorlib.SingleNodeExecutor(max_workers=2, block_allocation=block)
+    try:
+        assert exe.max_workers == 2
+        with pytest.raises(NotImplementedError, match="max_workers"):
+            exe.max_workers = 1
+    finally:
+        exe.shutdown(wait=True)
+    assert exe.max_workers is None
 
 
 # 5 -----------------------------------------------------------------------------------------

@@ -256,6 +256,14 @@ class BaseExecutor(ExecutorkitExecutor):
         calls running at once. None after shutdown (as in executorlib)."""
         return None if self._shutdown else self._workers
 
+    @max_workers.setter
+    def max_workers(self, value: int) -> None:
+        # executorlib resizes a block-allocation pool here; executorkit does not yet (the
+        # pool's CPU slots are fixed when the engine starts). Say so rather than ignore it.
+        raise NotImplementedError(
+            f"{type(self).__name__}.max_workers cannot be changed after creation (asked for "
+            f"{value!r}); create a new executor with the size you need")
+
 
 @dataclass(frozen=True)
 class PoolParams:

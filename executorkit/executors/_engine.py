@@ -59,13 +59,13 @@ from executorkit import graph
 from executorkit._pickling import FunctionPickles, dumps_args
 from executorkit.cache._hook import CacheHook
 from executorkit.errors import (
-    DependencyError,
     ExecutorBrokenError,
     RemoteError,
     RemoteTraceback,
     SerializationError,
     TaskTimeoutError,
     WorkerDiedError,
+    dependency_error,
     describe_exit,
 )
 from executorkit.resources import Resources
@@ -232,6 +232,8 @@ class _Conn:
 
 
 class Engine:
+    _slot_index: dict[int, int] | None = None  # CPU slot id -> its position in the pool
+
     def __init__(self, config: EngineConfig) -> None:
         self.cfg = config
         self.launcher = config.launcher
@@ -264,7 +266,7 @@ class Engine:
         self._slow_active = 0
         self._fn_runtime: dict[Any, float] = {}
         # what a spare sets while idle: the environment of a default one-CPU call
-        self._spare_env = dict(self._task_env(config.worker_res, 1, ()))
+        self._spare_env = dict(self._task_env(config.worker_res, 1, (), 0))
         self._pickles = FunctionPickles()
         self.cache = CacheHook(config.init_function)
 
@@ -621,12 +623,10 @@ class Engine:
 
     def _fail_dependency(self, task: _Task, fut: Future, cause: BaseException) -> None:
         upstream = getattr(fut, "_task", None)
-        what = f"task {upstream.id} ({upstream.name()})" if upstream else "an input future"
-        verb = "was cancelled" if isinstance(cause, CancelledError) else (
-            f"failed with {type(cause).__name__}: {cause}")
-        err = DependencyError(f"{task.name()}: input {what} {verb}", upstream=fut)
-        err.__cause__ = cause
-        self._finish(task, exc=err)
+        what = f"task {upstream.id} ({upstream.name()})" if upstream else "future"
+        # Catchable as the root failure's type too; names the root once (short messages
+        # however long a failed chain is).
+        self._finish(task, exc=dependency_error(task.name(), what, cause, future=fut))
 
     def _enqueue(self, task: _Task) -> None:
         if task.state != WAITING:
@@ -664,7 +664,7 @@ class Engine:
                 self._spawn_task(task, start)
 
     def _spawn_task(self, task: _Task, start: Start) -> None:
-        env = self._task_env(task.res, len(start.cpus), start.gpus)
+        env = self._task_env(task.res, len(start.cpus), start.gpus, self._slot_of(start.cpus))
         cpus = self._pin(start.cpus)
         if task.res.cores == 1 and self._spares:
             # A warm spare takes the call: no fork on the critical path.
@@ -731,13 +731,22 @@ class Engine:
         if self.cfg.mpi_command is not None:  # else the launcher starts the ranks (srun)
             spawn.mpi_command = self.cfg.mpi_command(cores)
 
-    def _task_env(self, res: Resources, ncpus: int, gpus: tuple[int, ...]) -> tuple:
+    def _slot_of(self, cpus: tuple[int, ...]) -> int:
+        """Per-task worker id (``executorlib_worker_id``): the call's lowest pool slot."""
+        index = self._slot_index
+        if index is None:
+            index = self._slot_index = {cpu: i for i, cpu in enumerate(self.cfg.cpus)}
+        return min((index.get(c, 0) for c in cpus), default=0)
+
+    def _task_env(self, res: Resources, ncpus: int, gpus: tuple[int, ...],
+                  worker_id: int) -> tuple:
         threads = str(res.threads_per_core)
         env = dict.fromkeys(THREAD_VARIABLES, threads)
         if gpus or self.cfg.gpus:
             env[self.cfg.gpu_variable] = ",".join(map(str, gpus))
         env["EXECUTORKIT_CPUS"] = str(ncpus)
         env["EXECUTORKIT_GPUS"] = ",".join(map(str, gpus))
+        env["EXECUTORKIT_WORKER_ID"] = str(worker_id)
         env.update(res.env)  # the user's explicit variables win
         return tuple(env.items())
 
@@ -912,7 +921,7 @@ class Engine:
         self.workers[w.id] = w
         self.slot_workers[slot] = w
         cpus, gpus = self._worker_slots(slot)
-        env = self._task_env(self.cfg.worker_res, len(cpus), gpus)
+        env = self._task_env(self.cfg.worker_res, len(cpus), gpus, slot)
         init = None
         if self.cfg.init_function is not None:
             init = cloudpickle.dumps(self.cfg.init_function)
