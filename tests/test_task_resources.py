@@ -10,8 +10,8 @@ import taskfuncs as tf
 from conftest import wait_until
 
 from executorkit import SingleNodeExecutor
+from executorkit.engine import THREAD_VARIABLES
 from executorkit.errors import ResourceError, TaskTimeoutError
-from executorkit.executors._engine import THREAD_VARIABLES
 
 T = 60
 

@@ -12,15 +12,34 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from executorkit.cache._keys import compute_key
 from executorkit.transport import CacheSpec
 
 if TYPE_CHECKING:
     from executorkit.cache._store import CacheStore
-    from executorkit.executors._engine import _Task
+
+
+class _CallResources(Protocol):
+    cache_directory: str | None
+    cache_key: str | None
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class _Call(Protocol):
+    """What the hook reads and sets on an engine task (the engine's ``_Task`` has these)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    res: _CallResources
+    future: Future
+    key: str | None
+    cache_spec: CacheSpec | None
 
 
 class _NoKeyYet(Exception):
@@ -51,13 +70,13 @@ class CacheHook:
             store = self._stores[directory] = CacheStore(directory)
         return store
 
-    def _key(self, task: _Task) -> str:
+    def _key(self, task: _Call) -> str:
         kwargs = task.kwargs
         if self._init is not None:
             kwargs = {**kwargs, "\0init_function": self._init}
         return compute_key(task.fn, task.args, kwargs, future_key=_future_key)
 
-    def prepare(self, task: _Task, deps: list[Future]) -> bool:
+    def prepare(self, task: _Call, deps: list[Future]) -> bool:
         """At submit. False: the future was answered from the cache (nothing to run)."""
         directory = task.res.cache_directory
         if directory is None:
@@ -70,14 +89,14 @@ class CacheHook:
                 return True  # decided in ready(), once the inputs are known
         return self._lookup(task, directory, key)
 
-    def ready(self, task: _Task) -> bool:
+    def ready(self, task: _Call) -> bool:
         """Inputs resolved. False: answered from the cache."""
         directory = task.res.cache_directory
         if directory is None or task.key is not None:
             return True
         return self._lookup(task, directory, self._key(task))
 
-    def _lookup(self, task: _Task, directory: str, key: str) -> bool:
+    def _lookup(self, task: _Call, directory: str, key: str) -> bool:
         task.key = key
         hit, value = self._store(directory).lookup(key)
         if hit:

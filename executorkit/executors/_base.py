@@ -17,9 +17,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from executorkit.engine import Engine, EngineConfig, TaskFuture
 from executorkit.errors import ResourceError
 from executorkit.executors._compat import ExecutorkitExecutor, check_function
-from executorkit.executors._engine import Engine, EngineConfig, TaskFuture
 from executorkit.resources import Capabilities, Resources, merge, parse
 
 log = logging.getLogger("executorkit")

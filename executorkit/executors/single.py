@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from executorkit.engine import EngineConfig
 from executorkit.errors import ResourceError
 from executorkit.executors._base import BaseExecutor, PoolParams, gpu_pool, gpu_variable
-from executorkit.executors._engine import EngineConfig
 from executorkit.launchers.local import LocalLauncher, find_mpiexec, mpi_flavor, mpiexec_command
 from executorkit.resources import Capabilities, Resources
 

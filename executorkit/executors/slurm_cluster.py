@@ -32,6 +32,7 @@ from executorkit import graph
 from executorkit._pickling import dumps_args
 from executorkit.cache._hook import _name
 from executorkit.cache._keys import compute_key
+from executorkit.engine import THREAD_VARIABLES
 from executorkit.errors import (
     DependencyError,
     ExecutorkitError,
@@ -42,7 +43,6 @@ from executorkit.errors import (
     dependency_error,
 )
 from executorkit.executors._compat import ExecutorkitExecutor, check_function
-from executorkit.executors._engine import THREAD_VARIABLES
 from executorkit.launchers.queue import TERMINAL, SlurmQueue, job_script, sbatch_command
 from executorkit.resources import Capabilities, Resources, merge, parse
 from executorkit.transport import Upstream
