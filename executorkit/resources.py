@@ -43,6 +43,7 @@ class Resources:
     max_retries: int = 0
     retry_escalation: tuple[tuple[str, float], ...] = ()
     retry_on: tuple[type[BaseException], ...] = ()
+    submission_template: str | None = None
     # Keys the user set explicitly, so a backend can reject what it cannot honour even when
     # the value equals the default (``exclusive=False`` is harmless, ``num_nodes=1`` is not
     # always).
@@ -217,6 +218,7 @@ _CHECKS = {
     "max_retries": _non_negative_int,
     "retry_escalation": _escalation,
     "retry_on": _exception_types,
+    "submission_template": _str,
 }
 KEYS = frozenset(_CHECKS)
 assert {f.name for f in fields(Resources)} - {"given"} == KEYS
@@ -276,8 +278,14 @@ class Capabilities:
     per_task_cpus: int | None = None
     per_task_gpus: int | None = None
     max_nodes: int = 1
+    batch_scripts: bool = False  # the backend writes a batch script (submission_template)
 
     def check(self, res: Resources) -> Resources:
+        if "submission_template" in res.given and not self.batch_scripts:
+            raise ResourceError(
+                f"{self.backend} cannot honour resource_dict['submission_template']: only "
+                "executors that submit batch jobs (SlurmClusterExecutor) write a job script",
+                key="submission_template", allowed="SlurmClusterExecutor only")
         for key in res.given:
             reason = self.unsupported.get(key)
             if reason is not None:

@@ -121,6 +121,8 @@ class CacheHook:
             with contextlib.suppress(InvalidStateError):  # cancelled by the user meanwhile
                 task.future.set_result(value)
             return False
+        if "/" in key:  # a user's "subdir/name": the worker keeps <key>.out there too
+            os.makedirs(os.path.dirname(os.path.join(directory, key)), exist_ok=True)
         task.cache_spec = CacheSpec(directory, key, _name(task.fn), task.res.as_dict())
         return True
 

@@ -92,14 +92,19 @@ class _CycleError(Exception):
 
 
 def validate_cache_key(key: str) -> str:
-    """Return ``key`` if it is usable as a user-given ``cache_key``, else raise ResourceError."""
-    if isinstance(key, str) and _USER_KEY.fullmatch(key):
+    """Return ``key`` if it is usable as a user-given ``cache_key``, else raise ResourceError.
+
+    ``"name"`` or, to file the entry in a sub-directory of the cache, ``"subdir/name"``.
+    """
+    if isinstance(key, str) and len(key) <= 200 and \
+            all(_USER_KEY.fullmatch(part) for part in key.split("/")):
         return key
     raise ResourceError(
         f"cache_key {key!r} is invalid: it must be 1 to 200 characters from A-Z, a-z, 0-9, "
-        "'.', '_' and '-', starting with a letter or digit",
+        "'.', '_' and '-', starting with a letter or digit; '/' separates sub-directories "
+        "(each part follows the same rules: no '..', no absolute paths)",
         key="cache_key",
-        allowed="1-200 characters of [A-Za-z0-9._-], starting with [A-Za-z0-9]",
+        allowed="[A-Za-z0-9][A-Za-z0-9._-]*, optionally joined by '/', 200 at most",
     )
 
 
