@@ -49,6 +49,14 @@ def make_executor(mode: str):
         exe.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.fixture(scope="session")
+def notebook_runs(tmp_path_factory: pytest.TempPathFactory):
+    """Executes each notebook once per session (test_notebooks and test_docs share it)."""
+    from test_notebooks import NotebookRuns
+
+    return NotebookRuns(tmp_path_factory.mktemp("notebook-runs"))
+
+
 def _descendants() -> list[psutil.Process]:
     alive = []
     for proc in psutil.Process().children(recursive=True):

@@ -388,7 +388,8 @@ def test_validate_cache_key_accepts(key: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["", ".hidden", "-dash", "_under", "a/b", "a b", "a\\b", "ü", "x" * 201, "a\n", None]
+    "key", ["", ".hidden", "-dash", "_under", "a//b", "/abs", "a/../b", "a/", "a b", "a\\b",
+            "ü", "x" * 201, "a\n", None]
 )
 def test_validate_cache_key_rejects(key: Any) -> None:
     with pytest.raises(ResourceError, match=r"cache_key.*A-Z, a-z, 0-9") as info:

@@ -21,7 +21,8 @@ from executorkit.resources import KEYS, Capabilities, Resources, merge, parse
 ALL_KEYS = {
     "cores", "threads_per_core", "gpus_per_core", "cwd", "env", "cache_key",
     "cache_directory", "num_nodes", "exclusive", "error_log_file", "run_time_max",
-    "priority", "slurm_cmd_args",
+    "priority", "slurm_cmd_args", "max_retries", "retry_escalation", "retry_on",
+    "submission_template",
 }
 
 
@@ -211,7 +212,7 @@ def test_single_string_slurm_args_explains_the_fix() -> None:
 
 
 def test_cache_key_path_traversal_rejected() -> None:
-    for bad in ("../x", "a/b", ".hidden", "x" * 201, "sp ace"):
+    for bad in ("../x", "a/../b", "/abs", ".hidden", "x" * 201, "sp ace"):
         with raises_resource_error("cache_key"):
             parse({"cache_key": bad})
 

@@ -35,10 +35,12 @@ _TMP_IDLE_ANY_WRITER = 3600.0
 
 
 def get_future_from_cache(cache_directory: str | os.PathLike[str], cache_key: str) -> Future[Any]:
-    """A finished future holding the stored result (or exception) of ``cache_key``.
+    """A finished future holding the stored result of ``cache_key``.
 
-    Raises KeyError if the directory has no such entry, and SerializationError if the entry
-    cannot be read or unpickled.
+    Raises :class:`~executorkit.errors.CacheMissError` (a ``FileNotFoundError`` and a
+    ``KeyError``) if the directory has no such entry, the recorded exception itself if the
+    entry is of a failed call (as executorlib does; its worker traceback is the
+    ``__cause__``), and SerializationError if the entry cannot be read or unpickled.
     """
     path = entry_path(cache_directory, cache_key)
     try:
@@ -46,11 +48,10 @@ def get_future_from_cache(cache_directory: str | os.PathLike[str], cache_key: st
     except CorruptEntryError as exc:
         raise SerializationError(f"cache entry {cache_key!r} in {path} is unreadable: {exc}") \
             from exc
+    if record.status != "done":
+        raise stored_exception(record, path)
     future: Future[Any] = Future()
-    if record.status == "done":
-        future.set_result(_unpickle(record.output, "output", path))
-    else:
-        future.set_exception(stored_exception(record, path))
+    future.set_result(_unpickle(record.output, "output", path))
     return future
 
 

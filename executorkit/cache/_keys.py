@@ -22,7 +22,9 @@ What the argument encoding covers
     hash order, keyword arguments independent of their order), ranges, enums, dataclasses,
     numpy arrays and scalars, paths, callables, and
     ``concurrent.futures.Future`` objects, which contribute the key of the task producing
-    them (``future_key``), so keys chain like a Merkle tree.
+    them (``future_key``), so keys chain like a Merkle tree. An object whose class defines
+    ``__executorkit_cache_state__()`` is keyed by its type and what that returns (a
+    Command call adds the contents of its input files).
 
 Fallback
     Any other object is pickled (``pickle`` protocol 5, then ``cloudpickle``) and the bytes
@@ -93,14 +95,19 @@ class _CycleError(Exception):
 
 
 def validate_cache_key(key: str) -> str:
-    """Return ``key`` if it is usable as a user-given ``cache_key``, else raise ResourceError."""
-    if isinstance(key, str) and _USER_KEY.fullmatch(key):
+    """Return ``key`` if it is usable as a user-given ``cache_key``, else raise ResourceError.
+
+    ``"name"`` or, to file the entry in a sub-directory of the cache, ``"subdir/name"``.
+    """
+    if isinstance(key, str) and len(key) <= 200 and \
+            all(_USER_KEY.fullmatch(part) for part in key.split("/")):
         return key
     raise ResourceError(
         f"cache_key {key!r} is invalid: it must be 1 to 200 characters from A-Z, a-z, 0-9, "
-        "'.', '_' and '-', starting with a letter or digit",
+        "'.', '_' and '-', starting with a letter or digit; '/' separates sub-directories "
+        "(each part follows the same rules: no '..', no absolute paths)",
         key="cache_key",
-        allowed="1-200 characters of [A-Za-z0-9._-], starting with [A-Za-z0-9]",
+        allowed="[A-Za-z0-9][A-Za-z0-9._-]*, optionally joined by '/', 200 at most",
     )
 
 
@@ -362,6 +369,14 @@ class _Encoder:
         _put_str(out, _type_name(type(member)))
         _put_str(out, member.name)
         self.encode(member.value, out)
+
+    def _custom_state(self, obj: Any, out: Any) -> None:
+        # Objects that define their own cache state (a Command call: its input files'
+        # contents) are keyed by their type and that state.
+        with self._visiting(obj):
+            out.update(b"C")
+            _put_str(out, _type_name(type(obj)))
+            self.encode(obj.__executorkit_cache_state__(), out)
 
     def _dataclass(self, obj: Any, out: Any) -> None:
         with self._visiting(obj):
@@ -750,6 +765,7 @@ _SPECIAL_WRITERS: list[tuple[Callable[[object], bool], Callable[[_Encoder, Any, 
     (lambda obj: isinstance(obj, types.ModuleType), _Encoder._module),
     (_is_numpy_array, _Encoder._numpy_array),
     (_is_numpy_scalar, _Encoder._numpy_scalar),
+    (lambda obj: hasattr(type(obj), "__executorkit_cache_state__"), _Encoder._custom_state),
     (_is_dataclass_instance, _Encoder._dataclass),
     (lambda obj: isinstance(obj, pathlib.PurePath), _Encoder._path),
     (lambda obj: _stateless_subclass_base(obj) is not None, _Encoder._stateless_subclass),

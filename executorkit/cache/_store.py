@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from executorkit.errors import ResourceError, SerializationError
+from executorkit.errors import CacheMissError, ResourceError, SerializationError
 
 __all__ = ["CacheCorruptionWarning", "CacheRecord", "CacheStore", "CorruptEntryError"]
 
@@ -54,6 +54,7 @@ STATUSES = ("done", "failed")
 # Keys from compute_key may start with "_" (private function names); a leading "." is
 # reserved for temporary files.  200 characters leave room for the suffixes in 255 bytes.
 _STORE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+_KEY_MAX = 200
 _META_TYPES: dict[str, type | tuple[type, ...]] = {
     "key": str,
     "function_name": str,
@@ -121,9 +122,10 @@ class CacheStore:
         """Store ``record`` atomically, replacing any older entry of the same key."""
         _check_record(record)
         final = self._file(record.key)
-        name = f".{record.key}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
-        tmp = os.path.join(self._dir, name)
-        os.makedirs(self._dir, exist_ok=True)  # the user may have removed the directory
+        folder, base = os.path.split(final)  # a key with '/' lives in a sub-directory
+        name = f".{base[:-len(SUFFIX)]}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        tmp = os.path.join(folder, name)
+        os.makedirs(folder, exist_ok=True)  # the user may have removed the directory
         try:
             _write_file(tmp, record)
             os.replace(tmp, final)
@@ -183,13 +185,19 @@ class CacheStore:
 
 
 def entry_path(directory: str | os.PathLike[str], key: str) -> str:
-    """Path of the cache file of ``key`` in ``directory``; ResourceError for a malformed key."""
-    if not isinstance(key, str) or not _STORE_KEY.fullmatch(key):
+    """Path of the cache file of ``key`` in ``directory``; ResourceError for a malformed key.
+
+    A key may name sub-directories (``"campaign/run-1"``): each ``/``-separated part follows
+    the rules of a key, so ``..``, absolute paths and empty parts are refused.
+    """
+    if not isinstance(key, str) or len(key) > _KEY_MAX or \
+            not all(_STORE_KEY.fullmatch(part) for part in key.split("/")):
         raise ResourceError(
             f"cache key {key!r} is invalid: use 1 to 200 characters of A-Z, a-z, 0-9, "
-            "'.', '_' and '-', not starting with '.' or '-'",
+            "'.', '_' and '-', not starting with '.' or '-' (a '/' may separate "
+            "sub-directories, each following the same rules)",
             key="cache_key",
-            allowed="[A-Za-z0-9_][A-Za-z0-9._-]{0,199}",
+            allowed="[A-Za-z0-9_][A-Za-z0-9._-]*, optionally joined by '/', 200 at most",
         )
     return os.path.join(directory, key + SUFFIX)
 
@@ -211,7 +219,8 @@ def read_record(
     try:
         return _read_record(path, load_output, load_inputs)
     except FileNotFoundError:
-        raise KeyError(f"no cache entry {missing or path!r} in {os.path.dirname(path)}") from None
+        raise CacheMissError(f"no cache entry {missing or path!r} in "
+                             f"{os.path.dirname(path)}") from None
     except (MemoryError, CorruptEntryError):
         raise
     except Exception as exc:
@@ -221,13 +230,22 @@ def read_record(
 
 
 def entry_files(directory: str | os.PathLike[str]) -> list[str]:
-    """Paths of the entries (``<key>.h5``) in ``directory``, sorted; [] if it does not exist."""
-    try:
-        with os.scandir(directory) as scan:
-            names = [entry.name for entry in scan if is_entry_name(entry.name)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return [os.path.join(directory, name) for name in sorted(names)]
+    """Paths of the entries (``<key>.h5``) in ``directory`` and its sub-directories (keys
+    with a ``/``), sorted; [] if it does not exist."""
+    found: list[str] = []
+    pending = [os.fspath(directory)]
+    while pending:
+        here = pending.pop()
+        try:
+            with os.scandir(here) as scan:
+                for entry in scan:
+                    if is_entry_name(entry.name):
+                        found.append(entry.path)
+                    elif not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return sorted(found)
 
 
 def is_entry_name(name: str) -> bool:
@@ -239,8 +257,7 @@ def is_entry_name(name: str) -> bool:
 
 
 def _check_record(record: CacheRecord) -> None:
-    if not isinstance(record.key, str) or not _STORE_KEY.fullmatch(record.key):
-        raise ResourceError(f"cache key {record.key!r} is invalid", key="cache_key")
+    entry_path("", record.key)  # raises ResourceError for a malformed key
     if record.status not in STATUSES:
         raise ValueError(f"status must be 'done' or 'failed', got {record.status!r}")
     if record.status == "done" and record.output is None:

@@ -49,7 +49,7 @@ class _BlockPool:
         self.workers[w.id] = w
         self.slot_workers[slot] = w
         cpus, gpus = self._worker_slots(slot)
-        env = self._task_env(self.cfg.worker_res, len(cpus), gpus)
+        env = self._task_env(self.cfg.worker_res, len(cpus), gpus, slot)
         init = None
         if self.cfg.init_function is not None:
             init = cloudpickle.dumps(self.cfg.init_function)
