@@ -249,8 +249,9 @@ def inner_job_executor(n):
                                  [inner.submit(inc, i) for i in range(n)]]
 
 
-def flux_instance():
-    """Inside a Flux batch job: the nested instance this call runs in."""
+def flux_instance(tag=None):
+    """Inside a Flux batch job: the nested instance this call runs in (``tag`` only makes
+    calls with different resources different calls)."""
     import flux
 
     from executorkit.launchers.flux_batch import pool_of

@@ -157,13 +157,8 @@ class BatchExecutor(Executor):
                        args: tuple[Any, ...], kwargs: dict[str, Any],
                        resource_dict: Mapping[str, Any] | None) -> Future:
         proxy: Future = Future()
-        remaining = [len(foreign)]
 
-        def input_done(_: Future) -> None:
-            with self._lock:
-                remaining[0] -= 1
-                if remaining[0]:
-                    return
+        def inputs_done() -> None:
             if proxy.cancelled():
                 return  # cancelled while its inputs were running: never submitted
             try:
@@ -173,8 +168,7 @@ class BatchExecutor(Executor):
             else:
                 _chain(inner, proxy)
 
-        for dep in foreign:
-            dep.add_done_callback(input_done)
+        when_all_done(foreign, inputs_done)
         return proxy
 
     def _submit_ready(self, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -341,6 +335,22 @@ class BatchExecutor(Executor):
 
     def _stopped(self, wait: bool) -> None:
         """Called at the end of shutdown (release connections)."""
+
+
+def when_all_done(futures: list[Future], action: Callable[[], None]) -> None:
+    """Call ``action()`` once, in the thread that completes the last of ``futures``."""
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        action()
+
+    for fut in futures:
+        fut.add_done_callback(one_done)
 
 
 def _job_key(fut: Future) -> str:

@@ -8,15 +8,24 @@ dependencies) and the end of each job as an event of its eventlog, so no thread 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from executorkit.errors import TaskTimeoutError
-from executorkit.executors._batch import ACCEPTED, BatchExecutor, JobFailedError, _Job, keys_in
+from executorkit.executors._batch import (
+    ACCEPTED,
+    BatchExecutor,
+    JobFailedError,
+    _Job,
+    keys_in,
+    when_all_done,
+)
 from executorkit.executors._engine import THREAD_VARIABLES
 from executorkit.launchers.flux_batch import (
     FluxBatchQueue,
+    FluxUnavailableError,
     JobEnd,
     batch_jobspec,
     batch_script,
@@ -24,6 +33,8 @@ from executorkit.launchers.flux_batch import (
     flux_command,
 )
 from executorkit.resources import Capabilities, Resources
+
+log = logging.getLogger("executorkit")
 
 
 class FluxClusterExecutor(BatchExecutor):
@@ -110,7 +121,10 @@ class FluxClusterExecutor(BatchExecutor):
         return job_id
 
     def _cancel_jobs(self, job_ids: list[str]) -> None:
-        self._queue.cancel(job_ids)
+        try:
+            self._queue.cancel(job_ids)
+        except FluxUnavailableError as exc:  # cancel() keeps the stdlib's contract: no raise
+            log.warning("could not cancel Flux job(s) %s: %s", ", ".join(job_ids), exc)
 
     def _not_started(self, job_ids: list[str]) -> set[str]:
         return {j for j in job_ids if not self._queue.started(j)}
@@ -150,8 +164,8 @@ class FluxClusterExecutor(BatchExecutor):
             self._forget(job_id)
             self._resubmit_after(job, waiting)
             return
-        message = (f"Flux job {job_id} ({job.key}) ended without a result: {end.describe()}; "
-                   f"its log is {self.log_file(job.key)}")
+        message = (f"{end.describe()}; call {job.key} left no result; its log is "
+                   f"{self.log_file(job.key)}")
         if end.state == "timeout":
             self._fail(job_id, job, TaskTimeoutError(f"{message} (run_time_max reached)"))
         else:
@@ -161,13 +175,7 @@ class FluxClusterExecutor(BatchExecutor):
     def _resubmit_after(self, job: _Job, waiting: list[_Job]) -> None:
         """Submit ``job`` again once all of ``waiting`` succeeded (a failure among them
         fails it through ``_upstream_done`` instead)."""
-        remaining = [len(waiting)]
-
-        def input_done(_: object) -> None:
-            with self._lock:
-                remaining[0] -= 1
-                if remaining[0]:
-                    return
+        def inputs_done() -> None:
             if job.future.done() or any(u.future.cancelled() or u.future.exception()
                                         for u in waiting):
                 return
@@ -180,8 +188,7 @@ class FluxClusterExecutor(BatchExecutor):
                 self._active[job.job_id] = job
             self._track(job)
 
-        for up in waiting:
-            up.future.add_done_callback(input_done)
+        when_all_done([u.future for u in waiting], inputs_done)
 
 
 def terminate_flux_jobs(cache_directory: str | os.PathLike[str],

@@ -23,7 +23,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -31,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from executorkit.errors import ExecutorkitError, ResourceError
+from executorkit.errors import ExecutorkitError, ResourceError, describe_exit
 from executorkit.resources import Resources
 
 log = logging.getLogger("executorkit")
@@ -40,7 +39,7 @@ log = logging.getLogger("executorkit")
 CACHE_ATTRIBUTE = "user.executorkit.cache_directory"
 
 
-class FluxUnavailableError(ExecutorkitError):
+class FluxUnavailableError(ExecutorkitError, RuntimeError):
     """Flux's Python bindings cannot be imported or no broker answers at the URI."""
 
 
@@ -49,15 +48,34 @@ class FluxSubmitError(ExecutorkitError):
 
 
 def import_flux() -> Any:
+    """The ``flux`` bindings: importable as they are, or those of the ``flux`` on PATH
+    (``PREFIX/lib/pythonX.Y/site-packages``), as ``flux python`` would find them."""
     try:
         import flux
-        import flux.job
     except ImportError as exc:
-        raise FluxUnavailableError(
-            f"Flux's Python bindings cannot be imported ({exc}); install flux-core (its "
-            f"lib/pythonX.Y/site-packages on PYTHONPATH, with cffi, pyyaml and ply) or "
-            f"PyPI's flux-python matching the broker") from exc
+        path = _bindings_of_flux_on_path()
+        if path is None:
+            raise FluxUnavailableError(
+                f"Flux's Python bindings do not import ({exc}) and no `flux` is on PATH: "
+                f"load your site's Flux, or pip install flux-python matching flux-core") from exc
+        sys.path.append(path)
+        try:
+            import flux
+        except ImportError as again:
+            raise FluxUnavailableError(
+                f"the Flux bindings in {path} do not import ({again}); they need cffi, "
+                f"pyyaml and ply") from again
     return flux
+
+
+def _bindings_of_flux_on_path() -> str | None:
+    exe = shutil.which("flux")
+    if exe is None:
+        return None
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(exe)))
+    path = os.path.join(prefix, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}",
+                        "site-packages")
+    return path if os.path.isdir(os.path.join(path, "flux")) else None
 
 
 def flux_command() -> str:
@@ -208,27 +226,27 @@ class JobEnd:
         return "completed" if self.status == 0 else "failed"
 
     def describe(self) -> str:
-        parts = []
+        """How the job ended: Flux's exception, then how its processes ended."""
+        parts = [f"Flux job {self.job_id}"]
         if self.lost is not None:
-            parts.append(f"its watch failed ({self.lost})")
+            parts.append(f"was lost to this driver ({self.lost})")
         if self.exception is not None:
-            parts.append(f"job exception {self.exception[0]}: {self.exception[1]}")
+            parts.append(f"was stopped by Flux (job exception type={self.exception[0]}: "
+                         f"{self.exception[1]})")
         if self.status is not None:
-            parts.append(_wait_status(self.status))
+            parts.append(("and " if len(parts) > 1 else "") + _how(self.status))
         elif self.lost is None:
-            parts.append("it never started")
-        return "; ".join(parts)
+            parts.append("never started")
+        return " ".join(parts)
 
 
-def _wait_status(status: int) -> str:
+def _how(status: int) -> str:
+    """Words for the wait status of a ``finish`` event."""
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(sig).name}"
-        return f"killed by signal {sig}"
+        return describe_exit(-os.WTERMSIG(status))[0]
     if os.WIFEXITED(status):
-        return f"exited with code {os.WEXITSTATUS(status)}"
-    return f"wait status {status}"
+        return describe_exit(os.WEXITSTATUS(status))[0]
+    return f"ended with wait status {status}"
 
 
 # ----------------------------------------------------------------------- the broker
@@ -236,7 +254,11 @@ class FluxBatchQueue:
     """One connection to a Flux instance: submit, cancel, list and watch batch jobs."""
 
     def __init__(self, uri: str | None = None) -> None:
-        flux = import_flux()
+        import_flux()  # finds the bindings, or says how to get them
+        import flux
+        import flux.constants
+        import flux.job
+
         self._flux = flux
         try:
             self._handle = flux.Flux(uri) if uri else flux.Flux()
