@@ -28,7 +28,7 @@ import os
 import pickle
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
 import cloudpickle
@@ -37,13 +37,16 @@ from executorkit import graph
 from executorkit._pickling import dumps_args
 from executorkit.cache._hook import _name
 from executorkit.cache._keys import compute_key
+from executorkit.command import Command, CommandCall, run_command
 from executorkit.errors import (
     DependencyError,
     ExecutorkitError,
     RemoteError,
     RemoteTraceback,
     ResourceError,
+    dependency_error,
 )
+from executorkit.executors._compat import ExecutorkitExecutor, check_function
 from executorkit.resources import Capabilities, Resources, merge, parse
 from executorkit.transport import Upstream
 
@@ -94,10 +97,20 @@ UNSUPPORTED = {
     "plot_dependency_graph_filename": "see plot_dependency_graph",
     "export_workflow_filename": "use SingleNodeExecutor for a dry run",
     "progress": "not available for batch jobs yet",
+    "pysqa_config_directory": "executorkit submits jobs itself, without pysqa: give your own "
+                              "job script as resource_dict['submission_template'] (Slurm) "
+                              "and queue options as resource_dict['slurm_cmd_args']",
+}
+# Keys every batch executor refuses: retries run in the engine of the job executors.
+BATCH_REFUSED = {
+    "max_retries": "retries run in the engine of the job executors (use SlurmJobExecutor "
+                   "or FluxJobExecutor inside an allocation)",
+    "retry_escalation": "see max_retries",
+    "retry_on": "see max_retries",
 }
 
 
-class BatchExecutor(Executor):
+class BatchExecutor(ExecutorkitExecutor):
     """Base of the cluster executors; documented on SlurmClusterExecutor and
     FluxClusterExecutor. Subclasses set ``_caps`` and implement the hooks below."""
 
@@ -115,17 +128,20 @@ class BatchExecutor(Executor):
             if compatible.get(name):
                 raise ResourceError(f"{type(self).__name__} does not support {name}: {reason}",
                                     key=name, allowed="leave it unset")
+        from executorkit.cache._access import remove_stale_temporaries
         from executorkit.cache._store import CacheStore
 
         self._dir = os.path.abspath(os.fspath(cache_directory or "executorkit_cache"))
         self._defaults = parse(resource_dict)
         self._store = CacheStore(self._dir)
+        remove_stale_temporaries(self._dir)
         self._disable_dependencies = disable_dependencies
         self._wait_on_exit = wait
         self._pmi_mode: str | None = compatible.get("pmi_mode")
         self._lock = threading.Condition()
         self._active: dict[str, _Job] = {}  # job id -> job
         self._live: dict[str, _Job] = {}  # key -> its job in this session
+        self._pending: set[Future] = set()  # calls waiting for other executors' futures
         self._shutdown = False
 
     # ----------------------------------------------------------------- submit
@@ -133,14 +149,22 @@ class BatchExecutor(Executor):
         self, fn: Callable[..., Any], /, *args: Any,
         resource_dict: Mapping[str, Any] | None = None, **kwargs: Any,
     ) -> Future:
+        """Submit ``fn(*args, **kwargs)`` as a batch job; Futures in the arguments become
+        ``afterok`` dependencies. ``resource_dict`` overrides the executor's defaults key by
+        key. Raises ResourceError (a ValueError) for a bad or unsupported resource_dict."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
+        check_function(fn)
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         res = self._check(merge(self._defaults, resource_dict))
         if res.cache_directory not in (None, self._dir):
             raise ResourceError(f"{type(self).__name__} keeps calls in its own cache_directory",
                                 key="cache_directory", allowed="the executor's directory")
+        if isinstance(fn, Command):  # a program run: see executorkit.command
+            if args or kwargs:
+                raise TypeError("a Command takes no call arguments: put them in its argv")
+            fn, args = run_command, (CommandCall(fn, res.env, res.cwd),)
         deps = graph.find_futures(args, kwargs)
         if deps and self._disable_dependencies:
             raise ValueError("a Future was passed as an argument but disable_dependencies=True")
@@ -157,6 +181,9 @@ class BatchExecutor(Executor):
                        args: tuple[Any, ...], kwargs: dict[str, Any],
                        resource_dict: Mapping[str, Any] | None) -> Future:
         proxy: Future = Future()
+        with self._lock:
+            self._pending.add(proxy)
+        proxy.add_done_callback(self._pending.discard)
 
         def inputs_done() -> None:
             if proxy.cancelled():
@@ -231,6 +258,7 @@ class BatchExecutor(Executor):
         if job.res.cwd:
             os.makedirs(job.res.cwd, exist_ok=True)  # queue systems do not create it
         path = self.input_file(job.key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # a cache_key "subdir/name"
         with open(path + ".tmp", "wb") as fh:
             pickle.dump(spec, fh)
         os.replace(path + ".tmp", path)
@@ -308,6 +336,24 @@ class BatchExecutor(Executor):
     def __exit__(self, *exc: object) -> None:
         self.shutdown(wait=self._wait_on_exit)
 
+    def __len__(self) -> int:
+        """Calls submitted and not finished yet."""
+        with self._lock:
+            return sum(not job.future.done() for job in self._live.values()) + \
+                sum(not f.done() for f in self._pending)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Settings and counts: ``backend``, ``cache_directory``, ``resource_dict`` (the
+        defaults), ``unfinished`` (as ``len(exe)``)."""
+        return {"backend": type(self).__name__, "cache_directory": self._dir,
+                "resource_dict": self._defaults.as_dict(), "unfinished": len(self)}
+
+    @property
+    def max_workers(self) -> None:
+        """None: the queue system decides how many jobs run at once."""
+        return None
+
     def batched(self, futures: Iterable[Future], n: int) -> list[Future]:
         from executorkit.streaming import batched
 
@@ -380,10 +426,9 @@ def _dependency_error(fn: Any, upstream: Future) -> DependencyError:
     cause: BaseException = (CancelledError("input future was cancelled") if upstream.cancelled()
                             else upstream.exception())  # type: ignore[assignment]
     name = getattr(fn, "__qualname__", "the call") if fn is not None else "the call"
-    err = DependencyError(f"{name}: an input failed with {type(cause).__name__}: {cause}",
-                          upstream=upstream)
-    err.__cause__ = cause
-    return err
+    job = getattr(upstream, "_job", None)
+    label = f"job {job.key}" if job is not None else "future"
+    return dependency_error(name, label, cause, future=upstream)
 
 
 def _stored_error(record: Any) -> BaseException:
@@ -400,8 +445,13 @@ def _stored_error(record: Any) -> BaseException:
 
 
 def keys_in(cache_directory: str | os.PathLike[str]) -> set[str]:
-    """Cache keys of the calls a cluster executor submitted from ``cache_directory``."""
-    try:
-        return {f[:-7] for f in os.listdir(cache_directory) if f.endswith(".in.pkl")}
-    except FileNotFoundError:
-        return set()
+    """Cache keys of the calls a cluster executor submitted from ``cache_directory``
+    (keys "subdir/name" live in sub-directories)."""
+    directory = os.fspath(cache_directory)
+    names = set()
+    for folder, _, files in os.walk(directory):
+        rel = os.path.relpath(folder, directory)
+        for f in files:
+            if f.endswith(".in.pkl"):
+                names.add(f[:-7] if rel == "." else f"{rel}/{f[:-7]}")
+    return names

@@ -13,16 +13,17 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from executorkit.engine import THREAD_VARIABLES
 from executorkit.errors import TaskTimeoutError
 from executorkit.executors._batch import (
     ACCEPTED,
+    BATCH_REFUSED,
     BatchExecutor,
     JobFailedError,
     _Job,
     keys_in,
     when_all_done,
 )
-from executorkit.executors._engine import THREAD_VARIABLES
 from executorkit.launchers.flux_batch import (
     FluxBatchQueue,
     FluxUnavailableError,
@@ -71,6 +72,7 @@ class FluxClusterExecutor(BatchExecutor):
         "priority": "Flux orders batch jobs itself",
         "error_log_file": "each job keeps its own log, <cache_directory>/<key>.out",
         "slurm_cmd_args": "it is for Slurm executors only",
+        **BATCH_REFUSED,
     }
 
     def __init__(self, max_workers: int | None = None, *,
@@ -192,10 +194,13 @@ class FluxClusterExecutor(BatchExecutor):
 
 
 def terminate_flux_jobs(cache_directory: str | os.PathLike[str],
-                        flux_uri: str | None = None) -> int:
+                        flux_uri: str | None = None, only: str | None = None) -> int:
     """Cancel the pending or running Flux jobs of the calls kept in ``cache_directory``
-    (named by cache key, submitted for this directory); returns how many."""
+    (named by cache key, submitted for this directory), or only the one of key ``only``;
+    returns how many."""
     names = keys_in(cache_directory)
+    if only is not None:
+        names &= {only}
     if not names:
         return 0
     here = os.path.abspath(cache_directory)

@@ -15,9 +15,15 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from executorkit.engine import THREAD_VARIABLES
 from executorkit.errors import TaskTimeoutError
-from executorkit.executors._batch import BatchExecutor, JobFailedError, _Job, keys_in
-from executorkit.executors._engine import THREAD_VARIABLES
+from executorkit.executors._batch import (
+    BATCH_REFUSED,
+    BatchExecutor,
+    JobFailedError,
+    _Job,
+    keys_in,
+)
 from executorkit.launchers.queue import TERMINAL, SlurmQueue, job_script, sbatch_command
 from executorkit.resources import Capabilities
 
@@ -44,10 +50,12 @@ class SlurmClusterExecutor(BatchExecutor):
 
     _caps = Capabilities(
         "SlurmClusterExecutor", max_cpus=1 << 30, max_gpus=1 << 30, max_nodes=1 << 30,
+        batch_scripts=True,
         unsupported={
             "priority": "Slurm orders batch jobs itself (pass --nice or --priority in "
                         "slurm_cmd_args)",
             "error_log_file": "each job keeps its own log, <cache_directory>/<key>.out",
+            **BATCH_REFUSED,
         })
 
     def __init__(self, max_workers: int | None = None, *,
@@ -71,7 +79,7 @@ class SlurmClusterExecutor(BatchExecutor):
         env += list(job.res.env)
         with open(base + ".sh", "w") as script:
             script.write(job_script(job.res, input_file=self.input_file(job.key), env=env,
-                                    pmi_mode=self._pmi_mode))
+                                    pmi_mode=self._pmi_mode, job_name=job.key))
         cmd = sbatch_command(job.res, job_name=job.key, script=base + ".sh",
                              output=self.log_file(job.key), after_ok=after_ok)
         return self._queue.submit(cmd)
@@ -160,10 +168,14 @@ class SlurmClusterExecutor(BatchExecutor):
         return time.monotonic() - first < 30.0
 
 
-def terminate_slurm_jobs(cache_directory: str | os.PathLike[str]) -> int:
+def terminate_slurm_jobs(cache_directory: str | os.PathLike[str],
+                         only: str | None = None) -> int:
     """Cancel the queued or running Slurm jobs of the calls kept in ``cache_directory``
-    (named by cache key, running this directory's batch script); returns how many."""
+    (named by cache key, running this directory's batch script), or only the one of key
+    ``only``; returns how many."""
     names = keys_in(cache_directory)
+    if only is not None:
+        names &= {only}
     if not names:
         return 0
     queue = SlurmQueue()
