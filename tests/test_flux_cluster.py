@@ -291,6 +291,17 @@ def test_a_flux_job_executor_inside_the_job(cluster):
 
 @pytest.mark.flux
 @needs_broker
+def test_a_command_as_a_batch_job(cluster, tmp_path):
+    from executorkit import Command
+
+    exe = cluster()
+    first = exe.submit(Command(["echo", "hello"]), resource_dict={"cwd": str(tmp_path / "w")})
+    second = exe.submit(Command(["echo", first, "world"]))
+    assert second.result(timeout=T).stdout == "hello world\n"
+
+
+@pytest.mark.flux
+@needs_broker
 def test_same_key_as_the_local_executor(tmp_path, cluster):
     from executorkit import SingleNodeExecutor
 
