@@ -264,9 +264,11 @@ class BatchExecutor(ExecutorkitExecutor):
         os.replace(path + ".tmp", path)
 
     def input_file(self, key: str) -> str:
+        """The file holding call ``key`` for its batch job."""
         return os.path.join(self._dir, key + ".in.pkl")
 
     def log_file(self, key: str) -> str:
+        """The output (stdout and stderr) of the batch job of call ``key``."""
         return os.path.join(self._dir, key + ".out")
 
     def _ours(self, fut: Future) -> bool:
