@@ -233,7 +233,7 @@ def test_run_time_max_of_30_days_keeps_the_executor_working(make_executor):
 
 def test_env_with_a_nul_byte_is_rejected_at_submit(make_executor):
     exe = make_executor(max_workers=1)
-    with pytest.raises(ResourceError, match="'BAD'.*NUL") as info:
+    with pytest.raises(ResourceError, match=r"'BAD'.*NUL") as info:
         exe.submit(tf.inc, 1, resource_dict={"env": {"BAD": "a\0b"}})
     assert info.value.key == "env"
     assert exe.submit(tf.inc, 2).result(timeout=T) == 3
