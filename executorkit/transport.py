@@ -28,7 +28,8 @@ from typing import Any
 
 __all__ = [
     "AuthenticationError", "BlockingChannel", "Cancel", "Dropped", "Exited", "FrameReader",
-    "GaveBack", "Hello", "Kill", "Preload", "RunTask", "Spawn", "Started", "Stop", "TaskDone", "encode",
+    "GaveBack", "Hello", "Kill", "Preload", "RunTask", "Spawn", "Started", "Stop", "TaskDone",
+    "encode",
 ]
 
 _HEADER = struct.Struct("!Q32s")
@@ -185,6 +186,7 @@ class Spawn(_Message):
     errdir: str | None = None  # private directory of this worker (MPI error reports)
     res: Any = None  # the Resources of the call (launchers that ask a scheduler need them)
     spare: bool = False  # a warm per-task worker that gets its call later
+    program: bool = False  # the call runs a program (executorkit.command), see Engine
 
 
 @dataclass(slots=True)

@@ -55,7 +55,7 @@ def test_queued_call_is_not_running_and_cancel_drops_it(tmp_path, keep_queued):
         assert b.cancel()
         taskfuncs.release(d, "a")
         assert a.result(timeout=60) == "A"
-        wait_until(lambda: exe.info()["waiting"] == 0)
+        wait_until(lambda: exe.info["waiting"] == 0)
         # the worker dropped b before starting it, and is still usable
         assert exe.submit(taskfuncs.identity, 5).result(timeout=60) == 5
     assert b.cancelled()
@@ -72,6 +72,7 @@ def test_queued_call_reports_running_once_it_starts(tmp_path, keep_queued):
         wait_until(lambda: _state(b) == SENT)
         assert not b.running()
         taskfuncs.release(d, "a")
+        assert a.result(timeout=60) == "A"
         wait_until(lambda: taskfuncs.started(d, "b"))
         wait_until(b.running)
         taskfuncs.release(d, "b")

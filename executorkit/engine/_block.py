@@ -9,6 +9,7 @@ gives the queued calls back, to be placed again.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import CancelledError
 
 import cloudpickle
@@ -55,7 +56,7 @@ class _BlockPool:
         self.workers[w.id] = w
         self.slot_workers[slot] = w
         cpus, gpus = self._worker_slots(slot)
-        env = self._task_env(self.cfg.worker_res, len(cpus), gpus)
+        env = self._task_env(self.cfg.worker_res, len(cpus), gpus, slot)
         init = None
         if self.cfg.init_function is not None:
             init = cloudpickle.dumps(self.cfg.init_function)
@@ -74,6 +75,7 @@ class _BlockPool:
             task.state = SENT
         else:
             task.state = RUNNING
+            task.started = time.time()
             self._running += 1
         w.tasks[task.id] = task
         task.worker = w
@@ -114,6 +116,7 @@ class _BlockPool:
         if task is None or task.state != SENT:
             return
         task.state = RUNNING
+        task.started = time.time()
         self._running += 1
         if task.future.cancelled():  # cancelled while its Cancel was on the way
             self._stop_worker(w)
@@ -202,7 +205,7 @@ class _BlockPool:
 
 
     def _init_failed(self, w: _Worker | None, info: ErrorInfo) -> None:
-        err = _error_from_info(info, "init_function")
+        err = _error_from_info(info, "init_function", self.cfg.init_function)
         broken = ExecutorBrokenError(f"init_function failed in a worker: {err}")
         broken.__cause__ = err
         self._break(broken)
