@@ -918,10 +918,11 @@ def real_function(name: str) -> Callable[[int], Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def first_round(peer: str, block: bool, fn: Callable[[int], Any], n: int) -> float:
+def first_round(peer: str, block: bool, fn: Callable[[int], Any], n: int,
+                **kwargs: Any) -> float:
     """Calls/s of ``n`` calls of ``fn`` on a fresh executor whose workers are up (warmed
     with ``inc``) but have never seen ``fn``: the first round a user's campaign gets."""
-    with running(peer, block) as exe:
+    with running(peer, block, **kwargs) as exe:
         warm_up(exe)
         start = time.perf_counter()
         futures = [exe.submit(fn, i) for i in range(n)]
@@ -934,7 +935,7 @@ def first_round(peer: str, block: bool, fn: Callable[[int], Any], n: int) -> flo
 
 def real_rows(report: Report, key: str, label: str, target: str,
               check: Callable[[float, dict[str, Any]], bool], block: bool, fn_name: str,
-              sizes: dict[str, int]) -> None:
+              sizes: dict[str, int]) -> Row:
     """One row: the median over fresh executors of the first round's calls/s."""
     row = report.add(Row(key, label, target, check, "{:,.0f}"))
     fn = real_function(fn_name)
@@ -948,6 +949,7 @@ def real_rows(report: Report, key: str, label: str, target: str,
             return sorted(rates)[len(rates) // 2]
 
         row.values[peer] = attempt(report, f"fig {key}", peer, measure)
+    return row
 
 
 def figure_9(report: Report) -> None:
@@ -963,6 +965,7 @@ def figure_10(report: Report) -> None:
     """Block allocation on real functions, first round, against the stdlib (issue 13)."""
     n = 1000 if report.config.quick else 3000
     sizes = {EK: n, STDLIB: n, EL: n}
+    rows: dict[str, Row] = {}
     ratio = (">= 1.2 x stdlib",
              lambda v, vals: _number(vals.get(STDLIB)) and v >= 1.2 * vals[STDLIB])
     for key, label, name in (
@@ -970,7 +973,24 @@ def figure_10(report: Report) -> None:
             ("10b", "numpy/scipy module: float(np.arange(4.0).sum() * x)", "np_sum"),
             ("10c", "numpy/scipy module: scipy.linalg.norm", "scipy_norm"),
             ("10d", "pure-Python loop, ~40 us per call", "spin")):
-        real_rows(report, key, f"block calls/s, {label}", *ratio, True, name, sizes)
+        rows[key] = real_rows(report, key, f"block calls/s, {label}", *ratio, True, name,
+                              sizes)
+    # The same first round as 10a with the module imported by the fork server beforehand
+    # (SingleNodeExecutor(preload=...)), so the workers do not import numpy and scipy
+    # during the round; the stdlib column repeats 10a's.
+    row = report.add(Row("10e", "block calls/s, 10a with preload=['npfuncs']", *ratio,
+                         "{:,.0f}"))
+    row.values[STDLIB] = rows["10a"].values.get(STDLIB, "n/a")
+    fn = real_function("trivial")
+
+    def measure() -> float:
+        rates = repeated(lambda: first_round(EK, True, fn, n, preload=["npfuncs"]),
+                         report.config)
+        report.note(f"fig 10e, {EK}: trivial, N={n}, preload=['npfuncs'], first-round "
+                    f"calls/s on fresh executors: {_samples(rates)} -> median")
+        return sorted(rates)[len(rates) // 2]
+
+    row.values[EK] = attempt(report, "fig 10e", EK, measure)
 
 
 def main(argv: list[str] | None = None) -> int:
