@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import socket
 import sys
 import threading
@@ -78,6 +79,8 @@ class _Server:
         self.init_values = init_values
         self.setup = setup
         self.reader = FrameReader(secret)
+        self.poller = select.poll()  # is anything waiting? (cheaper than a failing recv)
+        self.poller.register(sock, select.POLLIN)
         self.pending: deque[object] = deque()
         self.cancelled: set[int] = set()
         self.dropped: list[int] = []
@@ -107,7 +110,8 @@ class _Server:
                 return 0
             assert isinstance(msg, RunTask), f"unexpected message {type(msg).__name__}"
             if msg.queued:
-                self._receive(block=False)  # a Cancel for it may have arrived meanwhile
+                if self.poller.poll(0):  # a Cancel for it may have arrived meanwhile
+                    self._receive(block=False)
                 if msg.task_id in self.cancelled:
                     self.cancelled.discard(msg.task_id)
                     self.dropped.append(msg.task_id)
