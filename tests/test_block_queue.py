@@ -37,6 +37,19 @@ def keep_queued(monkeypatch):
     monkeypatch.setattr(_block, "OVERRUN", 0.0)
 
 
+def engine_turn(exe) -> None:
+    """Wait until the engine has handled everything posted so far and sent the resulting
+    frames (a deferred call runs after the turn's flush). Cancelling is asynchronous: a
+    queued call the worker starts before its Cancel arrives is stopped like a running
+    call; the tests make the Cancel arrive first."""
+    import threading
+
+    engine = exe._engine
+    done = threading.Event()
+    engine.post(lambda: engine._later(0.0, done.set))
+    assert done.wait(30)
+
+
 def _state(fut):
     task = fut._task
     return None if task is None else task.state
@@ -53,6 +66,7 @@ def test_queued_call_is_not_running_and_cancel_drops_it(tmp_path, keep_queued):
         assert a.running()
         assert not b.running()
         assert b.cancel()
+        engine_turn(exe)
         taskfuncs.release(d, "a")
         assert a.result(timeout=60) == "A"
         wait_until(lambda: exe.info["waiting"] == 0)
@@ -91,6 +105,7 @@ def test_shutdown_cancel_futures_cancels_calls_queued_in_workers(tmp_path, keep_
         exe.shutdown(wait=False, cancel_futures=True)
         assert all(f.cancelled() for f in queued)
         assert not a.cancelled()
+        engine_turn(exe)
         taskfuncs.release(d, "a")
         assert a.result(timeout=60) == "A"
     finally:
@@ -119,3 +134,21 @@ def test_call_behind_a_long_call_moves_to_a_free_worker(tmp_path):
         finally:
             taskfuncs.release(d, "a")
         assert a.result(timeout=60) == "A"
+
+
+def test_cancel_of_a_queued_call_that_has_just_started_stops_it(tmp_path, keep_queued):
+    # Whether the engine still sees it queued (its Cancel then meets a call already
+    # started) or running, the call is stopped like any cancelled running call.
+    d = str(tmp_path)
+    with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
+        learn_tiny(exe, d)
+        a = exe.submit(taskfuncs.gate, d, "a", "A")
+        wait_until(lambda: taskfuncs.started(d, "a"))
+        b = exe.submit(taskfuncs.gate, d, "b", "B")
+        wait_until(lambda: _state(b) == SENT)
+        taskfuncs.release(d, "a")
+        wait_until(lambda: taskfuncs.started(d, "b"))
+        assert b.cancel()
+        assert a.result(timeout=60) == "A"
+        assert exe.submit(taskfuncs.identity, 7).result(timeout=60) == 7  # a new worker
+    assert b.cancelled()
