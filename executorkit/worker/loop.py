@@ -125,7 +125,6 @@ class _Server:
             if not self.persistent:
                 self._reply(last)
                 self._flush()
-                _yield_cpu()
                 return 0
 
     def _run(self, msg: RunTask) -> TaskDone:
@@ -212,15 +211,6 @@ class _Server:
                              if not (isinstance(m, RunTask) and m.task_id in ids))
         self.sock.sendall(b"".join(encode(
             GaveBack(running.task_id, elapsed, tuple(m.task_id for m in back)), self.secret)))
-
-
-def _yield_cpu() -> None:
-    """A one-shot worker has replied; what is left is tearing down its address space. The
-    next call is pinned to the CPU this one had: let it run first."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
 
 
 def _main(bootfile: str) -> None:
