@@ -45,6 +45,7 @@ from executorkit.errors import (
     RemoteTraceback,
     ResourceError,
     dependency_error,
+    task_exception,
 )
 from executorkit.executors._compat import ExecutorkitExecutor, check_function
 from executorkit.resources import Capabilities, Resources, merge, parse
@@ -441,6 +442,7 @@ def _stored_error(record: Any) -> BaseException:
     if exc is None:
         lines = (record.error_text or "").strip().splitlines()
         exc = RemoteError("error", lines[-1] if lines else "the job failed")
+    exc = task_exception(exc, getattr(record, "function_name", None) or "the call")
     if record.error_text:
         exc.__cause__ = RemoteTraceback(record.error_text)
     return exc

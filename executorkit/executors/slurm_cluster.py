@@ -24,6 +24,7 @@ from executorkit.executors._batch import (
     _Job,
     keys_in,
 )
+from executorkit.launchers.pythonpath import worker_pythonpath
 from executorkit.launchers.queue import TERMINAL, SlurmQueue, job_script, sbatch_command
 from executorkit.resources import Capabilities
 
@@ -76,6 +77,9 @@ class SlurmClusterExecutor(BatchExecutor):
     def _submit_job(self, job: _Job, after_ok: list[str]) -> str:
         base = os.path.join(self._dir, job.key)
         env = [(k, str(job.res.threads_per_core)) for k in THREAD_VARIABLES]
+        pythonpath = worker_pythonpath()  # the job imports what this driver imports
+        if pythonpath:
+            env.append(("PYTHONPATH", pythonpath))
         env += list(job.res.env)
         with open(base + ".sh", "w") as script:
             script.write(job_script(job.res, input_file=self.input_file(job.key), env=env,
@@ -93,7 +97,11 @@ class SlurmClusterExecutor(BatchExecutor):
         if found is None:
             return None
         job_id, state, reason, script = found
-        if state in TERMINAL or os.path.abspath(script) != os.path.join(self._dir, key + ".sh"):
+        # COMPLETING: the script has ended and Slurm runs its epilog; it will write nothing
+        # more. Attaching to it (a rerun right after the last, its cache emptied) would
+        # wait for an entry that never comes.
+        if state in TERMINAL or state == "COMPLETING" or \
+                os.path.abspath(script) != os.path.join(self._dir, key + ".sh"):
             return None
         if state == "PENDING" and reason == "DependencyNeverSatisfied":
             self._queue.cancel([job_id])  # its inputs run again now: submit it afresh
