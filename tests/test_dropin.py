@@ -329,10 +329,10 @@ def test_sys_exit_in_a_task_fails_its_future_and_never_exits_the_driver(block):
 
 
 def test_sys_exit_in_init_function_is_a_runtime_error():
-    with pytest.raises(RuntimeError, match=r"init_function called sys.exit"):
-        with executorlib.SingleNodeExecutor(max_workers=1, block_allocation=True,
-                                            init_function=exit_at_init) as exe:
-            exe.submit(sum, [1, 1]).result(timeout=T)
+    with pytest.raises(RuntimeError, match=r"init_function called sys.exit"), \
+            executorlib.SingleNodeExecutor(max_workers=1, block_allocation=True,
+                                           init_function=exit_at_init) as exe:
+        exe.submit(sum, [1, 1]).result(timeout=T)
 
 
 # 14 ----------------------------------------------------------------------------------------
