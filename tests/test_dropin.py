@@ -124,12 +124,19 @@ def test_len_counts_unfinished_calls_and_the_executor_stays_truthy(tmp_path):
 
 
 @pytest.mark.parametrize("block", [False, True])
-def test_max_workers_reads_and_refuses_resizing(block):
-    exe = executorlib.SingleNodeExecutor(max_workers=2, block_allocation=block)
+def test_max_workers_reads_and_resizes(block):
+    # executorlib's resize test, with only the import changed (the process counting and
+    # the proofs of concurrency are in test_resize.py)
+    exe = executorlib.SingleNodeExecutor(max_workers=1, block_allocation=block)
     try:
-        assert exe.max_workers == 2
-        with pytest.raises(NotImplementedError, match="max_workers"):
-            exe.max_workers = 1
+        futures = [exe.submit(tf.inc, i) for i in range(4)]
+        assert exe.max_workers == 1
+        exe.max_workers = 2
+        assert exe.max_workers == 2 and exe.info["max_workers"] == 2
+        assert [f.result(timeout=T) for f in futures] == [1, 2, 3, 4]
+        exe.max_workers = 1
+        assert [f.result(timeout=T) for f in [exe.submit(tf.inc, i) for i in range(4)]] == \
+            [1, 2, 3, 4]
     finally:
         exe.shutdown(wait=True)
     assert exe.max_workers is None

@@ -224,6 +224,8 @@ class _TaskFlow:
         elif w is not None and w.persistent:
             self._learn_runtime(task, msg.finished - msg.started)
             self._starts(self.sched.finish(task.id))
+            if self._retired:
+                self._stop_if_retired(w)
         tiny = self._slow_active == 0
         if self._dirty and not (w is not None and w.persistent and tiny):
             self._flush()  # (tiny calls: keep batching, the turn's end flushes once)

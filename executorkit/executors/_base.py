@@ -14,7 +14,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from executorkit.command import Command, CommandCall, run_command
@@ -103,6 +103,7 @@ class BaseExecutor(ExecutorkitExecutor):
         self._cache_directory = cache_directory
         self._resource_dict = dict(resource_dict or {})
         self._workers = 0  # block-allocation workers, set by _plan_pool
+        self._core_limit: int | None = None  # most CPUs a resized pool may take (None: any)
         config, self._caps = self._engine_config(PoolParams(
             max_workers, max_cores, max_gpus, init_function, restart_limit))
         config.disable_dependencies = disable_dependencies
@@ -155,6 +156,7 @@ class BaseExecutor(ExecutorkitExecutor):
             caps = Capabilities(self._backend, pool, gpus, unsupported, max_nodes=max_nodes)
             plan = PoolPlan(pool, 0, max_workers if (max_workers and max_cores) else None, caps)
         self._workers = plan.workers or plan.max_running or pool
+        self._core_limit = max_cores  # None: the pool follows max_workers
         caps.check(self._defaults)
         self._check_resources(self._defaults)
         return plan
@@ -272,16 +274,65 @@ class BaseExecutor(ExecutorkitExecutor):
     @property
     def max_workers(self) -> int | None:
         """Block allocation: the number of persistent workers; per-task processes: the most
-        calls running at once. None after shutdown (as in executorlib)."""
+        calls running at once. None after shutdown (as in executorlib). Settable: see the
+        executor class."""
         return None if self._shutdown else self._workers
 
     @max_workers.setter
     def max_workers(self, value: int) -> None:
-        # executorlib resizes a block-allocation pool here; executorkit does not yet (the
-        # pool's CPU slots are fixed when the engine starts). Say so rather than ignore it.
-        raise NotImplementedError(
-            f"{type(self).__name__}.max_workers cannot be changed after creation (asked for "
-            f"{value!r}); create a new executor with the size you need")
+        if self._shutdown:
+            raise RuntimeError("cannot change max_workers after shutdown")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ResourceError(
+                f"max_workers must be an int >= 1, got {value!r} (to stop every worker, call "
+                f"shutdown())", key="max_workers", allowed="an int >= 1")
+        if self._block:
+            self._resize_workers(value)
+        else:
+            self._limit_calls(value)
+        self._workers = value
+
+    def _resize_workers(self, workers: int) -> None:
+        """Block allocation: ``workers`` persistent workers of the executor-level size."""
+        per_call, pool = self._defaults.cpus, workers * self._defaults.cpus
+        if self._core_limit is not None and pool > self._core_limit:
+            raise ResourceError(
+                f"max_workers={workers} workers of {per_call} CPUs need {pool} CPUs but "
+                f"{self._backend} has {self._core_limit} (max_cores)", key="max_workers",
+                allowed=f"1..{self._core_limit // per_call}")
+        if workers * self._defaults.gpus > self.max_gpus:
+            raise ResourceError(
+                f"max_workers={workers} workers with {self._defaults.gpus} GPUs each need "
+                f"{workers * self._defaults.gpus} GPUs but the pool has {self.max_gpus}",
+                key="max_workers", allowed=f"1..{self.max_gpus // self._defaults.gpus}")
+        cpus, real = self._pool_cpus(pool)
+        self._caps = replace(self._caps, max_cpus=pool)
+        self._engine.resize(workers, cpus=cpus, real=real)
+
+    def _limit_calls(self, calls: int) -> None:
+        """Per-task processes, as if created with ``max_workers=calls``: without max_cores
+        the pool becomes ``calls`` calls' worth of CPUs; with it, at most ``calls`` at once."""
+        if self._core_limit is None:
+            pool = calls * self._defaults.cpus
+            cpus, real = self._pool_cpus(pool)
+            try:
+                self._engine.resize(calls, cpus=cpus, real=real)
+            except ValueError as exc:
+                raise ResourceError(f"max_workers={calls}: {exc}", key="max_workers",
+                                    allowed="a pool every waiting call fits in") from exc
+            self._caps = replace(self._caps, max_cpus=pool)
+            return
+        if calls > self.max_cores:
+            raise ResourceError(
+                f"max_workers={calls} calls at once need at least {calls} CPUs but the pool "
+                f"has {self.max_cores} (max_cores)", key="max_workers",
+                allowed=f"1..{self.max_cores}")
+        self._engine.resize(calls)
+
+    def _pool_cpus(self, pool: int) -> tuple[tuple[int, ...], bool]:
+        """CPU slot ids of a resized pool, and whether they are real CPUs to pin calls to
+        (overridden where the slots are this machine's CPUs)."""
+        return tuple(range(pool)), False
 
 
 @dataclass(frozen=True)

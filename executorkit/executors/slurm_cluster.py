@@ -417,6 +417,12 @@ class SlurmClusterExecutor(ExecutorkitExecutor):
         """None: Slurm decides how many jobs run at once."""
         return None
 
+    @max_workers.setter
+    def max_workers(self, value: int) -> None:
+        raise NotImplementedError(
+            f"SlurmClusterExecutor cannot resize (max_workers={value!r}): every call is its "
+            "own batch job and Slurm decides how many run at once")
+
     def batched(self, futures: Iterable[Future], n: int) -> list[Future]:
         from executorkit.streaming import batched
 
