@@ -1,8 +1,8 @@
 """The pool and the admission policy, as a plain state machine.
 
 Events go in (:meth:`Scheduler.submit`, :meth:`Scheduler.finish`, :meth:`Scheduler.withdraw`,
-:meth:`Scheduler.resize`), decisions come out (a list of :class:`Start`). There are no threads, clocks or processes
-here, so the policy is tested by feeding events and reading decisions.
+:meth:`Scheduler.resize`), decisions come out (a list of :class:`Start`). There are no
+threads, clocks or processes here, so the policy is tested by feeding events and reading decisions.
 
 Policy
 ------

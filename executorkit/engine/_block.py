@@ -8,11 +8,10 @@ retired ones get no new calls and stop once the calls already sent to them are d
 from __future__ import annotations
 
 from concurrent.futures import CancelledError
+from dataclasses import replace
 from typing import Any
 
 import cloudpickle
-
-from dataclasses import replace
 
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._failures import _error_from_info
