@@ -15,7 +15,8 @@ def arrived(directory):
 
 
 def meet(directory, n, tag=None, timeout=60.0):
-    """Arrive at a barrier of ``n`` calls and wait for the others; (pid, tag) once all came.
+    """Arrive at a barrier of ``n`` calls and wait for the others; once all came: (pid, tag,
+    Slurm job id or None).
 
     Only calls running at the same time can all arrive: a call that has to wait for a free
     worker never gets here while the others wait, and they fail after ``timeout``.
@@ -28,4 +29,4 @@ def meet(directory, n, tag=None, timeout=60.0):
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {arrived(directory)} of {n} calls ran at once")
         time.sleep(0.01)  # waiting for a condition (the other calls), not ordering events
-    return os.getpid(), tag
+    return os.getpid(), tag, os.environ.get("SLURM_JOB_ID")

@@ -43,8 +43,8 @@ def test_growing_a_block_pool_starts_initialised_workers_for_waiting_calls(tmp_p
         exe.max_workers = 2
         assert exe.max_workers == 2 and exe.max_cores == 2 and len(exe) == 2
         results = [first.result(timeout=T), second.result(timeout=T)]
-        assert {tag for _, tag in results} == {"initialised"}  # init_function ran in both
-        assert len({pid for pid, _ in results}) == 2
+        assert {tag for _, tag, _ in results} == {"initialised"}  # init_function ran in both
+        assert len({pid for pid, _, _ in results}) == 2
         assert len(worker_pids()) == 2
 
 
