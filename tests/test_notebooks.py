@@ -34,16 +34,11 @@ def _stream_text(cell: nbformat.NotebookNode) -> str:
 
 def _skip_without_backend(name: str) -> None:
     """Notebooks about a backend skip, with the reason, where that backend is missing."""
-    if name.startswith("slurm"):
-        from test_slurm import NO_SLURM
+    import capabilities
 
-        if NO_SLURM is not None:
-            pytest.skip(f"{name} needs a Slurm cluster: {NO_SLURM}")
-    if name.startswith("mpi"):
-        from test_mpi import HAVE_MPI
-
-        if not HAVE_MPI:
-            pytest.skip(f"{name} needs mpiexec and mpi4py")
+    for backend in ("slurm", "mpi"):
+        if name.startswith(backend):
+            capabilities.require(backend)
 
 
 def skip_without_backend(name: str) -> None:

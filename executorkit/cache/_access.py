@@ -24,7 +24,7 @@ from executorkit.cache._store import (
 )
 from executorkit.errors import RemoteError, RemoteTraceback, ResourceError, SerializationError
 
-__all__ = ["clear_cache", "get_future_from_cache", "stored_exception"]
+__all__ = ["clear_cache", "get_future_from_cache", "remove_stale_temporaries", "stored_exception"]
 
 # A temporary file is left over from a killed writer when nothing has touched it for a while
 # and its writer is gone.  The writer's pid is only meaningful on this host, so files whose
@@ -87,7 +87,9 @@ def clear_cache(
     Filters combine: ``status`` ("done" or "failed"), ``function`` (the stored function name,
     either fully qualified like ``"mymod.f"`` or its last part ``"f"``), ``before`` (entries
     that finished before this epoch time).  Without any filter every entry goes, together with
-    ``.corrupt`` files and temporary files left behind by killed writers (not counted).
+    ``.corrupt`` files.  Temporary files left behind by killed writers go in either case
+    (not counted), once stale: untouched for a minute with their writer's pid gone from this
+    host, or for an hour (their writer may be on another node).
     Unreadable entries never match a filter; they are reported with a warning.
     """
     if status is not None and status not in STATUSES:
@@ -103,8 +105,7 @@ def clear_cache(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 removed += 1
-    if unfiltered:
-        _remove_debris(os.fspath(cache_directory))
+    _remove_debris(os.fspath(cache_directory), corrupt=unfiltered)
     return removed
 
 
@@ -125,7 +126,13 @@ def _matches(path: str, status: str | None, function: str | None, before: float 
     )
 
 
-def _remove_debris(directory: str) -> None:
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> None:
+    """Delete the temporary files of writers that were killed mid-write (never read: they
+    are not entries). Run when an executor opens a cache directory and by clear_cache."""
+    _remove_debris(os.fspath(directory), corrupt=False)
+
+
+def _remove_debris(directory: str, *, corrupt: bool) -> None:
     try:
         names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
@@ -133,7 +140,7 @@ def _remove_debris(directory: str) -> None:
     now = time.time()
     for name in names:
         path = os.path.join(directory, name)
-        if name.endswith(CORRUPT_SUFFIX) or _is_stale_tmp(name, path, now):
+        if (corrupt and name.endswith(CORRUPT_SUFFIX)) or _is_stale_tmp(name, path, now):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 

@@ -76,9 +76,11 @@ class CacheHook:
     def _store(self, directory: str) -> CacheStore:
         store = self._stores.get(directory)
         if store is None:
+            from executorkit.cache._access import remove_stale_temporaries
             from executorkit.cache._store import CacheStore
 
             store = self._stores[directory] = CacheStore(directory)
+            remove_stale_temporaries(directory)  # once per directory and executor
         return store
 
     def _key(self, task: _Call) -> str:

@@ -292,40 +292,63 @@ def _write_file(path: str, record: CacheRecord) -> None:
     }
     fid = hdf5.h5f.create(os.fsencode(path), hdf5.h5f.ACC_EXCL, fcpl=hdf5.fcpl,
                           fapl=hdf5.fapl)
-    offset = None
+    offsets: dict[str, int | None] = {}
     with hdf5.h5py.File(fid) as handle:
         handle.attrs["format"] = hdf5.np.int64(FORMAT_VERSION)
         for name, data in datasets.items():
             if data is not None:
                 dset = handle.create_dataset(name, data=hdf5.np.frombuffer(data, dtype="u1"))
-                if name == "output":
-                    offset = dset.id.get_offset()
+                offsets[name] = dset.id.get_offset()
         handle.attrs["complete"] = hdf5.np.int8(1)  # last: see the module docstring
-    _write_header(path, done, offset, record.output if done else None)
+    _write_header(path, done, offsets, datasets)
 
 
 # The first USERBLOCK bytes of every file are HDF5's user block, which HDF5 itself ignores.
 # After the file is complete, a small header goes there: where the pickled output lies and
 # its digest. A hit then costs two plain reads instead of an HDF5 open. Any mismatch (no
 # header, a torn write, a digest that does not match) falls back to reading through HDF5.
+# Right after it, the listing extension says where the other datasets lie, with one digest
+# over them, so get_cache_data reads a file with plain reads too (files written before the
+# extension existed are listed through HDF5).
 USERBLOCK = 512
 _MAGIC = b"EKIT\x01"
 _HEADER = struct.Struct("<5sBQQ32sq")  # magic, done, offset, length, digest, mtime_ns
+_LISTED = ("meta", "function", "args", "kwargs", "error")
+_LISTING_MAGIC = b"EKIX\x01"
+_LISTING = struct.Struct("<5s" + "QQ" * len(_LISTED) + "32s")  # magic, (offset, length)*, digest
+assert _HEADER.size + _LISTING.size <= USERBLOCK
 
 
-def _write_header(path: str, done: bool, offset: int | None, output: bytes | None) -> None:
-    if done and (offset is None or output is None):
+def _write_header(path: str, done: bool, offsets: dict[str, int | None],
+                  datasets: dict[str, bytes | None]) -> None:
+    output = datasets["output"]
+    if done and (offsets.get("output") is None or output is None):
         return  # no contiguous output to point at: lookups use HDF5
     digest = hashlib.blake2b(output or b"", digest_size=32).digest()
     # The header vouches for the file as completed here: it carries the modification time
     # the file is then given, so any later change to the file (an in-place edit, say)
     # makes lookups read through HDF5 again.
     stamp = time.time_ns() // 1000 * 1000  # microseconds survive every file system we know
-    header = _HEADER.pack(_MAGIC, 1 if done else 0, offset or 0, len(output or b""), digest,
-                          stamp)
+    header = _HEADER.pack(_MAGIC, 1 if done else 0, offsets.get("output") or 0,
+                          len(output or b""), digest, stamp)
     with open(path, "r+b") as fh:
-        fh.write(header)
+        fh.write(header + _listing(offsets, datasets))
     os.utime(path, ns=(stamp, stamp))
+
+
+def _listing(offsets: dict[str, int | None], datasets: dict[str, bytes | None]) -> bytes:
+    """The listing extension, or b"" when a dataset has no contiguous place to point at."""
+    places: list[int] = []
+    digest = hashlib.blake2b(digest_size=32)
+    for name in _LISTED:
+        data = datasets[name]
+        offset = offsets.get(name)
+        if data is not None and data and offset is None:
+            return b""
+        # length + 1, so "absent" (0) differs from "present and empty" (1)
+        places += [offset or 0, 0 if data is None else len(data) + 1]
+        digest.update(data or b"")
+    return _LISTING.pack(_LISTING_MAGIC, *places, digest.digest())
 
 
 _NO_HEADER = object()
@@ -348,6 +371,59 @@ def _read_output_fast(path: str) -> Any:
     if len(data) != length or hashlib.blake2b(data, digest_size=32).digest() != digest:
         return _NO_HEADER
     return data
+
+
+def _read_record_fast(path: str, load_output: bool, load_inputs: bool) -> Any:
+    """The whole record through the header and its listing extension, with plain reads;
+    ``_NO_HEADER`` when either is absent or does not match (read through HDF5)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stat = os.fstat(fd)
+        # Entries are small: one read of the whole file is cheaper than a read per dataset.
+        whole = stat.st_size <= _READ_WHOLE
+        data = os.read(fd, stat.st_size if whole else _HEADER.size + _LISTING.size)
+        if len(data) < _HEADER.size + _LISTING.size:
+            return _NO_HEADER
+        magic, done, offset, length, out_digest, stamp = _HEADER.unpack_from(data)
+        listing = _LISTING.unpack_from(data, _HEADER.size)
+        if magic != _MAGIC or listing[0] != _LISTING_MAGIC or stat.st_mtime_ns != stamp:
+            return _NO_HEADER
+        view = memoryview(data) if whole else None
+        blobs = _listed_blobs(fd, view, listing[1:-1], listing[-1])
+        output = None
+        if blobs is not None and done and load_output:
+            output = bytes(view[offset:offset + length]) if view else os.pread(fd, length, offset)
+            if hashlib.blake2b(output, digest_size=32).digest() != out_digest:
+                return _NO_HEADER
+    finally:
+        os.close(fd)
+    if blobs is None:
+        return _NO_HEADER
+    meta = _checked_meta(json.loads(blobs.pop("meta") or b"null"))
+    if (meta["status"] == "done") != bool(done):
+        return _NO_HEADER
+    if not load_inputs:
+        blobs.update(function=b"", args=b"", kwargs=b"")
+    return CacheRecord(**meta, **blobs, output=output)
+
+
+_READ_WHOLE = 1 << 20
+
+
+def _listed_blobs(fd: int, view: memoryview | None, places: tuple[int, ...],
+                  digest: bytes) -> dict[str, Any] | None:
+    blobs: dict[str, Any] = {}
+    check = hashlib.blake2b(digest_size=32)
+    for index, name in enumerate(_LISTED):
+        offset, size = places[2 * index], places[2 * index + 1]
+        data = None
+        if size:
+            data = bytes(view[offset:offset + size - 1]) if view else os.pread(fd, size - 1, offset)
+            if len(data) != size - 1:
+                return None
+            check.update(data)
+        blobs[name] = data
+    return blobs if check.digest() == digest else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +481,9 @@ def _read_output(path: str) -> Any:
 
 
 def _read_record(path: str, load_output: bool, load_inputs: bool) -> CacheRecord:
+    record = _read_record_fast(path, load_output, load_inputs)
+    if record is not _NO_HEADER:
+        return record  # type: ignore[no-any-return]
     hdf5 = _hdf5()
     fid = hdf5.open(path)
     try:
@@ -423,7 +502,10 @@ def _read_record(path: str, load_output: bool, load_inputs: bool) -> CacheRecord
 
 
 def _read_meta(hdf5: _Hdf5, fid: Any) -> dict[str, Any]:
-    meta = json.loads(_dataset_bytes(hdf5, fid, b"meta"))
+    return _checked_meta(json.loads(_dataset_bytes(hdf5, fid, b"meta")))
+
+
+def _checked_meta(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CorruptEntryError("the metadata is not a JSON object")
     wrong = [name for name, kinds in _META_TYPES.items()

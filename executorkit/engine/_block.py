@@ -169,7 +169,7 @@ class _BlockPool:
 
 
     def _init_failed(self, w: _Worker | None, info: ErrorInfo) -> None:
-        err = _error_from_info(info, "init_function")
+        err = _error_from_info(info, "init_function", self.cfg.init_function)
         broken = ExecutorBrokenError(f"init_function failed in a worker: {err}")
         broken.__cause__ = err
         self._break(broken)

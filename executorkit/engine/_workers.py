@@ -221,7 +221,7 @@ class _WorkerLife:
                 f"stopped")
         reported = _rank_error(w.errdir, task.id) if w.errdir else None
         if reported is not None:
-            return _error_from_info(reported, task.name())
+            return _error_from_info(reported, task.name(), task.fn)
         status = w.exit_status if w.exit_status is not None else -1
         how, code, signum = describe_exit(status)
         where = f"pid {w.pid} on {w.host}" if w.pid else "its process"

@@ -28,6 +28,20 @@ log = logging.getLogger("executorkit")
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
+_interpreter_exiting = False
+
+
+def _mark_interpreter_exiting() -> None:
+    global _interpreter_exiting
+    _interpreter_exiting = True
+
+
+# Like concurrent.futures.thread: threading's exit hooks run when the main thread ends,
+# before any atexit hook, so a submit from an atexit hook (whenever it was registered) gets
+# the stdlib's error. Python 3.9+ has the hook; elsewhere an atexit hook is the fallback.
+getattr(threading, "_register_atexit", atexit.register)(_mark_interpreter_exiting)
+
+
 @atexit.register
 def _shutdown_at_exit() -> None:
     # Like the stdlib pools: a script that forgot shutdown() still gets its results.
@@ -183,6 +197,8 @@ class BaseExecutor(ExecutorkitExecutor):
         if isinstance(fn, Command):
             fn, args = self._program_call(fn, args, kwargs, res)
         with self._shutdown_lock:
+            if _interpreter_exiting:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._recorder is not None:

@@ -117,11 +117,13 @@ class SlurmClusterExecutor(ExecutorkitExecutor):
             if compatible.get(name):
                 raise ResourceError(f"SlurmClusterExecutor does not support {name}: {reason}",
                                     key=name, allowed="leave it unset")
+        from executorkit.cache._access import remove_stale_temporaries
         from executorkit.cache._store import CacheStore
 
         self._dir = os.path.abspath(os.fspath(cache_directory or "executorkit_cache"))
         self._defaults = parse(resource_dict)
         self._store = CacheStore(self._dir)
+        remove_stale_temporaries(self._dir)
         self._queue = SlurmQueue()
         self._disable_dependencies = disable_dependencies
         self._wait_on_exit = wait
