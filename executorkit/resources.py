@@ -311,6 +311,8 @@ class Capabilities:
                     f"{self.backend} cannot honour resource_dict[{key!r}]: {reason}", key=key,
                     allowed=f"keys other than {key!r} on {self.backend}",
                 )
+        if self.per_task_cpus is not None:
+            _check_fixed_size_escalation(self.backend, res)
         limit = self.per_task_cpus if self.per_task_cpus is not None else self.max_cpus
         if res.cpus > limit:
             what = "one worker has" if self.per_task_cpus is not None else "the executor has"
@@ -334,3 +336,15 @@ class Capabilities:
                 key="num_nodes", allowed=f"1..{self.max_nodes}",
             )
         return res
+
+
+def _check_fixed_size_escalation(backend: str, res: Resources) -> None:
+    """Block-allocation workers have a fixed size: a retry can get more time, never more
+    cores, threads or GPUs (escalating them would silently run the same attempt again)."""
+    sized = [key for key, _ in res.retry_escalation if key != "run_time_max"]
+    if sized:
+        raise ResourceError(
+            f"{backend} with block_allocation=True cannot escalate {', '.join(sized)} on a "
+            f"retry: its workers have a fixed size (escalate run_time_max only, or use "
+            f"per-task processes)", key="retry_escalation",
+            allowed="{'run_time_max': factor} with block_allocation=True")

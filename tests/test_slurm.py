@@ -64,7 +64,7 @@ def test_outside_an_allocation_the_pool_size_is_required(monkeypatch):
     from executorkit import SlurmJobExecutor
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    with pytest.raises(ResourceError, match="max_cores=N .* or max_workers=N") as info:
+    with pytest.raises(ResourceError, match=r"max_cores=N .* or max_workers=N") as info:
         SlurmJobExecutor()
     assert info.value.key == "max_cores" and "max_workers" in info.value.allowed
 

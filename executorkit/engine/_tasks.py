@@ -5,6 +5,7 @@ the scheduler, start, finish (exactly once), cancel, and run_time_max deadlines.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -300,6 +301,9 @@ class _TaskFlow:
             task.slow = False
             self._slow_active -= 1
         task.state, task.res, task.worker = WAITING, decision.res, None
+        if task.cache_spec is not None:  # the record says what the attempt ran with
+            task.cache_spec = dataclasses.replace(task.cache_spec,
+                                                  resource_dict=decision.res.as_dict())
         task.deadline, task.timed_out = None, False
         # Posted: the caller frees the failed attempt's resources after this returns.
         self.post(self._enqueue, task)
