@@ -74,13 +74,14 @@ class BaseExecutor(ExecutorkitExecutor):
         export_workflow_filename: str | None = None,
         log_obj_size: bool = False,
         wait: bool = True,
-        restart_limit: int = 10,
+        restart_limit: int = 10,  # _DEFAULT_RESTART_LIMIT
         openmpi_oversubscribe: bool = False,
         max_gpus: int | Iterable[int] | None = None,
         progress: bool = False,
     ) -> None:
         _check_count("max_workers", max_workers)
         _check_count("max_cores", max_cores)
+        resource_dict, restart_limit = _executor_settings(resource_dict, restart_limit)
         if not isinstance(restart_limit, int) or isinstance(restart_limit, bool) \
                 or restart_limit < 0:
             raise ResourceError(f"restart_limit must be an int >= 0, got {restart_limit!r}",
@@ -385,6 +386,24 @@ def _display(image: Any) -> None:
 
     warnings.warn("plot_dependency_graph=True outside Jupyter draws nothing inline: pass "
                   "plot_dependency_graph_filename='graph.png' (or .svg)", stacklevel=3)
+
+
+def _executor_settings(resource_dict: Mapping[str, Any] | None,
+                       restart_limit: int) -> tuple[Mapping[str, Any] | None, int]:
+    """executorlib reads ``restart_limit`` from the executor's resource_dict; here it is a
+    parameter. Take it from there (a copy: the user's dict is not changed)."""
+    if not isinstance(resource_dict, Mapping) or "restart_limit" not in resource_dict:
+        return resource_dict, restart_limit
+    rest = {k: v for k, v in resource_dict.items() if k != "restart_limit"}
+    given = resource_dict["restart_limit"]
+    if restart_limit != _DEFAULT_RESTART_LIMIT and given != restart_limit:
+        raise ResourceError(
+            f"restart_limit={restart_limit!r} but resource_dict['restart_limit']={given!r}; "
+            f"give it once", key="restart_limit", allowed="the parameter or the resource_dict")
+    return rest, given
+
+
+_DEFAULT_RESTART_LIMIT = 10
 
 
 def _check_count(name: str, value: int | None) -> None:
