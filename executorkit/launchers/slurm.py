@@ -1,4 +1,5 @@
-"""Start worker processes as Slurm job steps with ``srun`` (inside an allocation).
+"""Start worker processes with ``srun``: job steps inside an allocation; outside of one,
+each srun makes its own job allocation (the command line is the same).
 
 Every worker is one ``srun`` process: a per-task worker runs one call, a block-allocation
 worker serves many. The worker finds the driver through a private boot file (mode 0600) in
