@@ -91,13 +91,19 @@ class _TaskFlow:
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         if cancel_futures:
-            for task in list(self.tasks.values()):
-                if task.state in (WAITING, QUEUED):
-                    task.future.cancel()
+            # On the engine thread, after the submits already in the inbox: a call submitted
+            # while a slot was free starts (as with the stdlib pools), the rest is cancelled.
+            self.post(self._cancel_not_running)
         self.post(self._begin_close)
         if wait:
             self._stopped.wait()
             self.thread.join()
+
+
+    def _cancel_not_running(self) -> None:
+        for task in list(self.tasks.values()):
+            if task.state in (WAITING, QUEUED):
+                task.future.cancel()
 
 
     def _dumps_call(self, fn: Callable[..., Any], args: tuple[Any, ...],

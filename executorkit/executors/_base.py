@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +178,17 @@ class BaseExecutor(Executor):
                 return self._recorder.record(fn, args, kwargs)
             return self._engine.submit(fn, args, kwargs, res)
 
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
+        """Like ``Executor.map``: every call is submitted at once, results come in order.
+
+        ``chunksize`` is accepted for ProcessPoolExecutor compatibility (each call is its
+        own task here) and, like there, must be >= 1.
+        """
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
+        return super().map(fn, *iterables, timeout=timeout)
+
     def batched(self, futures: Iterable[Future], n: int) -> list[Future]:
         """Futures of lists of ``n`` results each, in completion order (see streaming)."""
         from executorkit.streaming import batched
@@ -265,8 +276,9 @@ def _check_count(name: str, value: int | None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ResourceError(f"{name} must be a positive int or None, got {value!r}",
-                            key=name, allowed="a positive int or None")
+        # "must be greater than 0": the stdlib pools' wording, which callers match on
+        raise ResourceError(f"{name} must be greater than 0 (a positive int or None), "
+                            f"got {value!r}", key=name, allowed="a positive int or None")
 
 
 def gpu_pool(max_gpus: int | Iterable[int] | None) -> tuple[int, ...]:
