@@ -20,6 +20,7 @@ equivalents of them are at the end of this file.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -36,6 +37,7 @@ import psutil
 import pytest
 from conftest import wait_until
 
+import executorkit
 from executorkit import SingleNodeExecutor
 from executorkit.engine import TaskFuture
 from executorkit.errors import SerializationError, WorkerDiedError
@@ -201,6 +203,26 @@ def _build() -> dict[str, type]:
 globals().update(_build())
 
 
+class _FuturesWithOurAsCompleted:
+    """``concurrent.futures`` as the upstream module sees it, but with our as_completed."""
+
+    as_completed = staticmethod(executorkit.as_completed)
+
+    def __getattr__(self, name):
+        return getattr(concurrent.futures, name)
+
+
+class TestAsCompletedTestsOurAsCompleted(TestAsCompletedTestsPerTask):  # noqa: F821
+    """The upstream as_completed tests, run on ``executorkit.as_completed`` (DESIGN.md: the
+    same signature and behaviour as the stdlib's, plus ``add``)."""
+
+    def setUp(self):
+        super().setUp()
+        patch = unittest.mock.patch.object(upstream, "futures", _FuturesWithOurAsCompleted())
+        patch.start()
+        self.addCleanup(patch.stop)
+
+
 class TestFutureTestsTaskFuture(upstream.FutureTests):
     """The upstream Future tests with our TaskFuture (not attached to a task) in place of
     the stdlib Future, so our cancel()/running() overrides keep the stdlib contract."""
@@ -265,7 +287,8 @@ def test_shutdown_no_wait_finishes_the_work(mode):
 def _run_script(body: str, mode: str, before: str = "") -> subprocess.CompletedProcess:
     script = textwrap.dedent(before) + textwrap.dedent("""\
         import time
-        from executorkit import SingleNodeExecutor
+        import executorkit
+from executorkit import SingleNodeExecutor
 
         def sleep_and_print(t, msg):
             time.sleep(t)

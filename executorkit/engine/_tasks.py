@@ -276,6 +276,12 @@ class _TaskFlow:
 
     def cancelled(self, task: _Task) -> None:
         """The user cancelled the task's future (it is already CANCELLED)."""
+        if task.cancel_seen:
+            return  # cancel() called again: nothing more to do
+        task.cancel_seen = True
+        # Only this moves CANCELLED to CANCELLED_AND_NOTIFIED and wakes the stdlib's
+        # wait() and as_completed(), which otherwise never count the future as done.
+        task.future.set_running_or_notify_cancel()
         self._counts["cancelled"] += 1
         state = task.state
         if state in (WAITING, QUEUED):
