@@ -24,7 +24,12 @@ from conftest import wait_until
 
 import executorkit
 from executorkit import SingleNodeExecutor
-from executorkit.errors import RemoteError, SerializationError, WorkerDiedError
+from executorkit.errors import (
+    ExecutorBrokenError,
+    RemoteError,
+    SerializationError,
+    WorkerDiedError,
+)
 
 T = 120
 
@@ -55,6 +60,26 @@ def test_killed_worker_fails_only_its_call(make_executor, tmp_path, signum):
     tf.release(d, "other")
     assert other.result(timeout=T) == 7
     _still_works(exe)
+
+
+def test_call_that_closes_its_own_connection(make_executor):
+    exe = make_executor(max_workers=1)
+    with pytest.raises(WorkerDiedError, match="close_all_descriptors"):
+        exe.submit(ff.close_all_descriptors).result(timeout=T)
+    _still_works(exe)
+
+
+def test_fork_server_killed_breaks_the_executor_with_a_named_error(make_executor, tmp_path):
+    d = str(tmp_path)
+    exe = make_executor(max_workers=1)
+    fut = exe.submit(tf.gate, d, "held")
+    wait_until(lambda: tf.started(d, "held"), timeout=T)
+    exe._engine.launcher.process.kill()
+    with pytest.raises(ExecutorBrokenError, match="fork server"):
+        fut.result(timeout=T)
+    with pytest.raises(ExecutorBrokenError, match="fork server"):
+        exe.submit(tf.inc, 1)
+    exe.shutdown(wait=True)
 
 
 def test_out_of_memory_call_fails_with_memory_error(make_executor, mode):
@@ -221,6 +246,24 @@ def test_raising_done_callback_is_logged_and_harmless(make_executor, caplog):
     assert fut.result(timeout=T) == 2
     _still_works(exe)
     wait_until(lambda: "callback failed" in caplog.text, timeout=T)
+
+
+def test_done_callback_raising_system_exit_does_not_break_the_executor(
+        make_executor, caplog, tmp_path):
+    # The stdlib lets a BaseException out of a done-callback; on our engine thread it must
+    # be logged, not end the executor.
+    d = str(tmp_path)
+    exe = make_executor(max_workers=1)
+
+    def exits(_):
+        raise SystemExit("callback exits")
+
+    fut = exe.submit(tf.gate, d, "held", 2)
+    fut.add_done_callback(exits)  # (attached while the call is held: runs on the engine)
+    tf.release(d, "held")
+    assert fut.result(timeout=T) == 2
+    _still_works(exe)
+    assert "a done-callback of task" in caplog.text
 
 
 # ------------------------------------------------------------------ waiting on our futures

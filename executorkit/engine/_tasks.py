@@ -4,7 +4,6 @@ the scheduler, start, finish (exactly once), cancel, and run_time_max deadlines.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import logging
@@ -260,14 +259,12 @@ class _TaskFlow:
                     f"{type(err).__name__}: {err}")
                 exc.__cause__ = err
             else:
-                with contextlib.suppress(InvalidStateError):
-                    fut.set_result(value)
+                if _settle(fut.set_result, value, task):
                     self._counts["done"] += 1
         if exc is not None:
             if task.res.error_log_file and not fut.cancelled():
                 _log_failure(task, exc)
-            with contextlib.suppress(InvalidStateError):
-                fut.set_exception(exc)
+            if _settle(fut.set_exception, exc, task):
                 self._counts["failed"] += 1
         task.release()
         if self.progress is not None:
@@ -312,3 +309,15 @@ class _TaskFlow:
     def _start_more(self) -> None:
         self._starts(self.sched.finish_none())
 
+
+def _settle(complete: Callable[[Any], None], outcome: Any, task: _Task) -> bool:
+    """Complete a task's future; False if it was done already (cancelled by the user)."""
+    try:
+        complete(outcome)
+    except InvalidStateError:
+        return False
+    except BaseException:
+        # The stdlib logs an Exception raised by a done-callback but lets a BaseException
+        # (sys.exit() in a callback) through: here it would break the whole executor.
+        log.exception("a done-callback of task %d (%s) raised", task.id, task.name())
+    return True
