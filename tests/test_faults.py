@@ -176,7 +176,7 @@ def test_cancelled_futures_wake_stdlib_wait_and_as_completed(make_executor, tmp_
     assert held.cancel()  # a running call (our extension) too
     assert cf.wait([held], timeout=30).done == {held}
     _still_works(exe)
-    assert exe.info()["cancelled"] == 2  # cancel() twice counts once
+    assert exe.info["cancelled"] == 2  # cancel() twice counts once
 
 
 def test_cancel_storm_while_calls_finish(make_executor):
@@ -196,7 +196,7 @@ def test_cancel_storm_while_calls_finish(make_executor):
     for i, f in enumerate(futures):
         assert f.cancelled() or f.result() == i + 1
     _still_works(exe)
-    info = exe.info()
+    info = exe.info
     assert info["failed"] == 0
     assert info["done"] + info["cancelled"] == len(futures) + 1
 

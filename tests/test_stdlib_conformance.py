@@ -287,8 +287,7 @@ def test_shutdown_no_wait_finishes_the_work(mode):
 def _run_script(body: str, mode: str, before: str = "") -> subprocess.CompletedProcess:
     script = textwrap.dedent(before) + textwrap.dedent("""\
         import time
-        import executorkit
-from executorkit import SingleNodeExecutor
+        from executorkit import SingleNodeExecutor
 
         def sleep_and_print(t, msg):
             time.sleep(t)
@@ -326,8 +325,6 @@ def test_interpreter_exit_after_shutdown_no_wait(mode):
     assert (done.returncode, done.stderr, done.stdout.strip()) == (0, b"", b"apple")
 
 
-@pytest.mark.xfail(strict=True, reason="defect in executors/_base.py (being fixed): submit() "
-                   "after interpreter shutdown does not raise the stdlib RuntimeError")
 @pytest.mark.parametrize("mode", MODE_KWARGS)
 def test_submit_in_atexit_hook(mode):
     # upstream test_submit_after_interpreter_shutdown: registered before executorkit is
