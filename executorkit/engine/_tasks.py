@@ -4,7 +4,6 @@ the scheduler, start, finish (exactly once), cancel, and run_time_max deadlines.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -100,13 +99,19 @@ class _TaskFlow:
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         if cancel_futures:
-            for task in list(self.tasks.values()):
-                if task.state in (WAITING, QUEUED):
-                    task.future.cancel()
+            # On the engine thread, after the submits already in the inbox: a call submitted
+            # while a slot was free starts (as with the stdlib pools), the rest is cancelled.
+            self.post(self._cancel_not_running)
         self.post(self._begin_close)
         if wait:
             self._stopped.wait()
             self.thread.join()
+
+
+    def _cancel_not_running(self) -> None:
+        for task in list(self.tasks.values()):
+            if task.state in (WAITING, QUEUED):
+                task.future.cancel()
 
 
     def _dumps_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -266,14 +271,12 @@ class _TaskFlow:
                     f"{type(err).__name__}: {err}")
                 exc.__cause__ = err
             else:
-                with contextlib.suppress(InvalidStateError):
-                    fut.set_result(value)
+                if _settle(fut.set_result, value, task):
                     self._counts["done"] += 1
         if exc is not None:
             if task.res.error_log_file and not fut.cancelled():
                 _log_failure(task, exc)
-            with contextlib.suppress(InvalidStateError):
-                fut.set_exception(exc)
+            if _settle(fut.set_exception, exc, task):
                 self._counts["failed"] += 1
         task.release()
         if self.progress is not None:
@@ -311,6 +314,12 @@ class _TaskFlow:
 
     def cancelled(self, task: _Task) -> None:
         """The user cancelled the task's future (it is already CANCELLED)."""
+        if task.cancel_seen:
+            return  # cancel() called again: nothing more to do
+        task.cancel_seen = True
+        # Only this moves CANCELLED to CANCELLED_AND_NOTIFIED and wakes the stdlib's
+        # wait() and as_completed(), which otherwise never count the future as done.
+        task.future.set_running_or_notify_cancel()
         self._counts["cancelled"] += 1
         state = task.state
         if state in (WAITING, QUEUED):
@@ -341,3 +350,15 @@ class _TaskFlow:
     def _start_more(self) -> None:
         self._starts(self.sched.finish_none())
 
+
+def _settle(complete: Callable[[Any], None], outcome: Any, task: _Task) -> bool:
+    """Complete a task's future; False if it was done already (cancelled by the user)."""
+    try:
+        complete(outcome)
+    except InvalidStateError:
+        return False
+    except BaseException:
+        # The stdlib logs an Exception raised by a done-callback but lets a BaseException
+        # (sys.exit() in a callback) through: here it would break the whole executor.
+        log.exception("a done-callback of task %d (%s) raised", task.id, task.name())
+    return True

@@ -410,8 +410,9 @@ def _check_count(name: str, value: int | None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ResourceError(f"{name} must be a positive int or None, got {value!r}",
-                            key=name, allowed="a positive int or None")
+        # "must be greater than 0": the stdlib pools' wording, which callers match on
+        raise ResourceError(f"{name} must be greater than 0 (a positive int or None), "
+                            f"got {value!r}", key=name, allowed="a positive int or None")
 
 
 def gpu_pool(max_gpus: int | Iterable[int] | None) -> tuple[int, ...]:

@@ -225,6 +225,11 @@ def _warm_up() -> None:
 def main() -> None:
     boot = pickle.loads(sys.stdin.buffer.read())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    if boot.get("authkey"):
+        # Every forked worker inherits it: the driver's Manager proxies authenticate.
+        import multiprocessing.process
+
+        multiprocessing.process.current_process().authkey = boot["authkey"]
     for module in boot.get("preload", ()):
         # Warm what the executor's calls will need (h5py for the cache) once, not per fork.
         with contextlib.suppress(Exception):
