@@ -23,9 +23,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("executorkit.launchers",),
     ("executorkit.worker",),
     ("executorkit.export", "executorkit.streaming", "executorkit._progress"),
-    ("executorkit.resources",),
+    ("executorkit.resources", "executorkit.retry"),
     ("executorkit.cache",),
-    ("executorkit.transport", "executorkit.scheduler", "executorkit.graph"),
+    ("executorkit.transport", "executorkit.scheduler", "executorkit.graph",
+     "executorkit.command"),
     ("executorkit.errors", "executorkit._pickling", "executorkit._version"),
 )
 
