@@ -47,6 +47,13 @@ def make_executor(mode: str):
         exe.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.fixture(autouse=True)
+def scratch_cwd(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test runs in a temporary working directory: nothing a test or its tasks write
+    there (the output files of Command calls, say) lands in the repository."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def _descendants() -> list[psutil.Process]:
     alive = []
     for proc in psutil.Process().children(recursive=True):
