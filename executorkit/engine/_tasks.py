@@ -178,6 +178,8 @@ class _TaskFlow:
             self._finish(task, exc=ExecutorBrokenError(f"the executor is broken: {self.broken}"))
             return
         task.state = QUEUED
+        if self.status is not None:
+            self.status.changed(task)
         if self.cfg.block_workers:
             if not self._block_started:  # workers start with the first call that needs one
                 self._block_started = True
@@ -200,6 +202,10 @@ class _TaskFlow:
             task.state = RUNNING
             task.started = time.time()
             self._running += 1
+            if task.cache_spec is not None:
+                task.cache_spec.slot = start.cpus[0] if start.cpus else None
+            if self.status is not None:
+                self.status.changed(task)
             if task.res.run_time_max is not None:
                 task.deadline = time.monotonic() + task.res.run_time_max
                 heapq.heappush(self._timers, (task.deadline, task.id, task))
@@ -275,6 +281,8 @@ class _TaskFlow:
                 fut.set_exception(exc)
                 self._counts["failed"] += 1
         task.release()
+        if self.status is not None:
+            self.status.changed(task)
         if self.progress is not None:
             self.progress.update(self.counts())
 
@@ -301,6 +309,8 @@ class _TaskFlow:
             self._slow_active -= 1
         task.state, task.res, task.worker = WAITING, decision.res, None
         task.deadline, task.timed_out = None, False
+        if self.status is not None:
+            self.status.changed(task)
         # Posted: the caller frees the failed attempt's resources after this returns.
         self.post(self._enqueue, task)
         return True
