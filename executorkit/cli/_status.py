@@ -80,6 +80,7 @@ def live_table(status: dict[str, Any]) -> str:
 
 def cache_summary(directory: str) -> str:
     """Done and failed entries of the cache, runtimes, and each failure's first line."""
+    from executorkit._report import exception_line
     from executorkit.cache._store import CorruptEntryError, entry_files, read_record
 
     done: list[float] = []
@@ -94,7 +95,7 @@ def cache_summary(directory: str) -> str:
         if rec.status == "done":
             done.append(rec.runtime)
         else:
-            failures.append((rec.key, rec.function_name, _last_line(rec.error_text)))
+            failures.append((rec.key, rec.function_name, exception_line(rec.error_text)))
     total = len(done) + len(failures)
     if total == 0 and not unreadable:
         return f"no live executor and no cache entries in {directory}"
@@ -148,14 +149,6 @@ def _res(res: dict[str, Any]) -> str:
     if res.get("gpus_per_core"):
         parts.append(f"gpus={res['gpus_per_core']}")
     return ",".join(parts)
-
-
-def _last_line(text: str | None) -> str:
-    """The first line of the exception a traceback ends with (after its last frame)."""
-    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
-    frames = [i for i, ln in enumerate(lines) if ln[:1].isspace()]
-    after = lines[frames[-1] + 1:] if frames else lines
-    return after[0].strip() if after else (lines[-1].strip() if lines else "")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
