@@ -86,10 +86,18 @@ def load_calls(directory: str | os.PathLike[str]) -> list[Call]:
         rows.append((row, line))
     lanes = _lanes([(r.hostname, r.slot, r.started.timestamp(), r.finished.timestamp())
                     for r, _ in rows])
-    return [Call(r.cache_key, r.function_name.rsplit(".", 1)[-1], _outcome(r.status, line),
+    return [Call(r.cache_key, _function(r), _outcome(r.status, line),
                  r.started.timestamp() - t0, r.finished.timestamp() - t0, lane,
                  _cpus(r.resource_dict), line, r.error_text or "")
             for (r, line), lane in zip(rows, lanes, strict=True)]
+
+
+def _function(row: Any) -> str:
+    """The function's short name; for a Command, its program line."""
+    from executorkit.command import label
+
+    name = row.function_name.rsplit(".", 1)[-1]
+    return (label(row.input_args) or name) if name == "run_command" else name
 
 
 def _lanes(spans: list[tuple[str, Any, float, float]]) -> list[str]:

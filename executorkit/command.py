@@ -34,7 +34,7 @@ from typing import Any
 from executorkit.errors import ExecutorkitError
 
 __all__ = ["PREFIX_VARIABLE", "Command", "CommandCall", "CommandError", "CommandResult",
-           "run_command"]
+           "label", "run_command"]
 
 # JSON list: the launcher prefix the executor chose for this call (empty: run it directly)
 PREFIX_VARIABLE = "EXECUTORKIT_PROGRAM_PREFIX"
@@ -189,6 +189,19 @@ class CommandCall:
         return (self.command.argv, self.command.shell, self.command.stdin, self.env,
                 self.cwd, tuple(_file_digest(os.path.join(base, p))
                                 for p in self.command.inputs))
+
+
+def label(args: Any, width: int = 60) -> str | None:
+    """A short name for a call of :func:`run_command` with ``args``: its program line
+    (for status and reports, where every Command would otherwise be "run_command")."""
+    call = args[0] if isinstance(args, (tuple, list)) and args else None
+    if not isinstance(call, CommandCall):
+        return None
+    argv = call.command.argv
+    text = argv if isinstance(argv, str) else " ".join(
+        os.path.basename(_as_arg(a)) if i == 0 and not isinstance(a, Future) else
+        ("<future>" if isinstance(a, Future) else _as_arg(a)) for i, a in enumerate(argv))
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _file_digest(path: str) -> tuple[str, str]:

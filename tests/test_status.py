@@ -8,7 +8,7 @@ import os
 import pytest
 import taskfuncs as tf
 
-from executorkit import SingleNodeExecutor
+from executorkit import Command, SingleNodeExecutor
 from executorkit.cli import main
 from executorkit.engine import _status
 from executorkit.engine._records import FINISHED, QUEUED, RUNNING, _Task
@@ -90,7 +90,10 @@ def test_status_file_parameter(tmp_path):
     path = tmp_path / "live" / "s.json"
     with SingleNodeExecutor(max_workers=1, status_file=path) as exe:
         exe.submit(tf.inc, 1).result(timeout=T)
-    assert _status_of(path)["counts"]["done"] == 1
+        exe.submit(Command(["/bin/echo", "hi", 3])).result(timeout=T)
+    data = _status_of(path)
+    assert data["counts"]["done"] == 2
+    assert [c["function"] for c in data["calls"]] == ["inc", "echo hi 3"]  # a program's line
     with SingleNodeExecutor(max_workers=1, cache_directory=tmp_path / "c",
                             status_file=False) as exe:
         exe.submit(tf.inc, 1).result(timeout=T)

@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from executorkit import command
 from executorkit.engine._records import FINISHED, QUEUED, RUNNING, WAITING, _Task
 
 log = logging.getLogger("executorkit")
@@ -52,6 +53,7 @@ class StatusWriter:
         self.cpus = max(cpus, 1)
         self._changed: dict[int, _Task] = {}
         self._finished_at: dict[int, float] = {}
+        self._names: dict[int, str] = {}  # what a call is called (a Command: its program)
         self._live: dict[int, str] = {}  # task id -> JSON of a call not finished yet
         self._done: OrderedDict[int, str] = OrderedDict()  # finished calls, oldest first
         self._omitted = 0
@@ -70,6 +72,8 @@ class StatusWriter:
         if self._closed:
             return
         self._account(task)
+        if task.id not in self._names:  # first seen: its arguments are still there
+            self._names[task.id] = _name(task)
         self._changed[task.id] = task
         if task.state == FINISHED:
             self._finished_at[task.id] = time.time()
@@ -117,8 +121,11 @@ class StatusWriter:
         changed, self._changed = self._changed, {}
         for task in changed.values():
             finished = self._finished_at.pop(task.id, None)
-            text = json.dumps(_call(task, finished), default=str)
+            record = _call(task, finished)
+            record["function"] = self._names.get(task.id) or record["function"]
+            text = json.dumps(record, default=str)
             if task.state == FINISHED:
+                self._names.pop(task.id, None)
                 self._live.pop(task.id, None)
                 self._done[task.id] = text
                 self._done.move_to_end(task.id)
@@ -155,6 +162,12 @@ class StatusWriter:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _name(task: _Task) -> str:
+    if getattr(task.fn, "__executorkit_program__", False):
+        return command.label(task.args) or task.name()
+    return task.name()
 
 
 def _host(task: _Task) -> str | None:
