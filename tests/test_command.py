@@ -6,14 +6,14 @@ import os
 import shutil
 import signal
 
+import capabilities
 import pytest
 
 from executorkit import Command, CommandError, CommandResult, SingleNodeExecutor
 from executorkit.errors import TaskTimeoutError
-from executorkit.launchers.local import find_mpiexec
 from tests.conftest import wait_until
 
-needs_mpiexec = pytest.mark.skipif(find_mpiexec() is None, reason="needs mpiexec (mpich)")
+needs_mpiexec = capabilities.skip_unless("mpi")  # under CI a missing mpiexec fails
 
 
 def test_result_output_files_and_cwd(make_executor, tmp_path):

@@ -76,9 +76,11 @@ class CacheHook:
     def _store(self, directory: str) -> CacheStore:
         store = self._stores.get(directory)
         if store is None:
+            from executorkit.cache._access import remove_stale_temporaries
             from executorkit.cache._store import CacheStore
 
             store = self._stores[directory] = CacheStore(directory)
+            remove_stale_temporaries(directory)  # once per directory and executor
         return store
 
     def _key(self, task: _Call) -> str:
@@ -121,6 +123,8 @@ class CacheHook:
             with contextlib.suppress(InvalidStateError):  # cancelled by the user meanwhile
                 task.future.set_result(value)
             return False
+        if "/" in key:  # a user's "subdir/name": the worker keeps <key>.out there too
+            os.makedirs(os.path.dirname(os.path.join(directory, key)), exist_ok=True)
         task.cache_spec = CacheSpec(directory, key, _name(task.fn), task.res.as_dict())
         return True
 

@@ -28,7 +28,7 @@ from executorkit.engine._records import (
     _Task,
     _Worker,
 )
-from executorkit.errors import DependencyError, ExecutorBrokenError, SerializationError
+from executorkit.errors import ExecutorBrokenError, SerializationError, dependency_error
 from executorkit.resources import Capabilities, Resources
 from executorkit.scheduler import Demand, Start
 from executorkit.transport import TaskDone
@@ -163,12 +163,10 @@ class _TaskFlow:
 
     def _fail_dependency(self, task: _Task, fut: Future, cause: BaseException) -> None:
         upstream = getattr(fut, "_task", None)
-        what = f"task {upstream.id} ({upstream.name()})" if upstream else "an input future"
-        verb = "was cancelled" if isinstance(cause, CancelledError) else (
-            f"failed with {type(cause).__name__}: {cause}")
-        err = DependencyError(f"{task.name()}: input {what} {verb}", upstream=fut)
-        err.__cause__ = cause
-        self._finish(task, exc=err)
+        what = f"task {upstream.id} ({upstream.name()})" if upstream else "future"
+        # Catchable as the root failure's type too; names the root once (short messages
+        # however long a failed chain is).
+        self._finish(task, exc=dependency_error(task.name(), what, cause, future=fut))
 
 
     def _enqueue(self, task: _Task) -> None:

@@ -12,7 +12,13 @@ from typing import Any
 from executorkit.engine import EngineConfig
 from executorkit.errors import ResourceError
 from executorkit.executors._base import BaseExecutor, PoolParams, gpu_pool, gpu_variable
-from executorkit.launchers.local import LocalLauncher, find_mpiexec, mpi_flavor, mpiexec_command
+from executorkit.launchers.local import (
+    MPICH_LOOPBACK,
+    LocalLauncher,
+    find_mpiexec,
+    mpi_flavor,
+    mpiexec_command,
+)
 from executorkit.resources import Capabilities, Resources
 
 
@@ -118,9 +124,10 @@ class SingleNodeExecutor(BaseExecutor):
         mpiexec = find_mpiexec()
         if mpiexec is None:
             return ()
-        if self._openmpi_oversubscribe and mpi_flavor(mpiexec) == "openmpi":
+        flavor = mpi_flavor(mpiexec)
+        if self._openmpi_oversubscribe and flavor == "openmpi":
             return (mpiexec, "--oversubscribe")
-        return (mpiexec,)
+        return (mpiexec, *MPICH_LOOPBACK) if flavor == "mpich" else (mpiexec,)
 
     def _mpi_command(self) -> Callable[[int], tuple[str, ...]] | None:
         mpiexec = find_mpiexec()

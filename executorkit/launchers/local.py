@@ -51,7 +51,19 @@ def mpiexec_command(ranks: int, *, mpiexec: str, flavor: str,
     cmd = [mpiexec, "-n", str(ranks)]
     if oversubscribe and flavor == "openmpi":
         cmd.append("--oversubscribe")  # MPICH allows oversubscription without a flag
+    if flavor == "mpich":
+        cmd += MPICH_LOOPBACK
     return (*cmd, sys.executable, "-m", "executorkit.worker.mpi")
+
+
+# All ranks of a local call are on this machine: keep what they listen on to loopback.
+# Without these the MPICH wheel's ranks listen on the machine's external address (UCX's
+# TCP transport; libfabric's tcp/sockets providers in OFI builds). Hydra's own control port
+# still binds every interface: hydra has no setting for it (docs/guide.md, "MPI").
+MPICH_LOOPBACK = ("-iface", "lo",
+                   "-genv", "UCX_NET_DEVICES", "lo",
+                   "-genv", "FI_TCP_IFACE", "lo",
+                   "-genv", "FI_SOCKETS_IFACE", "lo")
 
 
 def program_prefix(ranks: int, mpiexec: tuple[str, ...]) -> tuple[str, ...]:
