@@ -94,3 +94,12 @@ def test_page_renders_in_a_headless_browser_without_errors(campaign, tmp_path):
     dom, console = _browse(broken, tmp_path / "profile2")
     assert "no_such_function" in _page_errors(dom)
     assert any("no_such_function" in line for line in console)
+
+
+def test_block_allocation_calls_are_drawn_per_worker(tmp_path):
+    cache = str(tmp_path / "cache")
+    with SingleNodeExecutor(max_workers=2, block_allocation=True, cache_directory=cache) as exe:
+        for f in [exe.submit(tf.inc, i) for i in range(20)]:
+            f.result(timeout=T)
+    lanes = {c.lane.rsplit(" ", 1)[-1] for c in campaign_report(cache).calls}
+    assert lanes <= {"0", "1"}  # one row per persistent worker

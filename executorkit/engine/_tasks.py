@@ -200,8 +200,10 @@ class _TaskFlow:
             task.state = RUNNING
             task.started = time.time()
             self._running += 1
-            if task.cache_spec is not None:
-                task.cache_spec.slot = start.cpus[0] if start.cpus else None
+            if task.cache_spec is not None and start.cpus:  # where it ran, for reports
+                slot = start.cpus[0]  # (block allocation: slot s is worker s % workers)
+                workers = self.cfg.block_workers
+                task.cache_spec.slot = slot % workers if workers else slot
             if self.status is not None:
                 self.status.changed(task)
             if task.res.run_time_max is not None:
