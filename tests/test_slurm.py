@@ -87,6 +87,32 @@ def test_mpi_through_srun():
     assert out["failure"] == ["rank 1 failed", True]
 
 
+def test_program_prefix_is_srun_for_several_ranks():
+    from executorkit.launchers.slurm import SrunLauncher
+
+    launcher = SrunLauncher(pmi_mode="pmi2", cpus_per_node=4)
+    assert launcher.program_prefix(parse({})) == ()  # runs inside its worker's step
+    prefix = launcher.program_prefix(parse({"cores": 3, "threads_per_core": 1}))
+    assert prefix[:3] == ("srun", "--ntasks", "3") and "--mpi=pmi2" in prefix
+    assert "python" not in " ".join(prefix)
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+def test_commands_as_steps_with_a_failing_rank_and_a_stubborn_program():
+    out = run_scenario("commands")
+    assert out["one"][0] == "step" and out["one"][1] == "1" and out["one"][2] == "sh"
+    assert out["two"] == ["rank 0 of 2", "rank 1 of 2"]
+    assert out["two_args"] == ["srun", "--ntasks", "2"]
+    assert out["rank_failed"] == [True, True]
+    assert "run_time_max" in out["timeout"]
+    assert out["stubborn_gone"] and out["after"] == 2
+    assert out["escalated"] == "fine\n"
+    assert out["status"] == [True, 4, 2]  # live status of the campaign, closed at shutdown
+    # the killed first attempt of the escalated call and the timed-out program are "killed"
+    assert out["report"] == {"done": 4, "failed": 1, "killed": 2}
+
+
 @pytest.mark.slurm
 @needs_slurm
 def test_errors_and_time_limit_in_steps():

@@ -13,6 +13,7 @@ import threading
 from executorkit.engine._block import DEPTH, _BlockPool
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._loop import _Loop
+from executorkit.engine._status import StatusWriter
 from executorkit.engine._tasks import _TaskFlow
 from executorkit.engine._workers import _WorkerLife
 from executorkit.errors import ExecutorBrokenError
@@ -40,6 +41,9 @@ class Engine(_Loop, _TaskFlow, _WorkerLife, _BlockPool):
         else:
             self.sched = Scheduler(config.cpus, config.gpus, max_running=config.max_running)
         self._init_loop(config)
+        self.status = None if config.status_file is None else StatusWriter(
+            config.status_file, self, executor=config.backend, cpus=len(config.cpus),
+            gpus=len(config.gpus))
 
         self.launcher.start(self.address, self.secret)
         if hasattr(self.launcher, "on_exit"):  # launchers that watch their own processes
@@ -117,6 +121,9 @@ class Engine(_Loop, _TaskFlow, _WorkerLife, _BlockPool):
         for task in list(self.tasks.values()):  # only after a crash of the loop itself
             with contextlib.suppress(Exception):
                 self._finish(task, exc=ExecutorBrokenError("the executor stopped"))
+        if self.status is not None:
+            with contextlib.suppress(Exception):
+                self.status.close()
         with contextlib.suppress(Exception):
             self.launcher.stop()
         self._close_io()

@@ -182,6 +182,8 @@ class _TaskFlow:
             self._finish(task, exc=ExecutorBrokenError(f"the executor is broken: {self.broken}"))
             return
         task.state = QUEUED
+        if self.status is not None:
+            self.status.changed(task)
         if self.cfg.block_workers:
             if not self._block_started:  # workers start with the first call that needs one
                 self._block_started = True
@@ -204,6 +206,12 @@ class _TaskFlow:
             task.state = RUNNING
             task.started = time.time()
             self._running += 1
+            if task.cache_spec is not None and start.cpus:  # where it ran, for reports
+                slot = start.cpus[0]  # (block allocation: slot s is worker s % workers)
+                workers = self.cfg.block_workers
+                task.cache_spec.slot = slot % workers if workers else slot
+            if self.status is not None:
+                self.status.changed(task)
             if task.res.run_time_max is not None:
                 task.deadline = time.monotonic() + task.res.run_time_max
                 heapq.heappush(self._timers, (task.deadline, task.id, task))
@@ -279,6 +287,8 @@ class _TaskFlow:
             if _settle(fut.set_exception, exc, task):
                 self._counts["failed"] += 1
         task.release()
+        if self.status is not None:
+            self.status.changed(task)
         if self.progress is not None:
             self.progress.update(self.counts())
 
@@ -308,6 +318,8 @@ class _TaskFlow:
             task.cache_spec = dataclasses.replace(task.cache_spec,
                                                   resource_dict=decision.res.as_dict())
         task.deadline, task.timed_out = None, False
+        if self.status is not None:
+            self.status.changed(task)
         # Posted: the caller frees the failed attempt's resources after this returns.
         self.post(self._enqueue, task)
         return True

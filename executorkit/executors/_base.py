@@ -78,6 +78,7 @@ class BaseExecutor(ExecutorkitExecutor):
         openmpi_oversubscribe: bool = False,
         max_gpus: int | Iterable[int] | None = None,
         progress: bool = False,
+        status_file: str | os.PathLike[str] | bool | None = None,
     ) -> None:
         _check_count("max_workers", max_workers)
         _check_count("max_cores", max_cores)
@@ -122,6 +123,8 @@ class BaseExecutor(ExecutorkitExecutor):
         config, self._caps = self._engine_config(PoolParams(
             max_workers, max_cores, max_gpus, init_function, restart_limit))
         config.disable_dependencies = disable_dependencies
+        config.status_file = _status_path(status_file, self._defaults.cache_directory)
+        config.backend = self._backend
         config.log_obj_size = bool(log_obj_size)
         if progress:
             from executorkit._progress import Progress
@@ -404,6 +407,27 @@ def _executor_settings(resource_dict: Mapping[str, Any] | None,
 
 
 _DEFAULT_RESTART_LIMIT = 10
+
+
+def _status_path(status_file: Any, cache_directory: str | None) -> str | None:
+    """Where the live status goes: ``status_file``, else ``<cache_directory>/status.json``;
+    ``status_file=False`` turns it off."""
+    if status_file is False:
+        return None
+    if status_file is None or status_file is True:
+        if cache_directory is None:
+            if status_file is True:
+                raise ResourceError("status_file=True needs a cache_directory to put "
+                                    "status.json in", key="status_file",
+                                    allowed="a path, True with a cache_directory, False, None")
+            return None
+        return os.path.join(os.path.abspath(cache_directory), "status.json")
+    if not isinstance(status_file, (str, os.PathLike)):
+        raise ResourceError(f"status_file must be a path, a bool or None, got "
+                            f"{type(status_file).__name__}", key="status_file",
+                            allowed="a path, True with a cache_directory, False, None")
+    path = os.path.abspath(os.fspath(status_file))
+    return os.path.join(path, "status.json") if os.path.isdir(path) else path
 
 
 def _check_count(name: str, value: int | None) -> None:

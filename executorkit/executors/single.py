@@ -69,6 +69,12 @@ class SingleNodeExecutor(BaseExecutor):
         Whether leaving the ``with`` block waits for running calls.
     progress
         Show a progress bar (tqdm): done, running, waiting and failed calls.
+    status_file
+        A live ``status.json`` (see ``executorkit status DIR``), replaced atomically at most
+        about once a second while something changes: counts per state, each call's state,
+        start time, host, resources and attempt, the pool's busy fraction. Default: in the
+        ``cache_directory`` when there is one; a path (a file, or a directory to put
+        ``status.json`` in) elsewhere; ``False``: none.
     log_obj_size
         Log the pickled size of every call and result (logger ``executorkit``, INFO).
     plot_dependency_graph, plot_dependency_graph_filename, export_workflow_filename

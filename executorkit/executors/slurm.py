@@ -25,9 +25,12 @@ class SlurmJobExecutor(BaseExecutor):
     order), ``threads_per_core`` -> ``--cpus-per-task``, ``gpus_per_core`` ->
     ``--gpus-per-task``, ``num_nodes`` -> ``--nodes``, ``exclusive`` -> ``--exclusive``,
     ``run_time_max`` -> ``--time`` (and a precise timer of our own), ``cwd`` -> ``--chdir``,
-    ``slurm_cmd_args`` are appended as they are. Steps use ``--exact`` so they share the
-    allocation; on clusters where memory is a consumable resource, add e.g.
-    ``"slurm_cmd_args": ["--mem-per-cpu=2G"]`` so steps do not each claim all memory.
+    ``slurm_cmd_args`` are appended as they are. A :class:`~executorkit.Command` of
+    ``cores=n > 1`` is itself the step (``srun --ntasks n ... program``), started and
+    watched by a small worker beside the driver; with ``cores=1`` it runs in its worker's
+    step. Steps use ``--exact`` so they share the allocation; on clusters where memory is a
+    consumable resource, add e.g. ``"slurm_cmd_args": ["--mem-per-cpu=2G"]`` so steps do not
+    each claim all memory.
 
     Parameters as :class:`~executorkit.SingleNodeExecutor`, plus ``pmi_mode`` (``srun
     --mpi``, e.g. ``"pmi2"`` or ``"pmix"``; default: the cluster's ``MpiDefault``).

@@ -32,6 +32,9 @@ from typing import Any
 # Pre-import what every worker needs, so a forked child starts warm.
 import cloudpickle
 
+# Programs (Command) run through subprocess: importing it (and json, shlex,
+# concurrent.futures) in every child cost ~50 ms per call on a busy machine.
+import executorkit.command  # noqa: F401
 from executorkit.transport import (
     Exited,
     FrameReader,
