@@ -357,6 +357,12 @@ class BatchExecutor(ExecutorkitExecutor):
         """None: the queue system decides how many jobs run at once."""
         return None
 
+    @max_workers.setter
+    def max_workers(self, value: int) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot resize (max_workers={value!r}): every call is its "
+            "own batch job and the queue system decides how many run at once")
+
     def batched(self, futures: Iterable[Future], n: int) -> list[Future]:
         from executorkit.streaming import batched
 
