@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from executorkit.engine import THREAD_VARIABLES
-from executorkit.errors import TaskTimeoutError
+from executorkit.errors import ResourceError, TaskTimeoutError
 from executorkit.executors._batch import (
     BATCH_REFUSED,
     BatchExecutor,
@@ -26,9 +27,10 @@ from executorkit.executors._batch import (
 )
 from executorkit.launchers.pythonpath import worker_pythonpath
 from executorkit.launchers.queue import TERMINAL, SlurmQueue, job_script, sbatch_command
-from executorkit.resources import Capabilities
+from executorkit.resources import Capabilities, Resources
 
 log = logging.getLogger("executorkit")
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class SlurmClusterExecutor(BatchExecutor):
@@ -72,6 +74,17 @@ class SlurmClusterExecutor(BatchExecutor):
         self._attached: dict[str, tuple[str, str, str, str]] | None = None
         self._grace: dict[str, float] = {}
         self._monitor: threading.Thread | None = None
+
+    def _check(self, res: Resources) -> Resources:
+        res = super()._check(res)
+        # The batch script exports env with bash: a name bash cannot export would end the
+        # script (or, unquoted, run as a command), far from the submit that caused it.
+        bad = [name for name, _ in res.env if not _SHELL_NAME.fullmatch(name)]
+        if bad:
+            raise ResourceError(
+                f"resource_dict['env'] name {bad[0]!r} cannot be exported by a batch script",
+                key="env", allowed="names of letters, digits and '_', not starting with a digit")
+        return res
 
     # ----------------------------------------------------------------- backend hooks
     def _submit_job(self, job: _Job, after_ok: list[str]) -> str:
