@@ -186,11 +186,12 @@ class CommandCall:
     cwd: str | None = None
 
     def __executorkit_cache_state__(self) -> tuple[Any, ...]:
-        """What the cache key covers: the call, plus the content of each input file."""
+        """What the cache key covers: the call, the files it promises to write, and the
+        content of each input file."""
         base = self.cwd or os.getcwd()
         return (self.command.argv, self.command.shell, self.command.stdin, self.env,
-                self.cwd, tuple(_file_digest(os.path.join(base, p))
-                                for p in self.command.inputs))
+                self.cwd, self.command.outputs,
+                tuple(_file_digest(os.path.join(base, p)) for p in self.command.inputs))
 
 
 def label(args: Any, width: int = 60) -> str | None:

@@ -144,3 +144,10 @@ def test_el_layout_with_a_bad_template_is_a_spec_error(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(str(spec))
     assert info.value.key == "cmd_template" and "positional" in str(info.value)
+
+
+def test_report_of_a_directory_without_entries_is_an_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 2
+    assert "holds no cache entries" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+

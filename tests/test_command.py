@@ -193,3 +193,16 @@ def test_programs_run_by_one_worker_keep_their_own_output_files(tmp_path):
         assert fh.read() == "one\n"
     with open(second.stdout_file) as fh:
         assert fh.read() == "two\n"
+
+
+def test_cache_key_covers_declared_outputs(tmp_path):
+    # Two Commands that differ only in the files they promise must not share an entry: the
+    # second one's hit check would look at the wrong files.
+    cache = str(tmp_path / "cache")
+    cmd_a = Command(["sh", "-c", "echo x > a.txt; echo x > b.txt"], outputs=["a.txt"])
+    cmd_b = Command(["sh", "-c", "echo x > a.txt; echo x > b.txt"], outputs=["b.txt"])
+    with SingleNodeExecutor(max_workers=1, cache_directory=cache) as exe:
+        a = exe.submit(cmd_a, resource_dict={"cwd": str(tmp_path)}).result(timeout=60)
+        b = exe.submit(cmd_b, resource_dict={"cwd": str(tmp_path)}).result(timeout=60)
+    assert a.outputs != b.outputs
+    assert b.outputs == (str(tmp_path / "b.txt"),)
