@@ -29,6 +29,7 @@ _PUBLIC = {
     "Command": "executorkit.command",
     "CommandResult": "executorkit.command",
     "CommandError": "executorkit.command",
+    "campaign_report": "executorkit._report",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -1,6 +1,8 @@
 """Block allocation: one persistent worker per slot, each call placed on the least loaded,
 several tiny calls queued per worker while every active call is known to be tiny (the
-estimator decides), and dead workers replaced up to restart_limit.
+estimator decides), dead workers replaced up to restart_limit, and the number of workers
+changed while running (``max_workers = n``): new workers start at once, retired ones get no
+new calls and stop once the calls already sent to them are done.
 
 A call queued in a worker (SENT) is not running until the worker reports its start; until
 then a cancel drops it there, and a worker whose running call outlives its tiny estimate
@@ -9,8 +11,8 @@ gives the queued calls back, to be placed again.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import CancelledError
+from dataclasses import replace
 
 import cloudpickle
 
@@ -20,7 +22,7 @@ from executorkit.engine._records import RUNNING, SENT, WAITING, _Task, _Worker
 from executorkit.errors import ExecutorBrokenError
 from executorkit.estimator import DEPTH, RuntimeEstimator
 from executorkit.scheduler import Start
-from executorkit.transport import Cancel, Dropped, ErrorInfo, GaveBack, Spawn, TaskSetup
+from executorkit.transport import Cancel, Dropped, ErrorInfo, GaveBack, Spawn, Stop, TaskSetup
 
 OVERRUN = 0.01  # seconds: a call expected tiny that runs longer gives back its followers
 
@@ -39,10 +41,37 @@ class _BlockPool:
         # MPI workers serve one call at a time (rank 0 reads no queue): never prefetch there
         self.estimator = RuntimeEstimator(depth=DEPTH if config.worker_res.cores == 1 else 1)
         self._block_started = False  # workers start with the first call that needs one
+        self.block_count = config.block_workers  # workers wanted now (max_workers)
+        self._retired: set[int] = set()  # ids of workers a resize took out of the pool
 
     def _start_block_workers(self) -> None:
-        for slot in range(self.cfg.block_workers):
+        for slot in range(self.block_count):
             self._spawn_block_worker(slot)
+
+
+    def _resize_block(self, count: int, cpus: tuple[int, ...], real: bool) -> None:
+        """Grow or shrink the pool to ``count`` workers on the CPU slots ``cpus``."""
+        old, self.block_count = self.block_count, count
+        self.cfg = replace(self.cfg, cpus=cpus, real_cpus=real)
+        if self._block_started and not self._closing:
+            for slot in range(old, count):
+                self._spawn_block_worker(slot)
+            for slot in range(count, old):
+                self._retire(self.slot_workers.pop(slot))
+        self._set_depth()
+        self._starts(self.sched.resize(range(count * DEPTH)))
+
+
+    def _retire(self, w: _Worker) -> None:
+        """No new calls for ``w`` (it left slot_workers); it stops once its calls are done."""
+        self._retired.add(w.id)
+        self._stop_if_retired(w)
+
+
+    def _stop_if_retired(self, w: _Worker) -> None:
+        if not w.tasks and not w.stopping and w.id in self._retired:
+            w.stopping = True  # its exit is no crash: not counted against restart_limit
+            self._send(w, Stop())
 
 
     def _worker_slots(self, slot: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -73,10 +102,10 @@ class _BlockPool:
         queued = bool(w.tasks)
         if queued:
             task.state = SENT
+            if self.status is not None:
+                self.status.changed(task)
         else:
-            task.state = RUNNING
-            task.started = time.time()
-            self._running += 1
+            self._now_running(task)
         w.tasks[task.id] = task
         task.worker = w
         setup = None
@@ -100,7 +129,7 @@ class _BlockPool:
 
     def _set_depth(self) -> None:
         """Several calls per worker only while every active call is known to be tiny."""
-        self.sched.max_running = self.cfg.block_workers * self.estimator.depth(self._slow_active)
+        self.sched.max_running = self.block_count * self.estimator.depth(self._slow_active)
 
 
     def _mark_slow(self, task: _Task) -> None:
@@ -115,9 +144,7 @@ class _BlockPool:
         task = w.tasks.get(task_id)
         if task is None or task.state != SENT:
             return
-        task.state = RUNNING
-        task.started = time.time()
-        self._running += 1
+        self._now_running(task)
         if task.future.cancelled():  # cancelled while its Cancel was on the way
             self._stop_worker(w)
 
@@ -137,6 +164,8 @@ class _BlockPool:
             if task is not None:
                 starts += self.sched.finish(task_id)
                 self._finish(task, exc=CancelledError())
+        if self._retired:
+            self._stop_if_retired(w)
         self._starts(starts)
 
 
@@ -150,6 +179,8 @@ class _BlockPool:
             self.estimator.observe(running.fn, msg.elapsed)
             self._mark_slow(running)
         back = [t for t in (w.tasks.pop(i, None) for i in msg.task_ids) if t is not None]
+        if self._retired:
+            self._stop_if_retired(w)
         starts: list[Start] = []
         for task in back:
             starts += self.sched.finish(task.id)
@@ -176,14 +207,10 @@ class _BlockPool:
         assert slot is not None
         if self._closing and not self.tasks:
             return
-        if not w.stopping:
-            self.restarts[slot] = self.restarts.get(slot, 0) + 1
-        if self.restarts.get(slot, 0) > self.cfg.restart_limit:
-            self._break(ExecutorBrokenError(
-                f"block-allocation worker {slot} died {self.restarts[slot]} times "
-                f"(restart_limit={self.cfg.restart_limit})"))
+        if w.id in self._retired:  # taken out by a resize: not replaced
+            self._retired.discard(w.id)
+        elif not self._respawn(slot, counts=not w.stopping):
             return
-        self._spawn_block_worker(slot)
         starts: list[Start] = []
         for task in tasks:
             if task is not None:
@@ -202,6 +229,19 @@ class _BlockPool:
             task.deadline = None
             self._enqueue(task)
         self._starts(self.sched.finish_none())
+
+
+    def _respawn(self, slot: int, *, counts: bool) -> bool:
+        """Start a successor in ``slot``; False (and the executor broken) past restart_limit."""
+        if counts:
+            self.restarts[slot] = self.restarts.get(slot, 0) + 1
+        if self.restarts.get(slot, 0) > self.cfg.restart_limit:
+            self._break(ExecutorBrokenError(
+                f"block-allocation worker {slot} died {self.restarts[slot]} times "
+                f"(restart_limit={self.cfg.restart_limit})"))
+            return False
+        self._spawn_block_worker(slot)
+        return True
 
 
     def _init_failed(self, w: _Worker | None, info: ErrorInfo) -> None:

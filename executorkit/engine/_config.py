@@ -32,4 +32,6 @@ class EngineConfig:
     tmp_dir: str | None = None  # parent of private worker directories (shared for Slurm)
     log_obj_size: bool = False  # log pickled sizes of calls and results (INFO)
     preload: tuple[str, ...] = ()  # modules the fork server imports before forking workers
+    status_file: str | None = None  # keep a live status.json there (engine._status)
+    backend: str = "executor"  # the public class's name, for the status file
 
