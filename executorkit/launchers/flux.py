@@ -241,6 +241,7 @@ class FluxLauncher:
         self._nest = (shutil.which("flux") or "flux") if nesting else None
         self._log_dir = log_dir
         self._tmp_base = tmp_dir
+        self._python = sys.executable  # the interpreter jobs run (absolute: see FACTS)
         self._dir: str | None = None
         self._boot: dict[str, object] = {}
         self._thread: _FluxThread | None = None
@@ -286,7 +287,7 @@ class FluxLauncher:
             pickle.dump(boot, fh)
         parallel = res.cores > 1 and self._nest is None
         module = "executorkit.worker.mpi" if parallel else "executorkit.worker.loop"
-        command = [sys.executable, "-m", module, bootfile]
+        command = [self._python, "-m", module, bootfile]
         env = self._environment(spawn)
         options: dict[str, Any] = {}
         if self._pmi_mode:
