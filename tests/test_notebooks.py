@@ -39,6 +39,12 @@ def _skip_without_backend(name: str) -> None:
 
         if NO_SLURM is not None:
             pytest.skip(f"{name} needs a Slurm cluster: {NO_SLURM}")
+    if name.startswith("flux"):
+        from conftest import flux_missing
+
+        reason = flux_missing()
+        if reason is not None:
+            pytest.skip(f"{name} needs a Flux instance: {reason}")
     if name.startswith("mpi"):
         from test_mpi import HAVE_MPI
 
@@ -47,7 +53,9 @@ def _skip_without_backend(name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+@pytest.mark.parametrize("path", [  # notebooks about Flux run with the Flux tests (test.sh)
+    pytest.param(p, marks=pytest.mark.flux) if p.name.startswith("flux") else p
+    for p in NOTEBOOKS], ids=_ids)
 def test_notebook_runs(path: Path, tmp_path: Path) -> None:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
