@@ -54,7 +54,7 @@ class FluxJobExecutor(BaseExecutor):
         asked for (one process, not MPI ranks), so a call can open a ``FluxJobExecutor`` of
         its own over exactly what it was granted.
     flux_log_files
-        Keep each job's stdout and stderr as ``worker-N.out``/``.err``: ``True`` puts them in
+        Keep each job's stdout and stderr as ``flux-JOBID.out``/``.err``: ``True`` puts them in
         the cache directory (else the current directory), a path puts them there. Otherwise a
         job's output is copied to the driver's stdout/stderr when the job ends.
     pmi_mode

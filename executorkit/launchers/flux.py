@@ -22,6 +22,7 @@ eventlog as Flux publishes it: nothing polls.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import shutil
@@ -37,6 +38,8 @@ from typing import Any
 from executorkit.errors import ExecutorkitError, ResourceError, describe_exit
 from executorkit.resources import Resources
 from executorkit.transport import Exited, Spawn, TaskSetup
+
+log = logging.getLogger("executorkit")
 
 GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
 # Flux's own time limit is a backstop (a driver that died cannot stop its jobs); the
@@ -221,9 +224,9 @@ class _Job:
 class FluxLauncher:
     """Runs workers as Flux jobs. ``spawn``/``kill``/``stop`` are called on the engine thread.
 
-    ``log_dir``: keep each job's stdout/stderr there (``flux_log_files``); otherwise they go
-    to private files that are copied to the driver's stdout/stderr when the job ends and
-    then removed.
+    ``log_dir``: keep each job's stdout/stderr there as ``flux-JOBID.out``/``.err``
+    (``flux_log_files``); otherwise they go to private files that are copied to the
+    driver's stdout/stderr when the job ends and then removed.
     """
 
     name = "flux"
@@ -295,7 +298,7 @@ class FluxLauncher:
         if any(k in dict(res.env) for k in GPU_VARIABLES):
             options["gpu-affinity"] = "off"  # the user pinned GPUs explicitly
         where = self._log_dir or errdir
-        stem = f"worker-{spawn.worker_id}"
+        stem = f"{os.path.basename(self._dir)}-worker-{spawn.worker_id}"  # unique while it runs
         files = (os.path.join(where, f"{stem}.out"), os.path.join(where, f"{stem}.err"))
         options["output.stdout.type"] = options["output.stderr.type"] = "file"
         options["output.stdout.path"], options["output.stderr.path"] = files
@@ -324,15 +327,19 @@ class FluxLauncher:
         stdout, stderr = _read(job.files[0]), _read(job.files[1])
         _forward(stdout, sys.stdout)
         _forward(stderr, sys.stderr)
-        if not job.keep_files:
-            for path in job.files:
-                with contextlib.suppress(OSError):
+        for path in job.files:
+            with contextlib.suppress(OSError):
+                if not job.keep_files:
                     os.unlink(path)
+                elif job.jobid is not None:  # kept under the job's id: unique, and findable
+                    ext = os.path.splitext(path)[1]
+                    os.replace(path, os.path.join(os.path.dirname(path),
+                                                  f"flux-{_plain(job.jobid)}{ext}"))
         status = wait_status(job.status) if job.status is not None else None
         reason = None
         if job.exception is not None or status != 0:
-            reason = job_failure(str(job.jobid or "(not submitted)"), status, job.exception,
-                                 stderr)
+            jobid = _plain(job.jobid) if job.jobid is not None else "(not submitted)"
+            reason = job_failure(jobid, status, job.exception, stderr)
         exit_status = status if status is not None else -signal.SIGKILL
         if self.on_exit is not None:
             self.on_exit(Exited(job.worker_id, 0, exit_status, reason))
@@ -348,6 +355,14 @@ class FluxLauncher:
             thread.join(self.GRACE + 5)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _plain(jobid: Any) -> str:
+    """A job id as Flux prints it, in ASCII (``f2aBc...``, not ``ƒ2aBc...``)."""
+    try:
+        return str(jobid.f58plain)
+    except AttributeError:
+        return str(jobid)
 
 
 def _read(path: str) -> str:
@@ -379,23 +394,37 @@ class _FluxThread(threading.Thread):
         self._stopping = False
         self._handle: Any = None
         self._grace_timer: Any = None
+        self._lock = threading.Lock()
+        self._dead: BaseException | None = None  # why the thread ended (no more requests)
 
     def request(self, item: tuple[str, Any]) -> None:
-        self._requests.append(item)
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"\0")
+        with self._lock:
+            if self._dead is None:
+                self._requests.append(item)
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"\0")
+                return
+        if item[0] == "submit":  # the thread is gone: the job can only fail, with the reason
+            item[1].exception = ("executorkit", f"the Flux thread failed: {self._dead}")
+            self._end(item[1])
 
     def run(self) -> None:
         try:
             self._serve()
+            failure: BaseException = RuntimeError("the Flux reactor stopped")
         except BaseException as exc:  # the guard: every job still known ends, with the reason
-            for job in list(self._jobs.values()):
-                job.exception = job.exception or ("executorkit", f"the flux thread failed: {exc}")
-                self._end(job)
-        finally:
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            log.exception("executorkit's Flux thread failed")
+            failure = exc
+        with self._lock:
+            self._dead = failure
+            left = [arg for what, arg in self._requests if what == "submit"]
+            self._requests.clear()
+        for job in [*self._jobs.values(), *left]:
+            job.exception = job.exception or ("executorkit", f"the Flux thread failed: {failure}")
+            self._end(job)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _serve(self) -> None:
         flux = import_flux()
@@ -479,8 +508,10 @@ class _FluxThread(threading.Thread):
                 job.watch.cancel()
         try:
             self._ended(job)
-        finally:
-            if self._stopping and not self._jobs:
+        except Exception:  # reporting one job must not stop the reactor for the others
+            log.exception("reporting the end of Flux job %s failed", job.jobid)
+        if self._stopping and not self._jobs and self._handle is not None:
+            with contextlib.suppress(Exception):
                 self._handle.reactor_stop()
 
     def _cancel(self, worker_id: int) -> None:
