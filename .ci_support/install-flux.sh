@@ -55,7 +55,7 @@ bindings_of() { # bindings_of PREFIX -> the site-packages directory holding flux
 # --- nothing to build? ----------------------------------------------------------------------
 if [ -z "${EXECUTORKIT_FLUX_PREFIX:-}" ] && command -v flux >/dev/null 2>&1 \
     && [ "$(command -v flux)" != "$PREFIX/bin/flux" ]; then
-  log "using $(command -v flux) ($(flux version 2>/dev/null | sed -n 's/^commands: *//p'))"
+  log "using $(command -v flux) ($(flux version 2>/dev/null | sed -n 's/^commands:[[:space:]]*//p'))"
   exit 0
 fi
 [ -n "$VERSION" ] || die "cannot read a version from '$ARCHIVE' (expected flux-core-X.Y.Z.tar.gz)"
@@ -127,7 +127,7 @@ export FLUX_VERSION=$VERSION   # the archive has no .git to derive it from
   make -j"${EXECUTORKIT_FLUX_JOBS:-$(nproc)}" > "$BUILD/make.log" 2>&1 || { tail -n 40 "$BUILD/make.log"; exit 1; }
   make install > "$BUILD/install.log" 2>&1 || { tail -n 40 "$BUILD/install.log"; exit 1; }
 ) || { rm -rf "$PREFIX"; die "build failed"; }
-"$PREFIX/bin/flux" version | grep -q "commands: *$VERSION" || die "the installed flux does not report $VERSION"
+"$PREFIX/bin/flux" version | grep -Eq "^commands:[[:space:]]+$VERSION\b" || die "the installed flux does not report $VERSION"
 echo "$VERSION" > "$STAMP"
 log "flux-core $VERSION installed into $PREFIX in $(( $(date +%s) - T0 )) s"
 link_venv "$(bindings_of "$PREFIX")"

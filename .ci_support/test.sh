@@ -21,7 +21,7 @@ if [ "${EXECUTORKIT_NO_FLUX:-0}" != 1 ]; then
   prefix=${EXECUTORKIT_FLUX_PREFIX:-$HOME/.cache/executorkit/flux-core-0.88.0}
   if bash .ci_support/install-flux.sh > .ci_support/flux.log 2>&1; then
     command -v flux >/dev/null || export PATH="$prefix/bin:$PATH"
-    echo "test: Flux $(flux version | sed -n 's/^commands: *//p') from $(command -v flux)"
+    echo "test: Flux $(flux version | sed -n 's/^commands:[[:space:]]*//p') from $(command -v flux)"
     flux_ok=1
   else
     echo "test: no Flux (see .ci_support/flux.log); Flux tests will skip"
