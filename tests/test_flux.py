@@ -106,6 +106,14 @@ def test_priority_maps_to_urgency():
     assert urgency(-100, owner=True) == 1  # 0 would hold the job forever
 
 
+def test_wait_status_reads_the_shells_signal_convention():
+    from executorkit.launchers.flux import wait_status
+
+    assert wait_status(3 << 8) == 3
+    assert wait_status(137 << 8) == -9  # the shell's 128 + SIGKILL
+    assert wait_status(11) == -11
+
+
 def test_failure_words():
     from executorkit.launchers.flux import job_failure
 
@@ -157,11 +165,11 @@ def test_each_call_is_a_job_with_its_cores_cwd_and_env(exe_factory, tmp_path):
     _, cpus, _ = exe.submit(ff.where, resource_dict={"threads_per_core": 2}).result(timeout=T)
     assert cpus == 2
     threads = exe.submit(tf.env, "OMP_NUM_THREADS", resource_dict={"threads_per_core": 2})
-    assert threads.result(timeout=T) == ["2"]
+    assert threads.result(timeout=T) == {"OMP_NUM_THREADS": "2"}
     where = tmp_path / "new" / "dir"
     assert exe.submit(tf.cwd, resource_dict={"cwd": str(where)}).result(timeout=T) == str(where)
     got = exe.submit(tf.env, "MY_VAR", resource_dict={"env": {"MY_VAR": "v"}})
-    assert got.result(timeout=T) == ["v"]
+    assert got.result(timeout=T) == {"MY_VAR": "v"}
 
 
 def test_priority_becomes_the_jobs_urgency(exe_factory):
@@ -176,7 +184,7 @@ def test_user_gpu_variable_is_kept(exe_factory):
     plain = exe.submit(tf.env, "CUDA_VISIBLE_DEVICES").result(timeout=T)
     mine = exe.submit(tf.env, "CUDA_VISIBLE_DEVICES",
                       resource_dict={"env": {"CUDA_VISIBLE_DEVICES": "7"}}).result(timeout=T)
-    assert plain == ["-1"] and mine == ["7"]
+    assert plain == {"CUDA_VISIBLE_DEVICES": "-1"} and mine == {"CUDA_VISIBLE_DEVICES": "7"}
 
 
 def test_bad_requests_fail_at_submit(exe_factory):
@@ -221,6 +229,9 @@ def test_job_killed_by_flux_fails_with_its_reason(exe_factory, tmp_path):
     wait_until(lambda: os.path.exists(path), timeout=T)
     jobid = _read(path)
     _flux("cancel", "--message=stopped by the test", jobid)
+    from flux.job import JobID
+
+    jobid = JobID(jobid).f58plain  # errors quote job ids in ASCII
     with pytest.raises(WorkerDiedError) as info:
         fut.result(timeout=T)
     text = str(info.value)
@@ -313,7 +324,7 @@ def test_nesting_two_levels_deep(exe_factory):
     out = exe.submit(ff.inner_flux, 2, True, resource_dict={"cores": 2}).result(timeout=300)
     outer_cores, (inner_cores, results) = out
     assert (outer_cores, inner_cores) == (2, 1)
-    assert len(results) == 2
+    assert len(results) == 1 and results[0][1] == 1  # the innermost instance has one core
 
 
 # ------------------------------------------------------------------ four brokers

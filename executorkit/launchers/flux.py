@@ -196,11 +196,18 @@ def job_failure(jobid: str, status: int | None, exception: tuple[str, str] | Non
 
 
 def wait_status(status: int) -> int:
-    """A ``waitpid`` status (Flux's finish event) as ``subprocess`` reports it."""
+    """A ``waitpid`` status (Flux's finish event) as ``subprocess`` reports it.
+
+    The job shell reports a task killed by signal N as exit code 128 + N, as shells do;
+    that is read back as the signal, so a segfault says SIGSEGV on Flux too.
+    """
     if os.WIFSIGNALED(status):
         return -os.WTERMSIG(status)
     if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status)
+        code = os.WEXITSTATUS(status)
+        if 128 < code < 128 + signal.NSIG:
+            return -(code - 128)
+        return code
     return status
 
 
