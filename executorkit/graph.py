@@ -7,6 +7,11 @@ turns a failed or cancelled input into a :class:`~executorkit.errors.DependencyE
 
 Dict *keys* are not searched: a future used as a key is hashed by identity, and replacing it
 would change the dict's meaning.
+
+Two kinds of future carry where they come from, so a dry run can draw and export them as
+edges: an :class:`ItemFuture` is item ``key`` of another future's result (made by
+``get_item_from_future`` and ``split_future``; :func:`item_origin` also reads executorlib's
+``FutureSelector``), and a :class:`DryRunFuture` stands for a call a dry run recorded.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-__all__ = ["find_futures", "substitute"]
+__all__ = ["DryRunFuture", "ItemFuture", "find_futures", "is_dry_run", "item_origin",
+           "substitute"]
 
 # Types that never contain a future; checked by exact type, which is the fast path for the
 # arguments of nearly every call.
@@ -137,3 +143,48 @@ def substitute_call(
     new_args = tuple(substitute(a, value_of) for a in args)
     new_kwargs = {k: substitute(v, value_of) for k, v in kwargs.items()}
     return new_args, new_kwargs
+
+
+class ItemFuture(Future):
+    """A future of ``source.result()[key]``."""
+
+    def __init__(self, source: Future, key: Any) -> None:
+        super().__init__()
+        self.source = source
+        self.key = key
+
+
+class DryRunFuture(Future):
+    """Stands for a call that a dry run recorded instead of running. It is done at once with
+    the result ``None`` (what executorlib's dry runs return), so nothing waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_result(None)
+
+
+def item_origin(future: Future) -> tuple[Future, Any] | None:
+    """``(source, key)`` if ``future`` is item ``key`` of ``source``'s result, else None."""
+    if isinstance(future, ItemFuture):
+        return future.source, future.key
+    # executorlib's FutureSelector keeps the same two facts; __dict__ because it forwards
+    # unknown attributes to its source future.
+    attributes = getattr(future, "__dict__", {})
+    source = attributes.get("_future")
+    if isinstance(source, Future) and "_selector" in attributes:
+        return source, attributes["_selector"]
+    return None
+
+
+def is_dry_run(future: Future) -> bool:
+    """True for a :class:`DryRunFuture` and for items taken from one."""
+    seen: set[int] = set()
+    while id(future) not in seen:
+        seen.add(id(future))
+        if isinstance(future, DryRunFuture):
+            return True
+        origin = item_origin(future)
+        if origin is None:
+            return False
+        future = origin[0]
+    return False

@@ -18,13 +18,11 @@ from executorkit.export import (
     GraphImage,
     WorkflowError,
     WorkflowRecorder,
-    _layout,
-    build_dict,
-    build_list,
-    build_tuple,
     load_workflow,
     run_workflow,
 )
+from executorkit.export._plot import layout
+from executorkit.export.helpers import get_dict, get_list, get_tuple
 
 TIMEOUT = 30
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -90,10 +88,11 @@ def test_small_dag_exports_nodes_and_edges(tmp_path):
     mul_id = function_id(data, "workflow_funcs.mul")
     add_in = inputs_of(data, add_id)
     assert {p: (n["type"], n["value"], n["name"]) for p, n in add_in.items()} == {
-        "x": ("input", 1, "x"), "y": ("input", 2, "y")}
+        "x": ("input", 1, "x"), "y": ("input", 2, "y_0")}  # names repeated ports: _0, _1
     mul_in = inputs_of(data, mul_id)
     assert mul_in["x"]["id"] == add_id
-    assert (mul_in["y"]["type"], mul_in["y"]["value"], mul_in["y"]["name"]) == ("input", 3, "y")
+    assert (mul_in["y"]["type"], mul_in["y"]["value"], mul_in["y"]["name"]) == \
+        ("input", 3, "y_1")
     edge = next(e for e in data["edges"] if e["source"] == add_id)
     assert edge == {"source": add_id, "sourcePort": None, "target": mul_id, "targetPort": "x"}
 
@@ -144,12 +143,12 @@ def test_literals_inside_containers_are_kept():
         (helper,) = [n for n in of_type(data, "function") if n["value"] == value]
         return inputs_of(data, helper["id"])
 
-    as_list = container("executorkit.export.build_list")
+    as_list = container("python_workflow_definition.shared.get_list")
     assert as_list["1"]["id"] == add_id
     assert (as_list["0"]["value"], as_list["2"]["value"]) == (1, 3)
-    as_dict = container("executorkit.export.build_dict")
+    as_dict = container("python_workflow_definition.shared.get_dict")
     assert as_dict["a"]["id"] == add_id and as_dict["b"]["value"] == 2
-    as_tuple = container("executorkit.export.build_tuple")
+    as_tuple = container("executorkit.export.helpers.get_tuple")
     assert as_tuple["0"]["id"] == add_id and as_tuple["1"]["value"] == 4
     plain = [n for n in of_type(data, "input") if n["name"] == "value"]
     assert [n["value"] for n in plain] == [[[1, 2], {"k": [3]}]]
@@ -224,6 +223,18 @@ def test_round_trip_on_thread_pool_matches_direct_calls(tmp_path):
     assert by_function == expected
     assert type(by_function["workflow_funcs.echo"][2]) is tuple
     assert by_function["workflow_funcs.combine"][2] == (7, (8, {9}))
+
+
+def test_positional_only_and_varargs_validate_against_the_reference_models(tmp_path):
+    # The reference runners call every function by keyword, so they cannot run calls that
+    # use positional-only or *args parameters (scenario's combine); the file is still valid
+    # PWD, and run_workflow runs it (test above).
+    from python_workflow_definition.models import PythonWorkflowDefinitionWorkflow
+
+    rec = WorkflowRecorder()
+    scenario(recorder_submit(rec))
+    rec.export(tmp_path / "wf.json")
+    PythonWorkflowDefinitionWorkflow.load_json_file(tmp_path / "wf.json")
 
 
 def test_round_trip_single_sink_is_named_result(tmp_path):
@@ -338,12 +349,12 @@ def test_malformed_files_are_rejected(tmp_path):
 
 
 def test_container_helpers():
-    assert build_list(**{"1": "b", "0": "a"}) == ["a", "b"]
-    assert build_tuple(**{"0": 1}) == (1,)
-    assert build_tuple() == ()
-    assert build_dict(a=1, b=[2]) == {"a": 1, "b": [2]}
+    assert get_list(**{"1": "b", "0": "a"}) == ["a", "b"]
+    assert get_tuple(**{"0": 1}) == (1,)
+    assert get_tuple() == ()
+    assert get_dict(a=1, b=[2]) == {"a": 1, "b": [2]}
     with pytest.raises(WorkflowError, match="without gaps"):
-        build_list(**{"0": 1, "2": 3})
+        get_list(**{"0": 1, "2": 3})
 
 
 # ---------------------------------------------------------------- plot
@@ -392,8 +403,8 @@ def test_plot_rejects_other_extensions(tmp_path):
 
 def test_layout_layers_follow_dependencies():
     rec = small_recorder()
-    graph = rec._graph()
-    positions = _layout(graph)
+    graph = rec.graph()
+    positions = layout(graph)
     depth = {n.id: -positions[n.id][1] for n in graph.nodes}
     for edge in graph.edges:
         assert depth[edge.source] < depth[edge.target]

@@ -6,22 +6,19 @@ Runs outside any Flux instance (in the main test run), so it is marked ``slurm``
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
+import capabilities
 import pytest
-from test_slurm import NO_SLURM
 
 
 @pytest.mark.slurm
 def test_flux_inside_a_slurm_allocation(tmp_path):
-    """The recipe of docs/flux.md: ``srun ... flux start`` inside an allocation, and a
+    """The recipe of docs/backends/flux.md: ``srun ... flux start`` inside an allocation, and a
     FluxJobExecutor script in that instance."""
-    if NO_SLURM is not None:
-        pytest.skip(NO_SLURM)
-    if shutil.which("flux") is None:
-        pytest.skip("no flux on PATH (.ci_support/install-flux.sh builds one)")
+    capabilities.require("slurm")
+    capabilities.require("flux")
     script = tmp_path / "campaign.py"
     script.write_text(
         "from executorkit import FluxJobExecutor\n"

@@ -35,3 +35,25 @@ def fail(message: str) -> None:
 
 def collect(values: list[Any], scale: int = 1) -> list[Any]:
     return [v * scale for v in values]
+
+
+# The Python Workflow Definition's arithmetic example (its functions return a dict of
+# named outputs, which other nodes take with get_item_from_future).
+def get_prod_and_div(x: float, y: float) -> dict[str, float]:
+    return {"prod": x * y, "div": x / y}
+
+
+def get_sum(x: float, y: float) -> float:
+    return x + y
+
+
+def get_square(x: float) -> float:
+    return x**2
+
+
+def min_max(values: list[float]) -> tuple[float, float]:
+    return min(values), max(values)
+
+
+def array_stats(data: Any) -> list[Any]:
+    return [type(data).__name__, str(data.dtype), list(data.shape), data.sum().item()]

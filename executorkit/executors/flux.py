@@ -7,9 +7,9 @@ import os
 import socket
 from typing import Any
 
+from executorkit.engine import EngineConfig
 from executorkit.errors import ExecutorkitError, ResourceError
 from executorkit.executors._base import BaseExecutor, PoolParams
-from executorkit.executors._engine import EngineConfig
 from executorkit.launchers.flux import (
     FluxLauncher,
     FluxUnavailableError,

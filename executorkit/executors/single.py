@@ -9,10 +9,16 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from executorkit.engine import EngineConfig
 from executorkit.errors import ResourceError
 from executorkit.executors._base import BaseExecutor, PoolParams, gpu_pool, gpu_variable
-from executorkit.executors._engine import EngineConfig
-from executorkit.launchers.local import LocalLauncher, find_mpiexec, mpi_flavor, mpiexec_command
+from executorkit.launchers.local import (
+    MPICH_LOOPBACK,
+    LocalLauncher,
+    find_mpiexec,
+    mpi_flavor,
+    mpiexec_command,
+)
 from executorkit.resources import Capabilities, Resources
 
 
@@ -58,6 +64,12 @@ class SingleNodeExecutor(BaseExecutor):
         Show a progress bar (tqdm): done, running, waiting and failed calls.
     log_obj_size
         Log the pickled size of every call and result (logger ``executorkit``, INFO).
+    plot_dependency_graph, plot_dependency_graph_filename, export_workflow_filename
+        A dry run: nothing runs; at shutdown the graph of the submitted calls is drawn
+        (inline in Jupyter, or a ``.png``/``.svg`` file) and/or written as Python Workflow
+        Definition JSON (see ``executorkit.export``). As in executorlib, every future of a
+        dry run is done at once with the result ``None`` (so are items taken from it with
+        ``get_item_from_future``/``split_future``): ``.result()`` never waits.
     hostname_localhost, refresh_rate, openmpi_oversubscribe
         Accepted for compatibility. Local work always listens on 127.0.0.1, nothing polls,
         and there is no MPI launch yet.
@@ -84,7 +96,8 @@ class SingleNodeExecutor(BaseExecutor):
         cpus = tuple(available[:plan.pool]) if real else tuple(range(plan.pool))
         forward = sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__
         config = EngineConfig(
-            launcher=LocalLauncher(forward_output=forward, preload=self._preload()),
+            launcher=LocalLauncher(forward_output=forward, preload=self._preload(),
+                                   mpiexec=self._mpiexec()),
             cpus=cpus, gpus=gpus, real_cpus=real, gpu_variable=gpu_variable(),
             max_running=plan.max_running, block_workers=plan.workers,
             worker_res=self._defaults, init_function=p.init_function,
@@ -99,6 +112,16 @@ class SingleNodeExecutor(BaseExecutor):
                 f"needs mpi4py and an mpiexec (pip install mpi4py mpich)", key="cores",
                 allowed="cores=1 without MPI")
         return res
+
+    def _mpiexec(self) -> tuple[str, ...]:
+        """mpiexec (and its flags) for programs run as MPI jobs; () if there is none."""
+        mpiexec = find_mpiexec()
+        if mpiexec is None:
+            return ()
+        flavor = mpi_flavor(mpiexec)
+        if self._openmpi_oversubscribe and flavor == "openmpi":
+            return (mpiexec, "--oversubscribe")
+        return (mpiexec, *MPICH_LOOPBACK) if flavor == "mpich" else (mpiexec,)
 
     def _mpi_command(self) -> Callable[[int], tuple[str, ...]] | None:
         mpiexec = find_mpiexec()

@@ -6,8 +6,8 @@ import os
 import socket
 from typing import Any
 
+from executorkit.engine import EngineConfig
 from executorkit.executors._base import BaseExecutor, PoolParams
-from executorkit.executors._engine import EngineConfig
 from executorkit.launchers.slurm import SrunLauncher, allocation, pool_of, smallest_node
 from executorkit.resources import Capabilities
 

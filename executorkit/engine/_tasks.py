@@ -1,0 +1,337 @@
+"""The task life cycle in the driver: submit, dependencies and cache look-ups, the queue of
+the scheduler, start, finish (exactly once), cancel, and run_time_max deadlines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import pickle
+import time
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from typing import Any, cast
+
+from executorkit import graph, retry
+from executorkit._pickling import FunctionPickles, dumps_args
+from executorkit.cache._hook import CacheHook
+from executorkit.engine._config import EngineConfig
+from executorkit.engine._failures import _describe_unpicklable, _log_failure, _rebuild_error
+from executorkit.engine._records import (
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    WAITING,
+    TaskFuture,
+    _Task,
+    _Worker,
+)
+from executorkit.errors import ExecutorBrokenError, SerializationError, dependency_error
+from executorkit.resources import Capabilities, Resources
+from executorkit.scheduler import Demand, Start
+from executorkit.transport import TaskDone
+
+log = logging.getLogger("executorkit")
+
+
+class _TaskFlow:
+    """Mixin of :class:`~executorkit.engine._engine.Engine`: every task from submit to its
+    completed future. ``submit``, ``shutdown`` and ``counts`` run in caller threads; the
+    rest on the engine thread."""
+
+    def _init_tasks(self, config: EngineConfig) -> None:
+        self.tasks: dict[int, _Task] = {}
+        self._ids = itertools.count(1)
+        self._timers: list[tuple[float, int, _Task]] = []  # run_time_max deadlines (heap)
+        self._counts = {"done": 0, "failed": 0, "cancelled": 0}
+        self._submitted = 0
+        self._running = 0
+        self.progress = config.progress
+        self._pickles = FunctionPickles()
+        self.cache = CacheHook(config.init_function)
+        # retries: the resources each retried task was first submitted with, and the most
+        # one attempt can be granted (escalation is capped there)
+        self._first_res: dict[int, Resources] = {}
+        worker = config.worker_res
+        self._retry_caps = Capabilities(
+            "engine", len(config.cpus), len(config.gpus),
+            per_task_cpus=worker.cpus if config.block_workers else None,
+            per_task_gpus=worker.gpus if config.block_workers else None)
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               res: Resources) -> TaskFuture:
+        if self.broken is not None:
+            raise ExecutorBrokenError(f"the executor is broken: {self.broken}") from self.broken
+        self._submitted += 1
+        task = _Task(self, next(self._ids), fn, args, kwargs, res)
+        deps = graph.find_futures(args, kwargs)
+        if deps and self.cfg.disable_dependencies:
+            raise ValueError(
+                "a Future was passed as an argument but the executor was created with "
+                "disable_dependencies=True; pass the result instead, or enable dependencies"
+            )
+        try:
+            if not self.cache.prepare(task, deps):
+                return task.future  # answered from the cache: no process at all
+        except SerializationError as exc:
+            task.state = FINISHED
+            task.future.set_exception(exc)
+            return task.future
+        self.tasks[task.id] = task
+        if deps:
+            task.deps = deps
+            task.deps_left = len(deps)
+            for dep in deps:
+                dep.add_done_callback(task.input_done)
+        else:
+            try:
+                task.payload = self._dumps_call(fn, args, kwargs)
+            except SerializationError as exc:
+                self.tasks.pop(task.id, None)
+                task.state = FINISHED
+                task.future.set_exception(exc)
+                return task.future
+            self.post(self._enqueue, task)
+        return task.future
+
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        if cancel_futures:
+            for task in list(self.tasks.values()):
+                if task.state in (WAITING, QUEUED):
+                    task.future.cancel()
+        self.post(self._begin_close)
+        if wait:
+            self._stopped.wait()
+            self.thread.join()
+
+
+    def _dumps_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> tuple[bytes, bytes]:
+        try:
+            blobs = self._pickles.dumps(fn), dumps_args(args, kwargs)
+        except Exception as exc:
+            raise SerializationError(_describe_unpicklable(fn, args, kwargs, exc)) from exc
+        if self.cfg.log_obj_size:
+            log.info("%s: function %d bytes, arguments %d bytes pickled",
+                     getattr(fn, "__qualname__", fn), len(blobs[0]), len(blobs[1]))
+        return blobs
+
+
+    def counts(self) -> dict[str, int]:
+        """Progress figures: submitted, done, failed, cancelled, running, waiting."""
+        running = self._running
+        return {**self._counts, "submitted": self._submitted, "running": running,
+                "waiting": max(0, len(self.tasks) - running)}
+
+
+    def dep_done(self, task: _Task, fut: Future) -> None:
+        if task.state != WAITING or task.future.done():
+            return  # already failed, or cancelled by the user meanwhile
+        if fut.cancelled():
+            self._fail_dependency(task, fut, CancelledError("input future was cancelled"))
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._fail_dependency(task, fut, exc)
+            return
+        task.deps_left -= 1
+        if task.deps_left:
+            return
+        results = {id(d): d.result() for d in task.deps or ()}
+        args, kwargs = graph.substitute_call(task.args, task.kwargs,
+                                             lambda f: results[id(f)])
+        task.args, task.kwargs = args, kwargs
+        try:
+            answered = not self.cache.ready(task)
+        except SerializationError as exc3:
+            self._finish(task, exc=exc3)
+            return
+        if answered:
+            self.tasks.pop(task.id, None)
+            task.state = FINISHED
+            return
+        try:
+            task.payload = self._dumps_call(task.fn, args, kwargs)
+        except SerializationError as exc2:
+            self._finish(task, exc=exc2)
+            return
+        self._enqueue(task)
+
+
+    def _fail_dependency(self, task: _Task, fut: Future, cause: BaseException) -> None:
+        upstream = getattr(fut, "_task", None)
+        what = f"task {upstream.id} ({upstream.name()})" if upstream else "future"
+        # Catchable as the root failure's type too; names the root once (short messages
+        # however long a failed chain is).
+        self._finish(task, exc=dependency_error(task.name(), what, cause, future=fut))
+
+
+    def _enqueue(self, task: _Task) -> None:
+        if task.state != WAITING:
+            return  # cancelled meanwhile
+        if self.broken is not None:
+            self._finish(task, exc=ExecutorBrokenError(f"the executor is broken: {self.broken}"))
+            return
+        task.state = QUEUED
+        if self.cfg.block_workers:
+            if not self._block_started:  # workers start with the first call that needs one
+                self._block_started = True
+                self._start_block_workers()
+            if not self._known_tiny(task.fn):
+                task.slow = True
+                self._slow_active += 1
+                self._set_depth()
+            demand = Demand(1)
+        else:
+            demand = Demand(task.res.cpus, task.res.gpus, task.res.exclusive)
+        self._starts(self.sched.submit(task.id, demand, task.res.priority))
+
+
+    def _starts(self, starts: list[Start]) -> None:
+        for start in starts:
+            task = self.tasks.get(cast(int, start.task))
+            if task is None:
+                continue
+            task.state = RUNNING
+            task.started = time.time()
+            self._running += 1
+            if task.res.run_time_max is not None:
+                task.deadline = time.monotonic() + task.res.run_time_max
+                heapq.heappush(self._timers, (task.deadline, task.id, task))
+            if self.cfg.block_workers:
+                self._run_on_block_worker(task, start.cpus[0])
+            else:
+                self._spawn_task(task, start)
+
+
+    def _task_done(self, w: _Worker | None, msg: TaskDone) -> None:
+        task = w.tasks.pop(msg.task_id, None) if w is not None else None
+        if task is None:
+            return
+        if self.cfg.log_obj_size:
+            log.info("task %d (%s): result %d bytes pickled", task.id, task.name(),
+                     len(msg.payload))
+        # Start what the freed resources allow, and send it, before completing the future:
+        # completing it wakes the caller's thread, which would delay the next call.
+        if w is not None and not w.persistent and w.held == task.id:
+            # A one-shot worker calls _exit right after its reply (and its process group
+            # is killed when it is reaped), so its CPUs are free now, not at the exit report.
+            w.held = None
+            self._starts(self.sched.finish(task.id))
+        elif w is not None and w.persistent:
+            self._learn_runtime(task, msg.finished - msg.started)
+            self._starts(self.sched.finish(task.id))
+        tiny = self._slow_active == 0
+        if self._dirty and not (w is not None and w.persistent and tiny):
+            self._flush()  # (tiny calls: keep batching, the turn's end flushes once)
+        if msg.ok:
+            self._finish(task, payload=msg.payload)
+        else:
+            self._finish(task, exc=_rebuild_error(msg.payload, task))
+
+
+    def _finish(self, task: _Task, *, payload: bytes | None = None,
+                exc: BaseException | None = None) -> None:
+        """Complete a task's future (exactly once) and forget the task."""
+        if task.state == FINISHED:
+            return
+        if exc is not None and task.state == RUNNING and self._retry(task, exc):
+            return
+        was_queued = task.state == QUEUED
+        if task.state == RUNNING:
+            self._running -= 1
+        if task.slow:
+            task.slow = False
+            self._slow_active -= 1
+            if self._slow_active == 0:
+                self._set_depth()
+                self.post(self._start_more)
+        task.state = FINISHED
+        self.tasks.pop(task.id, None)
+        if was_queued:
+            self.sched.withdraw(task.id)
+        fut = task.future
+        if exc is None:
+            try:
+                value = pickle.loads(payload)  # type: ignore[arg-type]
+            except BaseException as err:
+                exc = SerializationError(
+                    f"the result of {task.name()} could not be unpickled in the driver: "
+                    f"{type(err).__name__}: {err}")
+                exc.__cause__ = err
+            else:
+                with contextlib.suppress(InvalidStateError):
+                    fut.set_result(value)
+                    self._counts["done"] += 1
+        if exc is not None:
+            if task.res.error_log_file and not fut.cancelled():
+                _log_failure(task, exc)
+            with contextlib.suppress(InvalidStateError):
+                fut.set_exception(exc)
+                self._counts["failed"] += 1
+        task.release()
+        if self.progress is not None:
+            self.progress.update(self.counts())
+
+
+    def _retry(self, task: _Task, exc: BaseException) -> bool:
+        """A running attempt failed: queue it again with escalated resources (True), or
+        let it fail with every attempt's reason (False). See executorkit.retry."""
+        if task.future.cancelled():
+            self.cache.attempt_ended(task, exc, final=True)
+            return False
+        failures = task.failures = [*(task.failures or ()), exc]
+        first = task.res if len(failures) == 1 else self._first_res[task.id]
+        decision = retry.next_attempt(first, failures, self._retry_caps)
+        self.cache.attempt_ended(task, exc, final=decision.res is None)
+        if decision.res is None:
+            self._first_res.pop(task.id, None)
+            retry.exhausted_error(failures)  # adds every attempt's reason to exc
+            return False
+        self._first_res.setdefault(task.id, first)
+        log.info("task %d (%s): %s", task.id, task.name(), decision.reason)
+        self._running -= 1
+        if task.slow:
+            task.slow = False
+            self._slow_active -= 1
+        task.state, task.res, task.worker = WAITING, decision.res, None
+        task.deadline, task.timed_out = None, False
+        # Posted: the caller frees the failed attempt's resources after this returns.
+        self.post(self._enqueue, task)
+        return True
+
+    def cancelled(self, task: _Task) -> None:
+        """The user cancelled the task's future (it is already CANCELLED)."""
+        self._counts["cancelled"] += 1
+        state = task.state
+        if state in (WAITING, QUEUED):
+            self._finish(task, exc=CancelledError())
+        elif state == RUNNING and task.worker is not None:
+            w = task.worker
+            if next(iter(w.tasks), None) == task.id:
+                self._stop_worker(w)
+            # else: still queued inside a worker; its result will simply be dropped
+
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            deadline, _, task = heapq.heappop(self._timers)
+            w = task.worker
+            if task.state != RUNNING or w is None or task.deadline != deadline:
+                continue  # finished, or an old entry of a call that was queued again
+            if w.chan is None or next(iter(w.tasks), None) != task.id:
+                # not started yet (worker still starting, or earlier calls ahead of it)
+                task.deadline = now + (task.res.run_time_max or 0.0)
+                heapq.heappush(self._timers, (task.deadline, task.id, task))
+                continue
+            task.timed_out = True
+            self._stop_worker(w)
+
+
+    def _start_more(self) -> None:
+        self._starts(self.sched.finish_none())
+

@@ -1,0 +1,267 @@
+"""The life of a per-task worker process: spawn it (or hand the call to a warm spare), its
+environment, CPU pinning and MPI ranks, then its exit and the error its call fails with.
+
+Block-allocation workers are started in ``_block.py``; their exits are finalized here too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pickle
+import tempfile
+import time
+from collections import deque
+
+from executorkit.command import PREFIX_VARIABLE
+from executorkit.engine._config import EngineConfig
+from executorkit.engine._failures import _error_from_info
+from executorkit.engine._records import _Task, _Worker
+from executorkit.errors import (
+    ExecutorBrokenError,
+    TaskTimeoutError,
+    WorkerDiedError,
+    describe_exit,
+)
+from executorkit.launchers.local import LocalLauncher
+from executorkit.resources import Resources
+from executorkit.scheduler import Start
+from executorkit.transport import ErrorInfo, Exited, RunTask, Spawn, SpawnFailed, Stop, TaskSetup
+
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS", "BLIS_NUM_THREADS",
+)
+REPLENISH_DELAY = 0.005  # seconds between a spare taking a call and forking its successor
+
+
+class _WorkerLife:
+    """Mixin of :class:`~executorkit.engine._engine.Engine`: worker processes, on the engine
+    thread."""
+
+    _slot_index: dict[int, int] | None = None  # CPU slot id -> its position in the pool
+
+    def _init_workers(self, config: EngineConfig) -> None:
+        self.workers: dict[int, _Worker] = {}
+        self._worker_ids = itertools.count(1)
+        # Per-task mode keeps warm spares: forked, connected, waiting for their one call.
+        self._spares: deque[_Worker] = deque()
+        self._spares_coming = 0
+        self._spare_target = 0 if config.block_workers else min(2, len(config.cpus))
+        self._replenish_due: float | None = None
+        # what a spare sets while idle: the environment of a default one-CPU call
+        self._spare_env = dict(self._task_env(config.worker_res, 1, (), 0))
+        self._tmp: str | None = None  # private directory for MPI workers, made on demand
+
+    def _spawn(self, spawn: Spawn) -> None:
+        self.launcher.spawn(spawn)
+        if not self._output_registered:
+            self._watch_output()
+
+    def _spawn_task(self, task: _Task, start: Start) -> None:
+        env = self._task_env(task.res, len(start.cpus), start.gpus, self._slot_of(start.cpus))
+        cpus = self._pin(start.cpus)
+        # A program (executorkit.command) runs in one worker holding all its CPUs and is
+        # itself started as the MPI job, through the launcher's prefix: no Python ranks.
+        program = getattr(task.fn, "__executorkit_program__", False)
+        ranks = 1 if program else task.res.cores
+        if program:
+            prefix_of = getattr(self.launcher, "program_prefix", None)
+            prefix = prefix_of(task.res) if prefix_of is not None else ()
+            env = (*env, (PREFIX_VARIABLE, json.dumps(list(prefix))))
+        if ranks == 1 and self._spares:
+            # A warm spare takes the call: no fork on the critical path.
+            w = self._spares.popleft()
+            w.spare = False
+            # The spare already has the default environment: send only what differs.
+            base = self._spare_env
+            changed = tuple((k, v) for k, v in env if base.get(k) != v)
+            names = {k for k, _ in env}
+            unset = tuple(k for k in base if k not in names)
+            setup = TaskSetup(task.res.cwd, changed, unset, cpus)
+            self._assign(w, task, self._run_message(task, setup))
+            # The call goes out first; forking its replacement would compete with its start
+            # for the CPUs, so that waits a moment while another spare is still ready.
+            self._flush()
+            if self._spares:
+                if self._replenish_due is None:
+                    self._replenish_due = time.monotonic() + REPLENISH_DELAY
+            else:
+                self._replenish()
+            return
+        w = _Worker(next(self._worker_ids), persistent=False)
+        self.workers[w.id] = w
+        self._assign(w, task, self._run_message(task, None))
+        spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res,
+                      program=program)
+        self._mpi(w, spawn, ranks)
+        self._spawn(spawn)
+        self._replenish()
+
+
+    @staticmethod
+    def _run_message(task: _Task, setup: TaskSetup | None) -> RunTask:
+        assert task.payload is not None, "a task is serialized before it starts"
+        fn_blob, args_blob = task.payload
+        return RunTask(task.id, fn_blob, args_blob, setup, task.cache_spec)
+
+
+    def _assign(self, w: _Worker, task: _Task, run: RunTask) -> None:
+        w.tasks[task.id] = task
+        w.held = task.id
+        task.worker = w
+        self._send(w, run)
+
+
+    def _replenish(self) -> None:
+        """Keep ``_spare_target`` warm per-task workers forked and connected."""
+        if not isinstance(self.launcher, LocalLauncher):
+            return  # only a fork server makes spares cheap
+        while (not self._closing and
+               len(self._spares) + self._spares_coming < self._spare_target):
+            w = _Worker(next(self._worker_ids), persistent=False)
+            w.spare = True
+            self.workers[w.id] = w
+            self._spares_coming += 1
+            self._spawn(Spawn(w.id, tuple(self._spare_env.items()), None, None,
+                              persistent=False, spare=True))
+
+
+    def _mpi(self, w: _Worker, spawn: Spawn, cores: int) -> None:
+        """Make ``spawn`` start ``cores`` MPI ranks (when cores > 1)."""
+        if cores <= 1:
+            return
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="executorkit-", dir=self.cfg.tmp_dir)
+        w.errdir = os.path.join(self._tmp, f"worker-{w.id}")
+        os.mkdir(w.errdir, 0o700)
+        spawn.errdir = w.errdir
+        if self.cfg.mpi_command is not None:  # else the launcher starts the ranks (srun)
+            spawn.mpi_command = self.cfg.mpi_command(cores)
+
+
+    def _slot_of(self, cpus: tuple[int, ...]) -> int:
+        """Per-task worker id (``executorlib_worker_id``): the call's lowest pool slot."""
+        index = self._slot_index
+        if index is None:
+            index = self._slot_index = {cpu: i for i, cpu in enumerate(self.cfg.cpus)}
+        return min((index.get(c, 0) for c in cpus), default=0)
+
+    def _task_env(self, res: Resources, ncpus: int, gpus: tuple[int, ...],
+                  worker_id: int) -> tuple:
+        threads = str(res.threads_per_core)
+        env = dict.fromkeys(THREAD_VARIABLES, threads)
+        if gpus or self.cfg.gpus:
+            env[self.cfg.gpu_variable] = ",".join(map(str, gpus))
+        env["EXECUTORKIT_CPUS"] = str(ncpus)
+        env["EXECUTORKIT_GPUS"] = ",".join(map(str, gpus))
+        env["EXECUTORKIT_WORKER_ID"] = str(worker_id)
+        env.update(res.env)  # the user's explicit variables win
+        return tuple(env.items())
+
+
+    def _pin(self, slots: tuple[int, ...]) -> tuple[int, ...] | None:
+        return slots if self.cfg.real_cpus else None
+
+
+    def _stop_worker(self, w: _Worker) -> None:
+        w.stopping = True
+        self.launcher.kill(w.id)
+
+
+    def _exited(self, msg: Exited) -> None:
+        w = self.workers.get(msg.worker_id)
+        if w is None:
+            return
+        w.exit_status = msg.status
+        w.pid = w.pid or msg.pid
+        self._maybe_finalize(w, reason=msg.reason)
+
+    def _spawn_failed(self, msg: SpawnFailed) -> None:
+        w = self.workers.get(msg.worker_id)
+        if w is not None:
+            w.exit_status = -1
+            w.eof = True
+            self._maybe_finalize(w, reason=msg.reason)
+
+
+    def _maybe_finalize(self, w: _Worker, reason: str | None = None) -> None:
+        """A worker is gone once its process was reaped and its connection closed."""
+        if w.exit_status is None or not (w.eof or w.chan is None):
+            return
+        if self.workers.pop(w.id, None) is None:
+            return
+        self._dirty.discard(w)
+        if w.spare:  # died (or was stopped) before it had a call
+            if w in self._spares:
+                self._spares.remove(w)
+            else:
+                self._spares_coming -= 1
+            return
+        tasks, w.tasks = list(w.tasks.values()), {}
+        if tasks and w.persistent and w.chan is None:
+            tasks.insert(0, None)  # type: ignore[arg-type]  # it never ran any of them
+        elif tasks:  # the first was running: it fails; the others never started
+            if w.errdir and _rank_error(w.errdir, tasks[0].id) is not None:
+                w.stopping = True  # an MPI rank raised: the call failed, not the worker
+            self._finish(tasks[0], exc=self._death_error(w, tasks[0], reason))
+        if w.persistent:
+            self._replace_block_worker(w, tasks)
+        elif w.held is not None:
+            tid, w.held = w.held, None
+            self._starts(self.sched.finish(tid))
+
+
+    def _death_error(self, w: _Worker, task: _Task, reason: str | None) -> BaseException:
+        if task.timed_out:
+            return TaskTimeoutError(
+                f"{task.name()} exceeded run_time_max={task.res.run_time_max:g} s and was "
+                f"stopped")
+        reported = _rank_error(w.errdir, task.id) if w.errdir else None
+        if reported is not None:
+            return _error_from_info(reported, task.name(), task.fn)
+        status = w.exit_status if w.exit_status is not None else -1
+        how, code, signum = describe_exit(status)
+        where = f"pid {w.pid} on {w.host}" if w.pid else "its process"
+        text = reason or f"the process running {task.name()} ({where}) {how}"
+        return WorkerDiedError(text, exitcode=code, signum=signum, host=w.host, pid=w.pid)
+
+
+    def _launcher_died(self, code: int) -> None:
+        if self._closing and not self.tasks and not self.workers:
+            return  # the normal end
+        how, _, _ = describe_exit(code)
+        self._break(ExecutorBrokenError(f"the fork server {how}"))
+
+
+    def _close_ready(self) -> bool:
+        """Stop persistent workers; the loop exits once none is left."""
+        alive = [w for w in self.workers.values() if w.persistent or w.spare]
+        for w in alive:
+            if not w.stopping:
+                w.stopping = True
+                if w.chan is not None:
+                    self._send(w, Stop())
+                else:
+                    self.launcher.kill(w.id)
+        return not self.workers
+
+
+
+def _rank_error(errdir: str, task_id: int) -> ErrorInfo | None:
+    """The error report of the lowest MPI rank that failed ``task_id``, if any."""
+    prefix = f"task-{task_id}-rank-"
+    try:
+        names = [n for n in os.listdir(errdir) if n.startswith(prefix) and n.endswith(".pkl")]
+    except OSError:
+        return None
+    if not names:
+        return None
+    first = min(names, key=lambda n: int(n[len(prefix):-4]))
+    try:
+        with open(os.path.join(errdir, first), "rb") as fh:
+            return pickle.load(fh)
+    except Exception:
+        return None
+
