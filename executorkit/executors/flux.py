@@ -105,8 +105,12 @@ class FluxJobExecutor(BaseExecutor):
         local = (self._hostname_localhost if self._hostname_localhost is not None
                  else pool.nodes == 1)
         tmp = _private_base()
+        # Per call: keep up to two one-core jobs started ahead of their calls (see the
+        # class docstring), never more than the pool.
+        warm = 0 if plan.workers else min(2, plan.pool)
         launcher = FluxLauncher(uri=self._uri, pool=pool, pmi_mode=self._pmi_mode,
-                                nesting=self._nesting, log_dir=self._log_dir(), tmp_dir=tmp)
+                                nesting=self._nesting, log_dir=self._log_dir(), tmp_dir=tmp,
+                                warm=warm)
         config = EngineConfig(
             launcher=launcher, cpus=tuple(range(plan.pool)), gpus=tuple(range(gpus)),
             real_cpus=False, max_running=plan.max_running, block_workers=plan.workers,

@@ -22,11 +22,13 @@ eventlog as Flux publishes it: nothing polls.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import pickle
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -37,7 +39,14 @@ from typing import Any
 
 from executorkit.errors import ExecutorkitError, ResourceError, describe_exit
 from executorkit.resources import Resources
-from executorkit.transport import Exited, Spawn, TaskSetup
+from executorkit.transport import (
+    BlockingChannel,
+    Exited,
+    Hello,
+    Spawn,
+    TaskSetup,
+    encode,
+)
 
 log = logging.getLogger("executorkit")
 
@@ -45,6 +54,7 @@ GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MA
 # Flux's own time limit is a backstop (a driver that died cannot stop its jobs); the
 # engine's timer stops a call at run_time_max and reports the usual TaskTimeoutError.
 DURATION_GRACE = 5.0
+WARM_IDLE = 2.0  # seconds a warm job without a call keeps its core
 STDERR_TAIL = 2000  # characters of a failed job's stderr quoted in its error
 
 
@@ -226,6 +236,11 @@ class _Job:
     submit_future: Any = None  # referenced so the flux future lives until its callback
     watch: Any = None
     ended: bool = False
+    started: bool = False  # the "start" event came (the job holds its cores)
+    warm: bool = False  # a warm job: started before its call (worker_id < 0 until assigned)
+    sock: Any = None  # a warm job's connection while it waits for its call
+    due: Spawn | None = None  # the call's identity, sent when the warm job says hello
+    timer: Any = None  # a warm job's idle timer
 
 
 class FluxLauncher:
@@ -244,7 +259,7 @@ class FluxLauncher:
 
     def __init__(self, *, uri: str | None, pool: InstancePool, pmi_mode: str | None = None,
                  nesting: bool = False, log_dir: str | None = None,
-                 tmp_dir: str | None = None) -> None:
+                 tmp_dir: str | None = None, warm: int = 0) -> None:
         self._uri = uri or os.environ.get("FLUX_URI")
         self._pool = pool
         self._pmi_mode = pmi_mode
@@ -255,6 +270,8 @@ class FluxLauncher:
         self._dir: str | None = None
         self._boot: dict[str, object] = {}
         self._thread: _FluxThread | None = None
+        self._warm = 0 if nesting else warm
+        self._warm_ids = itertools.count(1)
         self.on_exit: Callable[[Exited], None] | None = None
 
     @property
@@ -272,8 +289,14 @@ class FluxLauncher:
             base = self._tmp_base or tempfile.gettempdir()
             os.makedirs(base, mode=0o700, exist_ok=True)
             self._dir = tempfile.mkdtemp(prefix="flux-", dir=base)
-            self._thread = _FluxThread(self._uri, self._ended)
+            self._thread = _FluxThread(self._uri, self._ended, warm=self._warm,
+                                       make_warm=self._warm_job, make_job=self._job,
+                                       secret=self._boot["secret"],  # type: ignore[arg-type]
+                                       near=self._boot["address"])  # type: ignore[arg-type]
             self._thread.start()
+        if self._warm and self._plain_call(spawn):
+            self._thread.request(("assign", (spawn, self._worker_spawn(spawn))))
+            return
         try:
             job = self._job(spawn)
         except Exception as exc:  # never let a bad request break the engine thread
@@ -282,6 +305,42 @@ class FluxLauncher:
                                     f"could not build the Flux job: {type(exc).__name__}: {exc}"))
             return
         self._thread.request(("submit", job))
+
+    @staticmethod
+    def _plain_call(spawn: Spawn) -> bool:
+        """A call a warm job can take: one core, nothing Flux must know about beforehand
+        (a priority, a time limit, GPUs, nodes) and no MPI ranks."""
+        res: Resources = spawn.res or Resources()
+        return (not spawn.persistent and spawn.init_payload is None and spawn.errdir is None
+                and res.cpus == 1 and res.gpus == 0 and res.num_nodes is None
+                and not res.exclusive and res.run_time_max is None and res.priority == 0)
+
+    def _worker_spawn(self, spawn: Spawn) -> Spawn:
+        """What a warm job needs to become the worker: its id, environment and cwd."""
+        env = self._environment(spawn)
+        changed = tuple((k, v) for k, v in env.items() if os.environ.get(k) != v)
+        return Spawn(spawn.worker_id, changed, spawn.cwd, None, persistent=False)
+
+    def _warm_job(self, launcher: tuple[str, int]) -> _Job:
+        """A one-core job that starts the worker ahead of its call (on the flux thread)."""
+        assert self._dir is not None
+        warm_id = -next(self._warm_ids)
+        where = os.path.join(self._dir, f"warm{warm_id}")
+        os.makedirs(where, mode=0o700, exist_ok=True)
+        bootfile = os.path.join(where, "boot.pkl")
+        boot = {**self._boot, "launcher": launcher, "warm_id": warm_id}
+        fd = os.open(bootfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(boot, fh)
+        stem = os.path.join(self._log_dir or where, f"{os.path.basename(self._dir)}-warm{warm_id}")
+        files = (f"{stem}.out", f"{stem}.err")
+        options = {"output.stdout.type": "file", "output.stderr.type": "file",
+                   "output.stdout.path": files[0], "output.stderr.path": files[1]}
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        spec = jobspec_for(Resources(), [self._python, "-m", "executorkit.worker.flux_warm",
+                                         bootfile], cwd=os.getcwd(), env=env, options=options)
+        return _Job(warm_id, spec, 16, files, keep_files=self._log_dir is not None, warm=True)
 
     def _job(self, spawn: Spawn) -> _Job:
         assert self._dir is not None
@@ -390,10 +449,24 @@ def _forward(text: str, stream: Any) -> None:
 class _FluxThread(threading.Thread):
     """Owns a Flux handle: submits jobs, follows their eventlogs, cancels them."""
 
-    def __init__(self, uri: str | None, ended: Callable[[_Job], None]) -> None:
+    def __init__(self, uri: str | None, ended: Callable[[_Job], None], *, warm: int = 0,
+                 make_warm: Callable[[tuple[str, int]], _Job] | None = None,
+                 make_job: Callable[[Spawn], _Job] | None = None, secret: bytes = b"",
+                 near: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         super().__init__(name="executorkit-flux", daemon=True)
         self._uri = uri
         self._ended = ended
+        # Warm jobs: up to ``warm`` one-core jobs submitted ahead of their calls.
+        self._warm_target = warm
+        self._make_warm = make_warm
+        self._secret = secret
+        self._near = near  # the driver's address: warm jobs reach the launcher the same way
+        self._idle: list[_Job] = []  # warm jobs without a call, oldest first
+        self._warm_jobs: dict[int, _Job] = {}  # warm id -> warm job not yet connected
+        self._make_job: Callable[[Spawn], _Job] = make_job  # type: ignore[assignment]
+        self._warm_failures = 0
+        self._listener: socket.socket | None = None
+        self._watchers: list[Any] = []
         self._requests: deque[tuple[str, Any]] = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -440,8 +513,27 @@ class _FluxThread(threading.Thread):
         self._handle = flux.Flux(self._uri) if self._uri else flux.Flux()
         watcher = self._handle.fd_watcher_create(self._wake_r, self._wake, events=FLUX_POLLIN)
         watcher.start()
-        self._handle.reactor_run()
-        watcher.stop()
+        self._watchers.append(watcher)
+        if self._warm_target:
+            host = self._near[0]
+            self._listener = socket.create_server(
+                ("127.0.0.1" if host == "127.0.0.1" else "0.0.0.0", 0), backlog=128)
+            self._listener.setblocking(False)
+            accept = self._handle.fd_watcher_create(self._listener.fileno(), self._accept,
+                                                    events=FLUX_POLLIN)
+            accept.start()
+            self._watchers.append(accept)
+        try:
+            self._handle.reactor_run()
+        finally:
+            for w in self._watchers:
+                with contextlib.suppress(Exception):
+                    w.stop()
+            if self._listener is not None:
+                self._listener.close()
+            for job in self._idle:
+                if job.sock is not None:
+                    job.sock.close()
 
     # -- reactor callbacks (flux thread) ------------------------------------------
     def _wake(self, *_: Any) -> None:
@@ -451,11 +543,111 @@ class _FluxThread(threading.Thread):
         while self._requests:
             what, arg = self._requests.popleft()
             if what == "submit":
+                self._retire_idle()  # their cores may be what this call waits for
                 self._submit(arg)
+            elif what == "assign":
+                self._assign(*arg)
             elif what == "cancel":
                 self._cancel(arg)
             else:
                 self._stop()
+
+    # -- warm jobs ------------------------------------------------------------------
+    def _assign(self, spawn: Spawn, identity: Spawn) -> None:
+        """Give a plain call to a warm job (connected ones first), else to a job of its own;
+        then submit a warm job to replace the one taken."""
+        ready = sorted(self._idle, key=lambda j: (j.sock is None, not j.started))
+        if ready and not self._stopping:
+            job = ready[0]
+            self._idle.remove(job)
+            self._jobs.pop(job.worker_id, None)
+            job.worker_id = spawn.worker_id
+            self._jobs[job.worker_id] = job
+            if job.sock is not None:
+                self._send_identity(job, identity)
+            else:
+                job.due = identity
+        else:
+            self._submit(self._make_job(spawn))
+        self._replenish()
+
+    def _replenish(self) -> None:
+        while (self._warm_target and not self._stopping and self._listener is not None
+               and len(self._idle) < self._warm_target and self._make_warm is not None):
+            job = self._make_warm(self._listener.getsockname()[:2] if self._near[0] ==
+                                  "127.0.0.1" else (self._near[0],
+                                                    self._listener.getsockname()[1]))
+            self._idle.append(job)
+            self._warm_jobs[job.worker_id] = job
+            self._submit(job)
+
+    def _retire_idle(self) -> None:
+        """Cancel the warm jobs without a call: a call Flux must place itself is coming."""
+        idle, self._idle = self._idle, []
+        for job in idle:
+            job.kill = signal.SIGKILL
+            if job.sock is not None:
+                job.sock.close()
+                job.sock = None
+            if job.jobid is not None:
+                self._cancel_job(job)
+
+    def _accept(self, *_: Any) -> None:
+        """A warm job says hello (it is imported and ready)."""
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            try:
+                sock.settimeout(10.0)  # the hello follows the connect at once
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                hello = BlockingChannel(sock, self._secret).recv()
+            except Exception:  # a stranger, or garbage: drop it
+                sock.close()
+                continue
+            job = (self._warm_jobs.pop(hello.worker_id, None) if isinstance(hello, Hello)
+                   else None)
+            if job is None or job.ended or job.kill is not None:  # cancelled, or not ours
+                sock.close()
+                continue
+            job.sock = sock
+            # `due` was set when the call was assigned before the job connected
+            if job.due is not None:
+                self._send_identity(job, job.due)
+            else:
+                self._idle_timer(job)
+
+    def _idle_timer(self, job: _Job) -> None:
+        """A warm job without a call gives its core back after WARM_IDLE seconds: another
+        executor in the instance (or a call Flux must place) may be waiting for it."""
+
+        def retire(*_: Any) -> None:
+            job.timer = None
+            if job in self._idle and job.sock is not None:
+                self._idle.remove(job)
+                job.kill = 0  # ended on purpose: closing its connection makes it exit
+                job.sock.close()
+                job.sock = None
+
+        job.timer = self._handle.timer_watcher_create(WARM_IDLE, retire)
+        job.timer.start()
+
+    def _send_identity(self, job: _Job, identity: Spawn) -> None:
+        if job.timer is not None:
+            job.timer.stop()
+            job.timer = None
+        sock, job.sock, job.due = job.sock, None, None
+        try:
+            header, body = encode(identity, self._secret)
+            sock.sendall(header + body)
+        except OSError:
+            pass  # the job is gone: its end is reported through its eventlog
+        finally:
+            sock.close()
 
     def _submit(self, job: _Job) -> None:
         from flux.job import submit_async
@@ -500,6 +692,8 @@ class _FluxThread(threading.Thread):
         if event.name == "exception" and event.context.get("severity", 0) == 0:
             job.exception = job.exception or (str(event.context.get("type")),
                                               str(event.context.get("note", "")))
+        elif event.name == "start":
+            job.started = True
         elif event.name == "finish":
             job.status = int(event.context.get("status", 0))
         elif event.name == "clean":
@@ -513,10 +707,37 @@ class _FluxThread(threading.Thread):
         if job.watch is not None:
             with contextlib.suppress(Exception):
                 job.watch.cancel()
+        if job.warm:
+            self._warm_jobs = {k: v for k, v in self._warm_jobs.items() if v is not job}
+        if job.warm and job.worker_id < 0:
+            self._warm_ended(job)
+            return
         try:
             self._ended(job)
         except Exception:  # reporting one job must not stop the reactor for the others
             log.exception("reporting the end of Flux job %s failed", job.jobid)
+        if self._stopping and not self._jobs and self._handle is not None:
+            with contextlib.suppress(Exception):
+                self._handle.reactor_stop()
+
+    def _warm_ended(self, job: _Job) -> None:
+        """A warm job ended before it had a call (cancelled, or it could not start)."""
+        if job in self._idle:
+            self._idle.remove(job)
+        if job.sock is not None:
+            job.sock.close()
+        for path in job.files:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if job.timer is not None:
+            job.timer.stop()
+            job.timer = None
+        if job.kill is None:  # not ended by us: it failed; stop trying after a few
+            self._warm_failures += 1
+            if self._warm_failures >= 3:
+                log.warning("warm Flux jobs keep failing (%s); calls get jobs of their own",
+                            job.exception or job.status)
+                self._warm_target = 0
         if self._stopping and not self._jobs and self._handle is not None:
             with contextlib.suppress(Exception):
                 self._handle.reactor_stop()
