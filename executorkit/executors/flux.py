@@ -63,6 +63,11 @@ class FluxJobExecutor(BaseExecutor):
         Workers connect to 127.0.0.1 (``True``) or to this host's name (``False``). Default:
         loopback on a one-node instance, the host name on more nodes.
 
+    Per call, up to two one-core "warm" jobs are started ahead of demand; a plain call (one
+    core, no priority, time limit, GPUs or node request) is handed to one, so it is still a
+    Flux job of its own without waiting for the job to start. An idle warm job gives its
+    core back after 2 s, and warm jobs are cancelled when a call Flux must place arrives.
+
     Block allocation runs each persistent worker as one long-running job sized by the
     executor-level resource_dict. ``cancel()`` of a running call cancels its job, which
     frees its resources.
