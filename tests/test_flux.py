@@ -208,6 +208,24 @@ def test_bad_requests_fail_at_submit(exe_factory):
     assert exe.submit(tf.inc, 1).result(timeout=T) == 2
 
 
+# ------------------------------------------------------------------ warm jobs
+def test_warm_jobs_never_keep_a_wide_call_waiting(exe_factory):
+    exe = exe_factory()
+    assert [f.result(timeout=T) for f in [exe.submit(tf.inc, i) for i in range(4)]] == [1, 2, 3, 4]
+    # idle warm jobs hold cores in Flux; a call needing every core gets them at once
+    wide = exe.submit(ff.where, resource_dict={"threads_per_core": CORES})
+    assert wide.result(timeout=T)[1] == CORES
+
+
+def test_idle_warm_jobs_give_their_cores_back(exe_factory):
+    first = exe_factory()
+    assert first.submit(tf.inc, 1).result(timeout=T) == 2
+    # `first` is still open with warm jobs; a second executor's calls must not wait for it
+    second = exe_factory()
+    assert second.submit(tf.inc, 2).result(timeout=T) == 3
+    wait_until(lambda: _flux("jobs", "-n", "-o", "{id}").strip() == "", timeout=T)
+
+
 # ------------------------------------------------------------------ failures
 def test_cancel_of_a_running_call_cancels_its_job_and_frees_its_cores(exe_factory, tmp_path):
     exe = exe_factory()
