@@ -166,3 +166,12 @@ def test_map_over_commands():
         results = list(exe.map(lambda c: c(), [Command(["true"])] * 3, timeout=60))
     assert [r.returncode for r in results] == [0, 0, 0]
 
+
+
+def test_missing_program_and_no_inherited_descriptors(make_executor):
+    exe = make_executor(max_workers=1)
+    err = exe.submit(Command(["no-such-program-xyz", "1"])).exception(timeout=60)
+    assert isinstance(err, FileNotFoundError) and "no-such-program-xyz" in str(err)
+    # The program gets stdin, stdout and stderr only: never the worker's socket or files.
+    listing = exe.submit(Command(["sh", "-c", "ls /proc/$$/fd"])).result(timeout=60)
+    assert sorted(int(fd) for fd in listing.stdout.split()) == [0, 1, 2]

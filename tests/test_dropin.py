@@ -124,12 +124,19 @@ def test_len_counts_unfinished_calls_and_the_executor_stays_truthy(tmp_path):
 
 
 @pytest.mark.parametrize("block", [False, True])
-def test_max_workers_reads_and_refuses_resizing(block):
-    exe = executorlib.SingleNodeExecutor(max_workers=2, block_allocation=block)
+def test_max_workers_reads_and_resizes(block):
+    # executorlib's resize test, with only the import changed (the process counting and
+    # the proofs of concurrency are in test_resize.py)
+    exe = executorlib.SingleNodeExecutor(max_workers=1, block_allocation=block)
     try:
-        assert exe.max_workers == 2
-        with pytest.raises(NotImplementedError, match="max_workers"):
-            exe.max_workers = 1
+        futures = [exe.submit(tf.inc, i) for i in range(4)]
+        assert exe.max_workers == 1
+        exe.max_workers = 2
+        assert exe.max_workers == 2 and exe.info["max_workers"] == 2
+        assert [f.result(timeout=T) for f in futures] == [1, 2, 3, 4]
+        exe.max_workers = 1
+        assert [f.result(timeout=T) for f in [exe.submit(tf.inc, i) for i in range(4)]] == \
+            [1, 2, 3, 4]
     finally:
         exe.shutdown(wait=True)
     assert exe.max_workers is None
@@ -228,3 +235,56 @@ def test_submission_template_and_pysqa_config_directory_elsewhere_are_clear_erro
     with pytest.raises(ValueError, match=r"pysqa_config_directory.*submission_template"):
         executorlib.SlurmClusterExecutor(cache_directory=str(tmp_path),
                                          pysqa_config_directory=str(tmp_path))
+
+
+# newer executorlib resource_dict keys: timeout, run_time_limit, restart_limit ----------------
+@pytest.mark.parametrize("block", [False, True])
+@pytest.mark.parametrize("key", ["timeout", "run_time_limit"])
+def test_timeout_keys_fail_the_call_with_a_timeout_error(block, key):
+    with executorlib.SingleNodeExecutor(max_workers=1, block_allocation=block) as exe:
+        slow = exe.submit(tf.sleep_forever, resource_dict={key: 1})
+        with pytest.raises(TimeoutError, match="run_time_max=1"):  # executorlib: TimeoutError
+            slow.result(timeout=T)
+        assert exe.submit(tf.inc, 1).result(timeout=T) == 2  # the pool carries on
+
+
+def test_timeout_aliases_are_run_time_max_and_clash_clearly():
+    from executorkit.errors import ResourceError
+    from executorkit.resources import parse
+
+    assert parse({"timeout": 5}).run_time_max == 5.0
+    assert parse({"run_time_limit": 7}).run_time_max == 7.0
+    for clash in ({"timeout": 1, "run_time_max": 2}, {"timeout": 1, "run_time_limit": 1}):
+        with pytest.raises(ResourceError, match="twice"):
+            parse(clash)
+    with pytest.raises(ResourceError, match=r"resource_dict\['timeout'\]") as info:
+        parse({"timeout": -1})
+    assert info.value.key == "timeout"
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_restart_limit_in_the_executor_resource_dict(limit):
+    from executorkit.errors import ExecutorBrokenError, WorkerDiedError
+
+    given = {"restart_limit": limit}
+    with executorlib.SingleNodeExecutor(max_workers=1, block_allocation=True,
+                                        resource_dict=given) as exe:
+        with pytest.raises(WorkerDiedError):
+            exe.submit(tf.exit_now, 3).result(timeout=T)
+        if limit == 0:  # the one worker died and may not be replaced: the executor is broken
+            with pytest.raises(ExecutorBrokenError, match="restart_limit=0"):
+                exe.submit(tf.inc, 1).result(timeout=T)
+        else:  # replaced once
+            assert exe.submit(tf.inc, 1).result(timeout=T) == 2
+    assert given == {"restart_limit": limit}  # the user's dict is not changed
+
+
+def test_restart_limit_is_refused_per_call_and_when_given_twice():
+    from executorkit.errors import ResourceError
+
+    with executorlib.SingleNodeExecutor(max_workers=1) as exe:
+        with pytest.raises(ResourceError, match="whole executor") as info:
+            exe.submit(tf.inc, 1, resource_dict={"restart_limit": 1})
+        assert info.value.key == "restart_limit"
+    with pytest.raises(ResourceError, match="give it once"):
+        executorlib.SingleNodeExecutor(restart_limit=3, resource_dict={"restart_limit": 2})

@@ -58,10 +58,9 @@ def test_bad_retry_keys_are_refused(bad):
     assert info.value.key == key
 
 
-def test_retry_succeeds_only_after_escalation(make_executor, mode, tmp_path):
-    if mode == "block":
-        pytest.skip("block-allocation workers have a fixed size: nothing to escalate")
-    exe = make_executor(max_cores=2, cache_directory=str(tmp_path / "cache"))
+def test_retry_succeeds_only_after_escalation(tmp_path):
+    # per-task processes only: block-allocation workers have a fixed size (next tests)
+    exe = SingleNodeExecutor(max_cores=2, cache_directory=str(tmp_path / "cache"))
     fut = exe.submit(retry_funcs.die_unless_two_threads, resource_dict={
         "max_retries": 2, "retry_escalation": {"threads_per_core": 2}})
     after = exe.submit(retry_funcs.add_one, exe.submit(len, fut))  # waits for the final outcome
@@ -73,6 +72,31 @@ def test_retry_succeeds_only_after_escalation(make_executor, mode, tmp_path):
     assert sorted(attempts.status) == ["done", "failed"]  # both attempts recorded
     failed = attempts[attempts.status == "failed"].iloc[0]
     assert ".attempt-1" in failed.cache_key and "SIGKILL" in failed.error_text
+
+
+@pytest.mark.parametrize("key", ["cores", "threads_per_core", "gpus_per_core"])
+def test_block_allocation_refuses_escalating_a_worker_size(key):
+    escalate = {"max_retries": 1, "retry_escalation": {key: 2}}
+    with SingleNodeExecutor(max_workers=1, block_allocation=True, max_gpus=1) as exe:
+        with pytest.raises(ResourceError, match="fixed size") as info:
+            exe.submit(retry_funcs.add_one, 1, resource_dict=escalate)
+        assert info.value.key == "retry_escalation" and key in str(info.value)
+    with pytest.raises(ResourceError, match="fixed size"):
+        SingleNodeExecutor(block_allocation=True, resource_dict=escalate)
+
+
+def test_block_allocation_escalates_run_time_max(tmp_path):
+    cache = str(tmp_path / "cache")
+    with SingleNodeExecutor(max_workers=1, block_allocation=True, cache_directory=cache) as exe:
+        fut = exe.submit(retry_funcs.hang_first_time, str(tmp_path / "marker"), resource_dict={
+            "run_time_max": 1, "max_retries": 1, "retry_escalation": {"run_time_max": 60}})
+        assert fut.result(timeout=120) == "second attempt"
+    frame = get_cache_data(cache, load_outputs=False)
+    by_status = {row.status: row for row in frame.itertuples()}
+    assert set(by_status) == {"done", "failed"}
+    assert "run_time_max" in by_status["failed"].error_text
+    assert by_status["failed"].resource_dict["run_time_max"] == 1
+    assert by_status["done"].resource_dict["run_time_max"] == 60  # the retry got more time
 
 
 def test_command_killed_by_signal_is_retried_with_more_threads():

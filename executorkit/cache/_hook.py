@@ -179,7 +179,7 @@ def _driver_record(key: str, spec: CacheSpec, task: Any, exc: BaseException) -> 
         kwargs=kwargs_bytes, resource_dict=task.res.as_dict(), status="failed", output=None,
         error=error, error_text=text, started=task.started or time.time(),
         finished=time.time(), hostname=getattr(worker, "host", None) or socket.gethostname(),
-        pid=getattr(worker, "pid", None) or 0)
+        pid=getattr(worker, "pid", None) or 0, slot=spec.slot)
 
 
 def _still_valid(value: Any) -> bool:

@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return status(args.directory, watch=args.watch)
         if args.command == "report":
-            from executorkit.report import write_report
+            from executorkit._report import write_report
 
             path = write_report(args.directory, args.output)
             print(f"report written to {path}")

@@ -52,9 +52,9 @@ class TaskFuture(Future):
 
 class _Task:
     __slots__ = (
-        "args", "cache_spec", "deadline", "deps", "deps_left", "engine", "failures", "fn",
-        "future", "id", "key", "kwargs", "payload", "res", "slow", "started", "state",
-        "timed_out", "worker",
+        "args", "cache_spec", "cancel_seen", "deadline", "deps", "deps_left", "engine",
+        "failures", "fn", "future", "id", "key", "kwargs", "payload", "res", "slow", "started",
+        "state", "timed_out", "worker",
     )
 
     def __init__(self, engine: _EngineSide, task_id: int, fn: Callable[..., Any],
@@ -76,6 +76,7 @@ class _Task:
         self.cache_spec: CacheSpec | None = None
         self.deadline: float | None = None
         self.timed_out = False
+        self.cancel_seen = False  # the engine has handled a cancel() of this task
         self.slow = False  # block allocation: counted in Engine._slow_active
         self.failures: list[BaseException] | None = None  # failed attempts (retries)
         self.started: float | None = None  # wall-clock start of the current attempt

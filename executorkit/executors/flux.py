@@ -1,4 +1,5 @@
-"""Flux executors: FluxJobExecutor (jobs inside a Flux instance)."""
+"""Flux executors: FluxJobExecutor (jobs inside a Flux instance); FluxClusterExecutor
+(batch jobs, in executors/flux_cluster.py) is re-exported here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import socket
 from typing import Any
 
 from executorkit.engine import EngineConfig
-from executorkit.errors import ExecutorkitError, ResourceError
+from executorkit.errors import ResourceError
 from executorkit.executors._base import BaseExecutor, PoolParams
 from executorkit.launchers.flux import (
     FluxLauncher,
@@ -171,10 +172,5 @@ def _private_base() -> str:
     return base
 
 
-class FluxClusterExecutor:
-    """Calls submitted to Flux from outside an instance (not available yet)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise ExecutorkitError(
-            "FluxClusterExecutor is not available in this version of executorkit; use "
-            "FluxJobExecutor inside a Flux instance")
+# FluxClusterExecutor lives in its own module (file-based batch jobs, shared with Slurm).
+from executorkit.executors.flux_cluster import FluxClusterExecutor  # noqa: E402

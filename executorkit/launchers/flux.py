@@ -37,7 +37,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from executorkit.errors import ExecutorkitError, ResourceError, describe_exit
+from executorkit.errors import ResourceError, describe_exit
+
+# one way to find the bindings, one error for a missing Flux (shared with FluxClusterExecutor)
+from executorkit.launchers.flux_batch import FluxUnavailableError, import_flux
 from executorkit.resources import Resources
 from executorkit.transport import (
     BlockingChannel,
@@ -56,48 +59,6 @@ GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MA
 DURATION_GRACE = 5.0
 WARM_IDLE = 2.0  # seconds a warm job without a call keeps its core
 STDERR_TAIL = 2000  # characters of a failed job's stderr quoted in its error
-
-
-class FluxUnavailableError(ExecutorkitError, RuntimeError):
-    """No Flux instance is reachable (or the ``flux`` Python bindings are missing)."""
-
-
-# ------------------------------------------------------------------- finding flux
-def import_flux() -> Any:
-    """The ``flux`` bindings: importable as they are, or found next to ``flux`` on PATH."""
-    try:
-        import flux
-    except ImportError as first:
-        path = _bindings_beside_flux()
-        if path is None:
-            raise FluxUnavailableError(
-                "the Flux Python bindings are not importable and no `flux` command is on "
-                "PATH: load your site's Flux (module load flux, spack load flux-core, conda "
-                "install -c conda-forge flux-core), or pip install flux-python matching your "
-                "flux-core version") from first
-        sys.path.append(path)
-        try:
-            import flux
-        except ImportError as second:
-            raise FluxUnavailableError(
-                f"the Flux Python bindings in {path} do not import ({second}); they need "
-                f"cffi, pyyaml and ply (pip install executorkit[flux])") from second
-    return flux
-
-
-def _bindings_beside_flux() -> str | None:
-    """``PREFIX/lib/pythonX.Y/site-packages`` (or ``lib/flux/pythonX.Y``) of ``flux``."""
-    exe = shutil.which("flux")
-    if exe is None:
-        return None
-    prefix = os.path.dirname(os.path.dirname(os.path.realpath(exe)))
-    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    for sub in (("lib", version, "site-packages"), ("lib", "flux", version),
-                ("lib64", version, "site-packages")):
-        path = os.path.join(prefix, *sub)
-        if os.path.isdir(os.path.join(path, "flux")):
-            return path
-    return None
 
 
 def open_handle(uri: str | None) -> Any:

@@ -126,7 +126,14 @@ class LocalLauncher:
                 if fd is not None:
                     os.close(fd)
         assert self.process.stdin is not None
-        self.process.stdin.write(pickle.dumps(self._boot))
+        # The driver's multiprocessing authkey, so that proxies of a multiprocessing
+        # Manager the user created (Queue, Event, dict...) work as call arguments, as they
+        # do with ProcessPoolExecutor. It travels on the pipe, never in the environment.
+        import multiprocessing.process  # (12 ms: only when a fork server starts)
+
+        authkey = bytes(multiprocessing.process.current_process().authkey)
+        boot = {**self._boot, "authkey": authkey}
+        self.process.stdin.write(pickle.dumps(boot))
         self.process.stdin.close()
         # Nothing else would notice a fork server that dies before it connects (or later
         # without its connection closing first): watch the process itself.
