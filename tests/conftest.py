@@ -40,14 +40,32 @@ def flux_missing() -> str | None:
     return None
 
 
+# The modules of the shared behaviour suite that also run on FluxJobExecutor (the flux
+# modes of ``mode``). The fault-injection, stdlib-parity, retry and Command suites probe
+# SingleNodeExecutor's own machinery (fork server, mpiexec, thousands of calls): their
+# flux-mode items are left out rather than run against Flux.
+FLUX_SUITE = {"test_executor", "test_dependencies", "test_cancel", "test_task_resources",
+              "test_cache_executor", "test_mpi", "test_notebooks"}
+
+
+def _flux_mode_elsewhere(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    mode = params.get("mode", params.get("mpi_exe"))
+    return (isinstance(mode, str) and mode.startswith("flux")
+            and item.module.__name__.rsplit(".", 1)[-1] not in FLUX_SUITE)
+
+
 def pytest_collection_modifyitems(config, items):
+    drop = [i for i in items if _flux_mode_elsewhere(i)]
     # .ci_support/test.sh runs the Flux tests inside Flux instances of their own; its main
     # run (without a broker) leaves them out instead of reporting them as skipped.
     if os.environ.get("EXECUTORKIT_FLUX_SEPARATE") == "1" and not os.environ.get("FLUX_URI"):
-        keep = [i for i in items if i.get_closest_marker("flux") is None
-                and i.get_closest_marker("flux_nodes") is None]
-        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
-        items[:] = keep
+        drop += [i for i in items if i.get_closest_marker("flux") is not None
+                 or i.get_closest_marker("flux_nodes") is not None]
+    if drop:
+        gone = set(map(id, drop))
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [i for i in items if id(i) not in gone]
 
 
 @pytest.fixture(params=[*MODES, *(pytest.param(m, marks=pytest.mark.flux) for m in FLUX_MODES)])
