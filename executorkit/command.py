@@ -22,6 +22,7 @@ Launchers that can run a program directly (Flux) read :attr:`Command.argv` and f
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shlex
@@ -56,7 +57,8 @@ class Command:
 
     Submit it like a function; the future's result is a :class:`CommandResult`, and a
     non-zero exit raises :class:`CommandError`. stdout and stderr are also written to
-    ``<program>.<pid>.out`` / ``.err`` in the call's working directory. With
+    ``<program>.<pid>.out`` / ``.err`` in the call's working directory (``<program>.<pid>-<n>``
+    when an earlier call left files of that name: they are never overwritten). With
     ``resource_dict={"cores": n}`` (n > 1) the program is started as an MPI job of n ranks by
     the executor's launcher (mpiexec, srun). ``threads_per_core``, GPUs, ``cwd``, ``env`` and
     ``run_time_max`` apply as for functions; a cancel or a timeout kills the program's whole
@@ -184,11 +186,12 @@ class CommandCall:
     cwd: str | None = None
 
     def __executorkit_cache_state__(self) -> tuple[Any, ...]:
-        """What the cache key covers: the call, plus the content of each input file."""
+        """What the cache key covers: the call, the files it promises to write, and the
+        content of each input file."""
         base = self.cwd or os.getcwd()
         return (self.command.argv, self.command.shell, self.command.stdin, self.env,
-                self.cwd, tuple(_file_digest(os.path.join(base, p))
-                                for p in self.command.inputs))
+                self.cwd, self.command.outputs,
+                tuple(_file_digest(os.path.join(base, p)) for p in self.command.inputs))
 
 
 def label(args: Any, width: int = 60) -> str | None:
@@ -223,12 +226,11 @@ def run_command(call: CommandCall) -> CommandResult:
     argv = _launch_prefix() + cmd.resolved_argv()
     words = cmd.resolved_argv()[-1].split() if cmd.shell else cmd.resolved_argv()[:1]
     stem = os.path.basename(words[0]) if words else "cmd"
-    out_path = os.path.join(cwd, f"{stem}.{os.getpid()}.out")
-    err_path = os.path.join(cwd, f"{stem}.{os.getpid()}.err")
     data = cmd.stdin.stdout if isinstance(cmd.stdin, CommandResult) else cmd.stdin
     data = data.encode() if isinstance(data, str) else data
+    out, out_path = _new_output_file(os.path.join(cwd, f"{stem}.{os.getpid()}"))
+    err_path = out_path[:-len(".out")] + ".err"
     flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    out = os.open(out_path, flags, 0o644)
     try:
         err = os.open(err_path, flags, 0o644)
         try:
@@ -246,6 +248,20 @@ def run_command(call: CommandCall) -> CommandResult:
         outputs=tuple(os.path.join(cwd, p) for p in cmd.outputs))
     result.check_returncode()
     return result
+
+
+def _new_output_file(base: str) -> tuple[int, str]:
+    """``<base>.out`` opened new, or ``<base>-2.out``, ... when it exists: one worker runs
+    several programs (block allocation, retries) and pids are reused, and an earlier call's
+    files must not be overwritten (its cached result names them)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for n in itertools.count(1):
+        path = f"{base}.out" if n == 1 else f"{base}-{n}.out"
+        try:
+            return os.open(path, flags, 0o644), path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def _run(argv: list[str], out: int, err: int, data: bytes | None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import capabilities
 import pytest
 import taskfuncs as tf
 
@@ -288,3 +289,135 @@ def test_restart_limit_is_refused_per_call_and_when_given_twice():
         assert info.value.key == "restart_limit"
     with pytest.raises(ResourceError, match="give it once"):
         executorlib.SingleNodeExecutor(restart_limit=3, resource_dict={"restart_limit": 2})
+
+
+# 12 ----------------------------------------------------------------------------------------
+# A function from a module the driver imports through its own sys.path (the directory of
+# the script, a test runner's rootdir, sys.path.append in a notebook) runs in the workers
+# too: executorlib pickles such a caller's module by value, we hand the workers the path.
+HELPER_SOURCE = """\
+def scaled(x):
+    return 10 * x
+
+
+def rank_and_size(x):
+    from mpi4py import MPI
+
+    return x, MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+"""
+
+
+@pytest.fixture
+def helper_module(tmp_path):
+    """A module importable only through an entry the driver added to sys.path."""
+    import importlib
+    import sys
+
+    directory = tmp_path / "on_driver_path_only"
+    directory.mkdir()
+    name = f"helpers_{os.getpid()}_{abs(hash(str(tmp_path)))}"
+    (directory / f"{name}.py").write_text(HELPER_SOURCE)
+    sys.path.append(str(directory))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_function_from_a_module_on_the_drivers_path_runs_in_workers(helper_module, block):
+    assert str(os.path.dirname(helper_module.__file__)) not in os.environ["PYTHONPATH"]
+    with executorlib.SingleNodeExecutor(max_workers=2, block_allocation=block) as exe:
+        assert exe.submit(helper_module.scaled, 4).result(timeout=T) == 40
+        assert list(exe.map(helper_module.scaled, [1, 2], timeout=T)) == [10, 20]
+
+
+@pytest.mark.mpi
+def test_mpi_ranks_import_a_module_on_the_drivers_path(helper_module):
+    capabilities.require("mpi")
+    with executorlib.SingleNodeExecutor(max_cores=2) as exe:
+        fut = exe.submit(helper_module.rank_and_size, 7, resource_dict={"cores": 2})
+        assert fut.result(timeout=T) == [(7, 0, 2), (7, 1, 2)]
+
+
+@pytest.mark.slurm
+def test_batch_job_imports_a_module_on_the_drivers_path(helper_module, tmp_path):
+    capabilities.require("slurm")
+    with executorlib.SlurmClusterExecutor(cache_directory=str(tmp_path / "cache")) as exe:
+        assert exe.submit(helper_module.scaled, 5).result(timeout=180) == 50
+
+
+def test_worker_pythonpath_adds_only_what_a_fresh_interpreter_lacks(helper_module):
+    import site
+
+    from executorkit.launchers.pythonpath import worker_pythonpath
+
+    directory = os.path.dirname(helper_module.__file__)
+    entries = worker_pythonpath({"PYTHONPATH": "/first"}).split(os.pathsep)
+    assert entries[0] == "/first" and directory in entries
+    assert not set(site.getsitepackages()) & set(entries)  # stays behind the stdlib
+
+
+# 13 ----------------------------------------------------------------------------------------
+def calls_exit(code):
+    import sys
+
+    sys.exit(code)
+
+
+def exit_at_init():
+    import sys
+
+    sys.exit()
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_sys_exit_in_a_task_fails_its_future_and_never_exits_the_driver(block):
+    from executorkit.errors import WorkerDiedError
+
+    with executorlib.SingleNodeExecutor(max_workers=1, block_allocation=block) as exe:
+        fut = exe.submit(calls_exit, 3)
+        with pytest.raises(RuntimeError, match=r"calls_exit called sys.exit\(3\)") as info:
+            fut.result(timeout=T)  # executorlib: ExecutorlibSocketError, a RuntimeError
+        assert isinstance(info.value, WorkerDiedError) and info.value.exitcode == 3
+        assert isinstance(info.value.__context__, SystemExit)
+        assert exe.submit(tf.inc, 1).result(timeout=T) == 2  # the executor goes on
+        dependent = exe.submit(tf.inc, exe.submit(calls_exit, None))
+        with pytest.raises(RuntimeError, match=r"sys.exit\(\)"):
+            dependent.result(timeout=T)
+
+
+def test_sys_exit_in_init_function_is_a_runtime_error():
+    with pytest.raises(RuntimeError, match=r"init_function called sys.exit"), \
+            executorlib.SingleNodeExecutor(max_workers=1, block_allocation=True,
+                                           init_function=exit_at_init) as exe:
+        exe.submit(sum, [1, 1]).result(timeout=T)
+
+
+# 14 ----------------------------------------------------------------------------------------
+class _QueueWithOneJob:
+    """Slurm as a driver sees it right after the last run: one job of this key and this
+    cache directory, in the given state."""
+
+    def __init__(self, state: str, script: str):
+        self.state, self.script = state, script
+
+    def jobs_by_name(self):
+        return {"k": ("41", self.state, "None", self.script)}
+
+    def cancel(self, job_ids):
+        raise AssertionError(f"nothing to cancel: {job_ids}")
+
+
+@pytest.mark.parametrize(("state", "attached"), [("COMPLETING", None), ("COMPLETED", None),
+                                                 ("RUNNING", "41"), ("PENDING", "41")])
+def test_rerun_does_not_attach_to_a_job_that_has_ended(tmp_path, state, attached):
+    # `rm -rf cache; python script.py` right after the last run: that run's job may still be
+    # COMPLETING (its epilog); waiting on it would fail "ended COMPLETED without a result".
+    exe = executorlib.SlurmClusterExecutor(cache_directory=str(tmp_path))
+    try:
+        exe._queue = _QueueWithOneJob(state, str(tmp_path / "k.sh"))
+        assert exe._attach("k") == attached
+    finally:
+        exe.shutdown(wait=True)

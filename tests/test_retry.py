@@ -126,3 +126,24 @@ def test_future_fails_after_the_last_attempt_with_every_reason(make_executor):
     assert len(info.value.attempts) == 3
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "failed all 3 attempts" in notes and "attempt 3: WorkerDiedError" in notes
+
+
+def test_an_attempt_the_worker_recorded_is_filed_under_its_own_key(tmp_path):
+    # A retried exception: the worker wrote the attempt's record itself (no driver record).
+    import os
+
+    from executorkit.cli._status import cache_summary
+
+    cache = str(tmp_path / "cache")
+    with SingleNodeExecutor(max_workers=1, cache_directory=cache) as exe:
+        fut = exe.submit(retry_funcs.fail_first_time, str(tmp_path / "m"),
+                         resource_dict={"max_retries": 1, "retry_on": (ValueError,)})
+        assert fut.result(timeout=60) == "second attempt"
+    frame = get_cache_data(cache, load_outputs=False)
+    assert frame.cache_key.is_unique  # one row per key: the attempt is not a second "key"
+    for key, filename in zip(frame.cache_key, frame.filename, strict=True):
+        assert os.path.basename(filename) == key + ".h5"
+    [failed] = frame[frame.status == "failed"].cache_key
+    assert failed.endswith(".attempt-1")
+    summary = cache_summary(cache)  # executorkit status: one call, and it succeeded
+    assert "1 calls, 1 done, 0 failed; 1 earlier failed attempt(s)" in summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from executorkit.errors import ExecutorkitError
 
 STATUS_NAME = "status.json"
 _SHOWN = 20  # calls listed per section
+_ATTEMPT = re.compile(r"\.attempt-\d+$")  # <key>.attempt-<n>: see cache._hook._Attempts
 
 
 def read_status(directory: str) -> dict[str, Any] | None:
@@ -85,22 +87,25 @@ def cache_summary(directory: str) -> str:
 
     done: list[float] = []
     failures: list[tuple[str, str, str]] = []
-    unreadable = 0
+    unreadable = retried = 0
     for path in entry_files(directory):
         try:
             rec = read_record(path, load_output=False, load_inputs=False)
         except (KeyError, CorruptEntryError):
             unreadable += 1
             continue
-        if rec.status == "done":
+        if _ATTEMPT.search(rec.key):
+            retried += 1  # an earlier attempt of a call that ran again: not a call
+        elif rec.status == "done":
             done.append(rec.runtime)
         else:
             failures.append((rec.key, rec.function_name, exception_line(rec.error_text)))
     total = len(done) + len(failures)
-    if total == 0 and not unreadable:
+    if total == 0 and not unreadable and not retried:
         return f"no live executor and no cache entries in {directory}"
     lines = [f"no live executor; cache {directory}: {total} calls, {len(done)} done, "
-             f"{len(failures)} failed" + (f", {unreadable} unreadable" if unreadable else "")]
+             f"{len(failures)} failed" + (f", {unreadable} unreadable" if unreadable else "")
+             + (f"; {retried} earlier failed attempt(s) of retried calls" if retried else "")]
     if done:
         ordered = sorted(done)
         lines.append(f"runtime of done calls: min {ordered[0]:.3g} s, median "

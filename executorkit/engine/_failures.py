@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from executorkit._sources import fill_source_lines
-from executorkit.errors import RemoteError, RemoteTraceback, SerializationError
+from executorkit.errors import RemoteError, RemoteTraceback, SerializationError, task_exception
 from executorkit.transport import ErrorInfo
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def _error_from_info(info: ErrorInfo, name: str, fn: Any = None) -> BaseExceptio
     elif exc is None:
         err = RemoteError(info.type_name, info.message)
     else:
-        err = exc
+        err = task_exception(exc, name)
     err.__cause__ = RemoteTraceback(fill_source_lines(info.traceback, fn))
     return err
 

@@ -29,6 +29,7 @@ import pickle
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED
 from typing import Any
 
 import cloudpickle
@@ -45,6 +46,7 @@ from executorkit.errors import (
     RemoteTraceback,
     ResourceError,
     dependency_error,
+    task_exception,
 )
 from executorkit.executors._compat import ExecutorkitExecutor, check_function
 from executorkit.resources import Capabilities, Resources, merge, parse
@@ -60,7 +62,24 @@ class JobFailedError(ExecutorkitError):
         self.state = state
 
 
-class JobFuture(Future):
+class _CancelNotifies(Future):
+    """A Future that nothing ever marks running: a successful ``cancel()`` also notifies
+    its waiters, as an executor picking the work item would. Without that the stdlib's
+    ``wait()`` and ``as_completed()`` never count the future as done (they only see
+    CANCELLED_AND_NOTIFIED) and wait forever."""
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        # Once only, also when a done-callback of this cancel cancels it again (a proxy and
+        # its job); the condition is reentrant and guards the state of this Future we own.
+        with self._condition:
+            if self._state == CANCELLED:
+                self.set_running_or_notify_cancel()
+        return True
+
+
+class JobFuture(_CancelNotifies):
     """Future of one batch job; ``cancel()`` also cancels a running job."""
 
     _job: _Job | None = None
@@ -180,7 +199,7 @@ class BatchExecutor(ExecutorkitExecutor):
     def _after_foreign(self, foreign: list[Future], fn: Callable[..., Any],
                        args: tuple[Any, ...], kwargs: dict[str, Any],
                        resource_dict: Mapping[str, Any] | None) -> Future:
-        proxy: Future = Future()
+        proxy: Future = _CancelNotifies()
         with self._lock:
             self._pending.add(proxy)
         proxy.add_done_callback(self._pending.discard)
@@ -194,6 +213,8 @@ class BatchExecutor(ExecutorkitExecutor):
                 proxy.set_exception(exc)
             else:
                 _chain(inner, proxy)
+                # one call, one job: cancelling the proxy cancels the job it stands for
+                proxy.add_done_callback(lambda p: p.cancelled() and inner.cancel())
 
         when_all_done(foreign, inputs_done)
         return proxy
@@ -213,7 +234,7 @@ class BatchExecutor(ExecutorkitExecutor):
         with self._lock:
             twin = self._live.get(key)
         if twin is not None and not twin.future.done():
-            same: Future = Future()  # the same call is already queued or running
+            same: Future = _CancelNotifies()  # the same call is already queued or running
             _chain(twin.future, same)
             return same
         job = _Job(self, key, res)
@@ -447,6 +468,7 @@ def _stored_error(record: Any) -> BaseException:
     if exc is None:
         lines = (record.error_text or "").strip().splitlines()
         exc = RemoteError("error", lines[-1] if lines else "the job failed")
+    exc = task_exception(exc, getattr(record, "function_name", None) or "the call")
     if record.error_text:
         exc.__cause__ = RemoteTraceback(record.error_text)
     return exc

@@ -33,6 +33,7 @@ from executorkit.launchers.flux_batch import (
     check_shape,
     flux_command,
 )
+from executorkit.launchers.pythonpath import worker_environment
 from executorkit.resources import Capabilities, Resources
 
 log = logging.getLogger("executorkit")
@@ -103,7 +104,7 @@ class FluxClusterExecutor(BatchExecutor):
     # ----------------------------------------------------------------- backend hooks
     def _submit_job(self, job: _Job, after_ok: list[str]) -> str:
         res = job.res
-        environment = dict(os.environ)
+        environment = worker_environment()  # the job imports what this driver imports
         environment.update(dict.fromkeys(THREAD_VARIABLES, str(res.threads_per_core)))
         environment.update(res.env)
         script = batch_script(res, input_file=self.input_file(job.key), flux=self._flux,

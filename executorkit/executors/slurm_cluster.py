@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from executorkit.engine import THREAD_VARIABLES
-from executorkit.errors import TaskTimeoutError
+from executorkit.errors import ResourceError, TaskTimeoutError
 from executorkit.executors._batch import (
     BATCH_REFUSED,
     BatchExecutor,
@@ -24,10 +25,12 @@ from executorkit.executors._batch import (
     _Job,
     keys_in,
 )
+from executorkit.launchers.pythonpath import worker_pythonpath
 from executorkit.launchers.queue import TERMINAL, SlurmQueue, job_script, sbatch_command
-from executorkit.resources import Capabilities
+from executorkit.resources import Capabilities, Resources
 
 log = logging.getLogger("executorkit")
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class SlurmClusterExecutor(BatchExecutor):
@@ -72,10 +75,24 @@ class SlurmClusterExecutor(BatchExecutor):
         self._grace: dict[str, float] = {}
         self._monitor: threading.Thread | None = None
 
+    def _check(self, res: Resources) -> Resources:
+        res = super()._check(res)
+        # The batch script exports env with bash: a name bash cannot export would end the
+        # script (or, unquoted, run as a command), far from the submit that caused it.
+        bad = [name for name, _ in res.env if not _SHELL_NAME.fullmatch(name)]
+        if bad:
+            raise ResourceError(
+                f"resource_dict['env'] name {bad[0]!r} cannot be exported by a batch script",
+                key="env", allowed="names of letters, digits and '_', not starting with a digit")
+        return res
+
     # ----------------------------------------------------------------- backend hooks
     def _submit_job(self, job: _Job, after_ok: list[str]) -> str:
         base = os.path.join(self._dir, job.key)
         env = [(k, str(job.res.threads_per_core)) for k in THREAD_VARIABLES]
+        pythonpath = worker_pythonpath()  # the job imports what this driver imports
+        if pythonpath:
+            env.append(("PYTHONPATH", pythonpath))
         env += list(job.res.env)
         with open(base + ".sh", "w") as script:
             script.write(job_script(job.res, input_file=self.input_file(job.key), env=env,
@@ -93,7 +110,11 @@ class SlurmClusterExecutor(BatchExecutor):
         if found is None:
             return None
         job_id, state, reason, script = found
-        if state in TERMINAL or os.path.abspath(script) != os.path.join(self._dir, key + ".sh"):
+        # COMPLETING: the script has ended and Slurm runs its epilog; it will write nothing
+        # more. Attaching to it (a rerun right after the last, its cache emptied) would
+        # wait for an entry that never comes.
+        if state in TERMINAL or state == "COMPLETING" or \
+                os.path.abspath(script) != os.path.join(self._dir, key + ".sh"):
             return None
         if state == "PENDING" and reason == "DependencyNeverSatisfied":
             self._queue.cancel([job_id])  # its inputs run again now: submit it afresh

@@ -62,7 +62,8 @@ def _flux_reachable(uri: str | None) -> bool:
 
     try:
         flux = import_flux()
-        flux.Flux(uri) if uri else flux.Flux()
+        handle = flux.Flux(uri) if uri else flux.Flux()
     except (FluxUnavailableError, OSError):
         return False
+    handle.close()  # only asked whether a broker answers: do not keep the connection
     return True

@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from executorkit.launchers.pythonpath import worker_environment
 from executorkit.resources import Resources
 from executorkit.transport import BlockingChannel, Kill, Spawn, Stop
 
@@ -113,7 +114,7 @@ class LocalLauncher:
             # through pipes and let the engine print it where the user looks.
             self.stdout_fd, out = os.pipe()
             self.stderr_fd, err = os.pipe()
-        env = dict(os.environ)
+        env = worker_environment()
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
             self.process = subprocess.Popen(

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from executorkit.errors import ResourceError
+from executorkit.launchers.pythonpath import worker_environment
 from executorkit.resources import Resources
 from executorkit.transport import Exited, Spawn
 
@@ -133,6 +134,7 @@ class SrunLauncher:
         self._lock = threading.Lock()
         self._dir: str | None = None
         self._boot: dict[str, object] = {}
+        self._env: dict[str, str] | None = None
         self.on_exit: Callable[[Exited], None] | None = None
 
     @property
@@ -171,7 +173,9 @@ class SrunLauncher:
             cmd = srun_command(res, module=module, bootfile=bootfile,
                                pmi_mode=self._pmi_mode, srun=self._srun,
                                cpus_per_node=self._cpus_per_node, overlap=self._overlap)
-        env = {**os.environ, **dict(spawn.env)}
+        if self._env is None:  # once, on first use: it asks a fresh interpreter
+            self._env = worker_environment()
+        env = {**self._env, **dict(spawn.env)}
         try:
             proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
