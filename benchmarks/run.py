@@ -966,16 +966,16 @@ def real_rows(report: Report, key: str, label: str, target: str,
     return row
 
 
-def figure_9(report: Report) -> None:
+def figure_10(report: Report) -> None:
     """Per-task calls of a function whose module imports numpy and scipy (issue 10.14)."""
     cfg = report.config
     n = 100 if cfg.quick else 400
     sizes = {EK: n, STDLIB: max(10, n // (4 * cfg.stdlib_per_task_divisor)), EL: n // 10}
-    real_rows(report, "9", "numpy/scipy-module calls/s, per-task process", ">= 200/s",
+    real_rows(report, "10", "numpy/scipy-module calls/s, per-task process", ">= 200/s",
               lambda v, _: v >= 200, False, "trivial", sizes)
 
 
-def figure_10(report: Report) -> None:
+def figure_11(report: Report) -> None:
     """Block allocation on real functions, first round, against the stdlib (issue 13)."""
     n = 1000 if report.config.quick else 3000
     sizes = {EK: n, STDLIB: n, EL: n}
@@ -983,28 +983,116 @@ def figure_10(report: Report) -> None:
     ratio = (">= 1.2 x stdlib",
              lambda v, vals: _number(vals.get(STDLIB)) and v >= 1.2 * vals[STDLIB])
     for key, label, name in (
-            ("10a", "numpy/scipy module: trivial (x + 1)", "trivial"),
-            ("10b", "numpy/scipy module: float(np.arange(4.0).sum() * x)", "np_sum"),
-            ("10c", "numpy/scipy module: scipy.linalg.norm", "scipy_norm"),
-            ("10d", "pure-Python loop, ~40 us per call", "spin")):
+            ("11a", "numpy/scipy module: trivial (x + 1)", "trivial"),
+            ("11b", "numpy/scipy module: float(np.arange(4.0).sum() * x)", "np_sum"),
+            ("11c", "numpy/scipy module: scipy.linalg.norm", "scipy_norm"),
+            ("11d", "pure-Python loop, ~40 us per call", "spin")):
         rows[key] = real_rows(report, key, f"block calls/s, {label}", *ratio, True, name,
                               sizes)
     # The same first round as 10a with the module imported by the fork server beforehand
     # (SingleNodeExecutor(preload=...)), so the workers do not import numpy and scipy
     # during the round; the stdlib column repeats 10a's.
-    row = report.add(Row("10e", "block calls/s, 10a with preload=['npfuncs']", *ratio,
+    row = report.add(Row("11e", "block calls/s, 11a with preload=['npfuncs']", *ratio,
                          "{:,.0f}"))
-    row.values[STDLIB] = rows["10a"].values.get(STDLIB, "n/a")
+    row.values[STDLIB] = rows["11a"].values.get(STDLIB, "n/a")
     fn = real_function("trivial")
 
     def measure() -> float:
         rates = repeated(lambda: first_round(EK, True, fn, n, preload=["npfuncs"]),
                          report.config)
-        report.note(f"fig 10e, {EK}: trivial, N={n}, preload=['npfuncs'], first-round "
+        report.note(f"fig 11e, {EK}: trivial, N={n}, preload=['npfuncs'], first-round "
                     f"calls/s on fresh executors: {_samples(rates)} -> median")
         return sorted(rates)[len(rates) // 2]
 
-    row.values[EK] = attempt(report, "fig 10e", EK, measure)
+    row.values[EK] = attempt(report, "fig 11e", EK, measure)
+# ----------------------------------------------------------------------------- figure 9
+def flux_raw_rate(command: list[str], n: int) -> float:
+    """Jobs per second of ``flux submit --cc=1-n --wait COMMAND`` in this instance."""
+    import subprocess
+
+    start = time.perf_counter()
+    subprocess.run(["flux", "submit", "--quiet", f"--cc=1-{n}", "--wait", *command],
+                   check=True, capture_output=True, timeout=900)
+    return n / (time.perf_counter() - start)
+
+
+def flux_executor(peer: str, block: bool, **kwargs: Any) -> Executor:
+    if peer == EK:
+        return executorkit.FluxJobExecutor(max_workers=WORKERS, block_allocation=block,
+                                           **kwargs)
+    import executorlib
+
+    return executorlib.FluxJobExecutor(max_workers=WORKERS, block_allocation=block, **kwargs)
+
+
+def flux_figures(peer: str, quick: bool) -> dict[str, float]:
+    """Per call and block-allocation throughput and chains, and a 2-rank MPI call."""
+    out: dict[str, float] = {}
+    for block in (False, True):
+        mode = "block" if block else "per-call"
+        n, steps = ((3000 if not quick else 500), 500) if block else ((200 if not quick else 40),
+                                                                      (40 if not quick else 10))
+        exe = flux_executor(peer, block)
+        try:
+            warm_up(exe, 300)
+            out[f"{mode} calls/s"] = max(repeated(
+                lambda exe=exe, n=n: tasks_per_second(exe, n, 900), Config.make(quick, ())))
+            out[f"{mode} chain ms"] = min(repeated(
+                lambda exe=exe, steps=steps: chain_of_futures(exe, steps, 900),
+                Config.make(quick, ())))
+        finally:
+            shutdown(exe, cancel=True, timeout=120)
+    kwargs: dict[str, Any] = {"max_cores": 2}
+    if peer == EK:
+        exe = executorkit.FluxJobExecutor(**kwargs)
+    else:
+        import executorlib
+
+        exe = executorlib.FluxJobExecutor(**kwargs)
+    try:
+        res = {"cores": 2}
+        assert exe.submit(mpi_ranks, resource_dict=res).result(timeout=300) == [0, 1]
+        times = []
+        for _ in range(3 if quick else 10):
+            start = time.perf_counter()
+            exe.submit(mpi_ranks, resource_dict=res).result(timeout=300)
+            times.append(time.perf_counter() - start)
+        out["mpi s"] = min(times)
+    finally:
+        shutdown(exe, cancel=True, timeout=120)
+    return out
+
+
+def figure_9(report: Report) -> None:
+    """FluxJobExecutor inside a Flux instance, next to Flux's own submit rate."""
+    specs = [("9a", "Flux raw: flux submit true, jobs/s", "info", None, "{:,.1f}"),
+             ("9b", "Flux raw: python -c pass jobs, jobs/s", "info", None, "{:,.1f}"),
+             ("9c", "FluxJobExecutor tiny calls/s, per call", ">= 20/s",
+              lambda v, _: v >= 20, "{:,.1f}"),
+             ("9d", "FluxJobExecutor chain, ms/step, per call", "<= 80 ms",
+              lambda v, _: v <= 80, "{:.1f}"),
+             ("9e", "FluxJobExecutor tiny calls/s, block", ">= 10,000/s",
+              lambda v, _: v >= 10_000, "{:,.0f}"),
+             ("9f", "FluxJobExecutor chain, ms/step, block", "<= 0.5 ms",
+              lambda v, _: v <= 0.5, "{:.3f}"),
+             ("9g", "FluxJobExecutor 2-rank MPI call, s", "<= 0.25 s",
+              lambda v, _: v <= 0.25, "{:.3f}")]
+    rows = [report.add(Row(k, label, target, check, fmt, ratio=False))
+            for k, label, target, check, fmt in specs]
+    if not os.environ.get("FLUX_URI"):
+        for row in rows:
+            row.values[EK] = "n/a (run inside flux start)"
+        return
+    quick = report.config.quick
+    n = 60 if quick else 300
+    rows[0].values[EK] = attempt(report, "fig 9a", "flux", lambda: flux_raw_rate(["true"], n))
+    rows[1].values[EK] = attempt(report, "fig 9b", "flux", lambda: flux_raw_rate(
+        [sys.executable, "-c", "pass"], n // 3))
+    keys = ["per-call calls/s", "per-call chain ms", "block calls/s", "block chain ms", "mpi s"]
+    for peer in (p for p in report.config.peers if p != STDLIB):
+        result = attempt(report, "fig 9", peer, lambda peer=peer: flux_figures(peer, quick))
+        for row, key in zip(rows[2:], keys, strict=True):
+            row.values[peer] = result[key] if isinstance(result, dict) else result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1015,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-executorlib", action="store_true",
                         help="skip executorlib even if it is installed")
     parser.add_argument("--slurm-inner", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--figures", default="1,2,3,4,5,6,7,8,9,10,C",
+    parser.add_argument("--figures", default="1,2,3,4,5,6,7,8,9,10,11,C",
                         help="comma-separated figures to run (default: all)")
     args = parser.parse_args(argv)
     if args.slurm_inner:
@@ -1023,7 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     figures = {"1": figure_1, "2": figure_2, "3": figure_3, "4": figure_4, "5": figure_5,
                "6": figure_6, "7": figure_7, "8": figure_8, "9": figure_9, "10": figure_10,
-               "C": figure_c}
+               "11": figure_11, "C": figure_c}
     try:
         chosen = [figures[f.strip()] for f in args.figures.split(",") if f.strip()]
     except KeyError as exc:
