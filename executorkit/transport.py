@@ -140,6 +140,10 @@ class Spawn(_Message):
     res: Any = None  # the Resources of the call (launchers that ask a scheduler need them)
     spare: bool = False  # a warm per-task worker that gets its call later
     program: bool = False  # the call runs a program (executorkit.command), see Engine
+    # launchers that run programs themselves (``runs_programs``): the call's CommandCall and
+    # task id; such a worker is the program, never a Python process (stays in the driver)
+    call: Any = None
+    task_id: int = 0
 
 
 @dataclass(slots=True)
@@ -161,6 +165,9 @@ class Exited(_Message):
     pid: int
     status: int
     reason: str | None = None  # the launcher's account of an abnormal end (Flux's reason)
+    # a program the launcher ran itself (Spawn.call) ended on its own: its outcome, as a
+    # worker would have sent it (driver side only, never on a wire)
+    done: TaskDone | None = None
 
 
 @dataclass(slots=True)

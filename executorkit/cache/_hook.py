@@ -26,7 +26,7 @@ import cloudpickle
 
 from executorkit.cache._keys import compute_key
 from executorkit.errors import TaskTimeoutError, WorkerDiedError
-from executorkit.transport import CacheSpec
+from executorkit.transport import CacheSpec, RunTask, TaskDone
 
 if TYPE_CHECKING:
     from executorkit.cache._store import CacheStore
@@ -114,6 +114,17 @@ class CacheHook:
         """A running attempt failed (``final``: and will not run again): keep it."""
         if task.cache_spec is not None:
             _Attempts.ended(self._store(task.cache_spec.directory), task, exc, final=final)
+
+    def record_outcome(self, spec: CacheSpec, run: RunTask, done: TaskDone) -> None:
+        """Record a call whose outcome the launcher produced itself (a program it ran
+        directly, with no worker to record it), exactly as a worker records its call."""
+        from executorkit.cache._writer import record_call
+
+        try:
+            record_call(spec, run, done)
+        except Exception as err:  # the result still reaches its future; only the entry is lost
+            log.warning("could not record task %d in the cache %s: %s", run.task_id,
+                        spec.directory, err)
 
     def _lookup(self, task: _Call, directory: str, key: str) -> bool:
         task.key = key

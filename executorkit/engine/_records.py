@@ -99,7 +99,7 @@ class _Worker:
     only) wait in the worker's own queue."""
 
     __slots__ = (
-        "chan", "conn", "eof", "errdir", "exit_status", "held", "host", "id", "out",
+        "chan", "conn", "direct", "eof", "errdir", "exit_status", "held", "host", "id", "out",
         "persistent", "pid", "slot", "spare", "stopping", "tasks", "writing",
     )
 
@@ -119,6 +119,7 @@ class _Worker:
         self.stopping = False  # killed on purpose (cancel, timeout, shutdown)
         self.errdir: str | None = None  # MPI workers: where a failing rank reports
         self.spare = False  # a warm per-task worker that has no call yet
+        self.direct = False  # a program the launcher runs itself: running from its spawn
         self.conn: _Conn | None = None
         self.writing = False  # output left over: the selector also waits for writability
 

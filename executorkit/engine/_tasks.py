@@ -350,7 +350,7 @@ class _TaskFlow:
             w = task.worker
             if task.state != RUNNING or w is None or task.deadline != deadline:
                 continue  # finished, or an old entry of a call that was queued again
-            if w.chan is None or next(iter(w.tasks), None) != task.id:
+            if (w.chan is None and not w.direct) or next(iter(w.tasks), None) != task.id:
                 # not started yet (worker still starting, or earlier calls ahead of it)
                 task.deadline = now + (task.res.run_time_max or 0.0)
                 heapq.heappush(self._timers, (task.deadline, task.id, task))

@@ -65,6 +65,9 @@ class _WorkerLife:
         # A program (executorkit.command) runs in one worker holding all its CPUs and is
         # itself started as the MPI job, through the launcher's prefix: no Python ranks.
         program = getattr(task.fn, "__executorkit_program__", False)
+        if program and getattr(self.launcher, "runs_programs", False):
+            self._spawn_program(task, env, cpus)
+            return
         ranks = 1 if program else task.res.cores
         if program:
             prefix_of = getattr(self.launcher, "program_prefix", None)
@@ -99,6 +102,18 @@ class _WorkerLife:
         self._spawn(spawn)
         self._replenish()
 
+
+    def _spawn_program(self, task: _Task, env: tuple, cpus: tuple[int, ...] | None) -> None:
+        """The launcher runs the program itself (Flux: a job of the program, its ranks
+        its tasks): no Python worker, no connection; its outcome comes with its exit."""
+        w = _Worker(next(self._worker_ids), persistent=False)
+        w.direct = True
+        self.workers[w.id] = w
+        w.tasks[task.id] = task
+        w.held = task.id
+        task.worker = w
+        self._spawn(Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res,
+                          program=True, call=task.args[0], task_id=task.id))
 
     @staticmethod
     def _run_message(task: _Task, setup: TaskSetup | None) -> RunTask:
@@ -176,6 +191,12 @@ class _WorkerLife:
             return
         w.exit_status = msg.status
         w.pid = w.pid or msg.pid
+        if msg.done is not None and msg.done.task_id in w.tasks:  # a program run directly
+            task = w.tasks[msg.done.task_id]
+            if task.cache_spec is not None:  # recorded here, as its worker would have
+                self.cache.record_outcome(task.cache_spec, self._run_message(task, None),
+                                          msg.done)
+            self._task_done(w, msg.done)
         self._maybe_finalize(w, reason=msg.reason)
 
     def _spawn_failed(self, msg: SpawnFailed) -> None:

@@ -219,7 +219,9 @@ class BaseExecutor(ExecutorkitExecutor):
                 "a Command cannot run in block-allocation workers of several MPI ranks "
                 "(each rank would start the program); use per-task mode (the default) and "
                 "resource_dict={'cores': n}", key="cores", allowed="block workers of cores=1")
-        if res.cores > 1 and not hasattr(self._engine.launcher, "program_prefix"):
+        launcher = self._engine.launcher
+        if res.cores > 1 and not (hasattr(launcher, "program_prefix")
+                                  or getattr(launcher, "runs_programs", False)):
             raise ResourceError(
                 f"{self._backend} cannot yet start a Command as an MPI job of "
                 f"cores={res.cores}", key="cores", allowed="cores=1 for a Command here")
