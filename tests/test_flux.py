@@ -382,7 +382,7 @@ class TestFourNodes:
         assert len({f.result(timeout=T)[0] for f in futs}) > 1
 
 
-# ------------------------------------------------------------------ Commands: the program is the job
+# ------------------------------------------------------------- Commands: the program is the job
 STUBBORN = 'trap "" TERM; echo $FLUX_JOB_ID > {d}/jobid; echo $$ > {d}/pid.$FLUX_TASK_RANK; ' \
            'while true; do sleep 0.05; done'
 
