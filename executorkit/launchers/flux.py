@@ -46,6 +46,7 @@ from executorkit.launchers.flux_program import (
     io_options,
     prepare_program,
     program_outcome,
+    start_failure,
 )
 from executorkit.resources import Resources
 from executorkit.transport import (
@@ -421,6 +422,9 @@ class FluxLauncher:
             reason = job_failure(jobid, status, job.exception, _read(run.files[1]))
             exited = Exited(job.worker_id, 0, -signal.SIGKILL if status is None else status,
                             reason)
+        elif job.exception is not None and job.exception[0] == "exec":  # never started
+            done = start_failure(run, job.task_id, job.exception[1], job.times[1])
+            exited = Exited(job.worker_id, 0, status, None, done)
         else:
             started, finished = job.times
             done = program_outcome(run, job.task_id, status, started or finished, finished)

@@ -14,6 +14,7 @@ driver reads them back into the :class:`~executorkit.command.CommandResult` (or 
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -80,6 +81,21 @@ def program_outcome(run: ProgramRun, task_id: int, returncode: int, started: flo
         return TaskDone(task_id, True, cloudpickle.dumps(result), started, finished)
     info = error_info(CommandError(result))
     return TaskDone(task_id, False, pickle.dumps(info, protocol=5), started, finished)
+
+
+def start_failure(run: ProgramRun, task_id: int, note: str, when: float) -> TaskDone:
+    """The job shell could not start the program (Flux's "exec" exception): the same
+    ``OSError`` a worker's spawn raises (FileNotFoundError for a missing program)."""
+    reason = note.rsplit(": ", 1)[-1].strip()
+    code = _ERRNO_OF.get(reason)
+    exc = OSError(code, reason, run.argv[0]) if code else OSError(
+        f"the program {run.argv[0]!r} could not be started: {note}")
+    return TaskDone(task_id, False, pickle.dumps(error_info(exc), protocol=5), when, when)
+
+
+# the texts of the errno values exec fails with, as the job shell quotes them (strerror)
+_ERRNO_OF = {os.strerror(e): e for e in (errno.ENOENT, errno.EACCES, errno.ENOEXEC,
+                                         errno.ENOTDIR, errno.ELOOP, errno.E2BIG)}
 
 
 def _read(path: str) -> str:
