@@ -61,9 +61,9 @@ class Command:
     when an earlier call left files of that name: they are never overwritten). With
     ``resource_dict={"cores": n}`` (n > 1) the program is started as an MPI job of n ranks by
     the executor's launcher (mpiexec, srun; on FluxJobExecutor the program is itself a Flux
-    job of n tasks, and its files are named after the driver's pid). ``threads_per_core``, GPUs, ``cwd``, ``env`` and
-    ``run_time_max`` apply as for functions; a cancel or a timeout kills the program's whole
-    process group.
+    job of n tasks, and its files are named after the driver's pid). ``threads_per_core``,
+    GPUs, ``cwd``, ``env`` and ``run_time_max`` apply as for functions; a cancel or a timeout
+    kills the program's whole process group (on Flux: its job).
     """
 
     argv: tuple[Any, ...] | str
