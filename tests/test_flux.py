@@ -376,6 +376,14 @@ class TestFourNodes:
             exe.submit(tf.inc, 1, resource_dict={"num_nodes": NODES + 1,
                                                  "cores": NODES + 1})
 
+    def test_command_ranks_run_on_the_nodes_asked_for(self, exe_factory, tmp_path):
+        from executorkit import Command
+
+        exe = exe_factory()
+        fut = exe.submit(Command(["flux", "getattr", "rank"]),
+                         resource_dict={"cores": 2, "num_nodes": 2, "cwd": str(tmp_path)})
+        assert len(set(fut.result(timeout=T).stdout.split())) == 2  # one task on each broker
+
     def test_many_calls_use_every_broker(self, exe_factory):
         exe = exe_factory()
         futs = [exe.submit(ff.where) for _ in range(4 * NODES)]
