@@ -430,6 +430,18 @@ def test_command_is_a_job_of_the_program_itself(exe_factory, tmp_path):
     assert _flux("jobs", "-n", "-o", "{ntasks} {ncores}", words.split()[1]).split() == ["1", "2"]
 
 
+def test_futures_in_a_commands_argv_and_stdin_are_dependencies(exe_factory, tmp_path):
+    from executorkit import Command
+
+    exe = exe_factory()
+    word = exe.submit(Command(["echo", "upstream"]), resource_dict={"cwd": str(tmp_path)})
+    number = exe.submit(tf.inc, 41)
+    down = exe.submit(Command(["sh", "-c", 'echo "$0 $1 $(cat)"', word, number],
+                              stdin=exe.submit(Command(["echo", "piped"]))),
+                      resource_dict={"cwd": str(tmp_path)})
+    assert down.result(timeout=T).stdout == "upstream 42 piped\n"
+
+
 def test_mpi_command_is_a_job_of_that_many_tasks(exe_factory, tmp_path):
     import sys
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections import deque
 
-from executorkit.command import PREFIX_VARIABLE
+from executorkit.command import PREFIX_VARIABLE, CommandCall
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._failures import _error_from_info
 from executorkit.engine._records import _Task, _Worker
@@ -65,7 +65,8 @@ class _WorkerLife:
         # A program (executorkit.command) runs in one worker holding all its CPUs and is
         # itself started as the MPI job, through the launcher's prefix: no Python ranks.
         program = getattr(task.fn, "__executorkit_program__", False)
-        if program and getattr(self.launcher, "runs_programs", False):
+        if (program and getattr(self.launcher, "runs_programs", False)
+                and isinstance(task.args[0], CommandCall)):
             self._spawn_program(task, env, cpus)
             return
         ranks = 1 if program else task.res.cores
