@@ -25,6 +25,7 @@ _PUBLIC = {
     "split_future": "executorkit.streaming",
     "as_completed": "executorkit.streaming",
     "batched": "executorkit.streaming",
+    "pickle_by_value": "executorkit._pickling",
 }
 
 __all__ = ["__version__", *_PUBLIC]

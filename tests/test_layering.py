@@ -26,7 +26,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("executorkit.resources",),
     ("executorkit.cache",),
     ("executorkit.transport", "executorkit.scheduler", "executorkit.graph"),
-    ("executorkit.errors", "executorkit._pickling", "executorkit._version"),
+    ("executorkit.errors", "executorkit._pickling", "executorkit._syspath",
+     "executorkit._version"),
 )
 
 

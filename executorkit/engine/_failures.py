@@ -13,13 +13,19 @@ import logging
 import os
 import pickle
 import re
+import sys
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from executorkit.errors import RemoteError, RemoteTraceback, SerializationError
+from executorkit.errors import (
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerImportError,
+)
 from executorkit.transport import ErrorInfo
 
 if TYPE_CHECKING:
@@ -50,8 +56,12 @@ def _error_from_info(info: ErrorInfo, name: str) -> BaseException:
     if info.exc is not None:
         with contextlib.suppress(Exception):
             exc = pickle.loads(info.exc)
-    if info.kind == "serialization":
-        err: BaseException = SerializationError(f"{name}: {info.type_name}: {info.message}")
+    if isinstance(exc, WorkerImportError):
+        err: BaseException = WorkerImportError(
+            f"{name}: {exc}{_found_in_driver(exc.module)}", module=exc.module,
+            worker_path=exc.worker_path)
+    elif info.kind == "serialization":
+        err = SerializationError(f"{name}: {info.type_name}: {info.message}")
         if exc is not None:
             err.__context__ = exc
     elif exc is None:
@@ -61,6 +71,11 @@ def _error_from_info(info: ErrorInfo, name: str) -> BaseException:
     err.__cause__ = RemoteTraceback(fill_source_lines(info.traceback))
     return err
 
+
+
+def _found_in_driver(module: str | None) -> str:
+    found = getattr(sys.modules.get(module or ""), "__file__", None)
+    return f" (the driver imported it from {found})" if found else ""
 
 
 _FRAME = re.compile(r'^  File "(?P<file>.+)", line (?P<line>\d+), in ')

@@ -53,7 +53,8 @@ class TaskFuture(Future):
 class _Task:
     __slots__ = (
         "args", "cache_spec", "deadline", "deps", "deps_left", "engine", "fn", "future", "id",
-        "key", "kwargs", "payload", "res", "slow", "state", "timed_out", "worker",
+        "key", "kwargs", "label", "path_version", "payload", "res", "slow", "state", "timed_out",
+        "worker",
     )
 
     def __init__(self, engine: _EngineSide, task_id: int, fn: Callable[..., Any],
@@ -64,8 +65,10 @@ class _Task:
         self.args = args
         self.kwargs = kwargs
         self.res = res
-        self.future = TaskFuture()
+        self.future: TaskFuture | None = TaskFuture()
         self.future._task = self
+        self.label: str | None = None  # the name, kept once ``fn`` is released
+        self.path_version = 0  # the driver's sys.path as of submit (see _tasks.py)
         self.state = WAITING
         self.deps: list[Future] | None = None
         self.deps_left = 0
@@ -82,11 +85,22 @@ class _Task:
         self.engine.post(self.engine.dep_done, self, fut)
 
     def name(self) -> str:
+        if self.label is not None:
+            return self.label
         return getattr(self.fn, "__qualname__", None) or repr(self.fn)
 
     def release(self) -> None:
-        """Drop references to arguments once finished (the user may keep the future)."""
+        """Forget everything but the name and the cache key once finished.
+
+        The future keeps its task (a later call may pass it as an argument: the cache key
+        and the name in a DependencyError come from here), so the task must not keep the
+        future: without that cycle a dropped future and its result are freed at once, not
+        at the next full garbage collection. Nor may it keep the function (a bound method
+        would keep its instance alive as long as the future) or the arguments.
+        """
+        self.label = self.name()
         self.args = self.kwargs = self.payload = self.deps = None  # type: ignore[assignment]
+        self.fn = self.future = self.worker = None  # type: ignore[assignment]
 
 
 class _Worker:
@@ -96,7 +110,7 @@ class _Worker:
 
     __slots__ = (
         "chan", "conn", "eof", "errdir", "exit_status", "held", "host", "id", "out",
-        "persistent", "pid", "slot", "spare", "stopping", "tasks", "writing",
+        "path_version", "persistent", "pid", "slot", "spare", "stopping", "tasks", "writing",
     )
 
     def __init__(self, worker_id: int, *, persistent: bool, slot: int | None = None) -> None:
@@ -117,6 +131,7 @@ class _Worker:
         self.spare = False  # a warm per-task worker that has no call yet
         self.conn: _Conn | None = None
         self.writing = False  # output left over: the selector also waits for writability
+        self.path_version = 0  # the driver's sys.path this worker has (see _syspath)
 
 
 @dataclass

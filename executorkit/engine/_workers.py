@@ -50,7 +50,9 @@ class _WorkerLife:
         self._spare_env = dict(self._task_env(config.worker_res, 1, ()))
         self._tmp: str | None = None  # private directory for MPI workers, made on demand
 
-    def _spawn(self, spawn: Spawn) -> None:
+    def _spawn(self, spawn: Spawn, w: _Worker) -> None:
+        """Start ``w``; it starts with the driver's sys.path as it is now."""
+        w.path_version, spawn.path = self._paths.state
         self.launcher.spawn(spawn)
         if not self._output_registered:
             self._watch_output()
@@ -68,7 +70,7 @@ class _WorkerLife:
             names = {k for k, _ in env}
             unset = tuple(k for k in base if k not in names)
             setup = TaskSetup(task.res.cwd, changed, unset, cpus)
-            self._assign(w, task, self._run_message(task, setup))
+            self._assign(w, task, self._run_message(w, task, setup))
             # The call goes out first; forking its replacement would compete with its start
             # for the CPUs, so that waits a moment while another spare is still ready.
             self._flush()
@@ -80,18 +82,24 @@ class _WorkerLife:
             return
         w = _Worker(next(self._worker_ids), persistent=False)
         self.workers[w.id] = w
-        self._assign(w, task, self._run_message(task, None))
         spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res)
         self._mpi(w, spawn, task.res.cores)
-        self._spawn(spawn)
+        self._spawn(spawn, w)  # (before the call: the worker starts with the current path)
+        self._assign(w, task, self._run_message(w, task, None))
         self._replenish()
 
 
-    @staticmethod
-    def _run_message(task: _Task, setup: TaskSetup | None) -> RunTask:
+    def _run_message(self, w: _Worker, task: _Task, setup: TaskSetup | None) -> RunTask:
+        """The call for worker ``w``, with the driver's sys.path if ``w``'s is older. The
+        task lets go of its bytes: the frame holds them until sent (a call queued again
+        after its worker died is pickled again)."""
         assert task.payload is not None, "a task is serialized before it starts"
         fn_blob, args_blob = task.payload
-        return RunTask(task.id, fn_blob, args_blob, setup, task.cache_spec)
+        task.payload = None
+        path = None
+        if w.path_version < task.path_version:
+            w.path_version, path = self._paths.state
+        return RunTask(task.id, fn_blob, args_blob, setup, task.cache_spec, path)
 
 
     def _assign(self, w: _Worker, task: _Task, run: RunTask) -> None:
@@ -112,7 +120,7 @@ class _WorkerLife:
             self.workers[w.id] = w
             self._spares_coming += 1
             self._spawn(Spawn(w.id, tuple(self._spare_env.items()), None, None,
-                              persistent=False, spare=True))
+                              persistent=False, spare=True), w)
 
 
     def _mpi(self, w: _Worker, spawn: Spawn, cores: int) -> None:

@@ -148,7 +148,8 @@ class SrunLauncher:
 
             setup = TaskSetup(cwd=spawn.cwd)
         boot = {**self._boot, "worker_id": spawn.worker_id, "persistent": spawn.persistent,
-                "init_payload": spawn.init_payload, "errdir": errdir, "setup": setup}
+                "init_payload": spawn.init_payload, "errdir": errdir, "setup": setup,
+                "path": spawn.path}
         fd = os.open(bootfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             pickle.dump(boot, fh)
