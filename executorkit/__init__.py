@@ -21,10 +21,14 @@ _PUBLIC = {
     "get_future_from_cache": "executorkit.cache",
     "clear_cache": "executorkit.cache",
     "terminate_tasks_in_cache": "executorkit.executors.slurm_cluster",
+    "terminate_task_in_cache": "executorkit.executors.slurm_cluster",
     "get_item_from_future": "executorkit.streaming",
     "split_future": "executorkit.streaming",
     "as_completed": "executorkit.streaming",
     "batched": "executorkit.streaming",
+    "Command": "executorkit.command",
+    "CommandResult": "executorkit.command",
+    "CommandError": "executorkit.command",
     "pickle_by_value": "executorkit._pickling",
 }
 

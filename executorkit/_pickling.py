@@ -135,12 +135,16 @@ class FunctionMemo:
     function provably cannot have changed: same object, and every object its pickle
     captured is the same and immutable (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, also_captured: Callable[[types.FunctionType], list[Any]] | None = None
+    ) -> None:
         # fn -> (the objects its pickle captured, value). Holding the objects (not their
         # ids) keeps them alive, so an id can never be reused by a new object.
         self._memo: weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], Any]]
         self._memo = weakref.WeakKeyDictionary()
-        self._pickles = FunctionPickles()
+        # also_captured(fn): more objects the value depends on (a cache key reads the module
+        # attributes a function uses; a pickle does not), checked like its globals.
+        self._pickles = FunctionPickles(also_captured)
 
     def get(self, fn: Callable[..., Any], make: Callable[[Callable[..., Any]], Any]) -> Any:
         if type(fn) is not types.FunctionType:
@@ -159,7 +163,10 @@ class FunctionMemo:
 class FunctionPickles:
     """Per-executor memo of function bytes, valid while the function cannot have changed."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, also_captured: Callable[[types.FunctionType], list[Any]] | None = None
+    ) -> None:
+        self._also_captured = also_captured
         # fn -> (the objects its pickle captured, bytes). Holding the objects (not their
         # ids) keeps them alive, so an id can never be reused by a new object.
         self._memo: weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], bytes]]
@@ -189,6 +196,8 @@ class FunctionPickles:
                 values.append(cell.cell_contents)
             except ValueError:  # empty cell
                 return False
+        if self._also_captured is not None:
+            values.extend(self._also_captured(fn))
         for value in values:
             captured.append(value)
             if _frozen(value):

@@ -9,7 +9,9 @@ against the standard library keeps working.
 from __future__ import annotations
 
 import signal
-from concurrent.futures import BrokenExecutor
+import threading
+from concurrent.futures import BrokenExecutor, CancelledError
+from typing import Any
 
 
 class ExecutorkitError(Exception):
@@ -29,11 +31,143 @@ class ResourceError(ExecutorkitError, ValueError):
 
 
 class DependencyError(ExecutorkitError):
-    """An input future of a task failed or was cancelled; ``__cause__`` is its exception."""
+    """An input of a call failed or was cancelled, so the call never ran.
 
-    def __init__(self, message: str, *, upstream: object = None):
-        super().__init__(message)
+    Raised by ``result()`` of the dependent call. Build it with :func:`dependency_error`,
+    which makes it catchable *also* as the type of the failure at the root of the chain:
+    when ``f`` raised ``RuntimeError``, ``g(f)`` raises an exception that is both a
+    ``DependencyError`` and a ``RuntimeError``, so ``except RuntimeError:`` written for
+    executorlib still works. Where Python cannot combine the two types (a type that cannot
+    be subclassed, exceptions that are not ``Exception`` subclasses, or a
+    cancelled input) it is a plain ``DependencyError``.
+
+    Attributes: ``upstream`` (the failed input future, when known; not kept when pickled),
+    ``root`` (the original exception at the root of a chain of failures, also the
+    ``__cause__``) and ``root_task`` (a label naming the call that raised it). The message
+    names the root failure once; however long the chain, it does not grow.
+    """
+
+    def __init__(self, message: str, *, upstream: object = None,
+                 root: BaseException | None = None, root_task: str | None = None):
+        # BaseException.__init__ directly: in a combined class the next __init__ in the MRO
+        # would be the root type's, whose signature is unknown (UnicodeDecodeError: 5 args).
+        BaseException.__init__(self, message)
         self.upstream = upstream
+        self.root = root
+        self.root_task = root_task
+
+    def __str__(self) -> str:
+        # The root type's __str__ may read attributes this instance never got.
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A combined class is made at run time and cannot be pickled by reference: rebuild
+        # it from the root type. The upstream future cannot cross processes; drop it.
+        state = {k: v for k, v in self.__dict__.items() if k != "upstream"}
+        base = _ROOT_OF.get(type(self))
+        return (_rebuild_dependency_error, (base, self.args[0] if self.args else "", state))
+
+
+# combined class -> root type, and root type -> combined class (None: cannot combine)
+_ROOT_OF: dict[type, type] = {}
+_COMBINED: dict[type, type[DependencyError] | None] = {}
+_COMBINED_LOCK = threading.Lock()
+# Never mix these into a DependencyError: catching them means something else (stop the
+# program, end an iteration, a cancellation) and the interpreter treats them specially.
+_NOT_COMBINED = (StopIteration, StopAsyncIteration, CancelledError)
+_ROOT_TEXT = 300  # characters of the root failure's message kept in each message
+
+
+def _combined_class(root_type: type) -> type[DependencyError] | None:
+    """``DependencyError`` mixed with ``root_type`` (cached per type), or None if impossible."""
+    with _COMBINED_LOCK:
+        if root_type in _COMBINED:
+            return _COMBINED[root_type]
+        cls: type[DependencyError] | None = None
+        can = (issubclass(root_type, Exception) and not issubclass(root_type, _NOT_COMBINED)
+               and root_type.__flags__ & _BASETYPE)
+        if issubclass(root_type, DependencyError):
+            cls = root_type
+        elif can:
+            try:
+                cls = type(f"DependencyError[{root_type.__name__}]",
+                           (DependencyError, root_type),
+                           {"__module__": __name__, "__qualname__":
+                            f"DependencyError[{root_type.__qualname__}]"})
+            except Exception:  # layout conflict, a metaclass or __init_subclass__ that refuses
+                cls = None
+        if cls is not None and cls is not root_type:
+            _ROOT_OF[cls] = root_type
+        _COMBINED[root_type] = cls
+        return cls
+
+
+_BASETYPE = 1 << 10  # Py_TPFLAGS_BASETYPE: the type may be subclassed
+
+
+def _new_dependency_error(root_type: type | None, message: str) -> DependencyError:
+    cls = _combined_class(root_type) if root_type is not None else None
+    if cls is not None and cls is not DependencyError:
+        try:
+            # The root type's __new__ (OSError's builds errno/strerror from the arguments),
+            # but DependencyError's __init__.
+            err = cls.__new__(cls, message)
+            DependencyError.__init__(err, message)
+            return err
+        except Exception:
+            pass  # a __new__ with its own ideas: a plain DependencyError still says it all
+    return DependencyError(message)
+
+
+def _rebuild_dependency_error(root_type: type | None, message: str,
+                              state: dict[str, Any]) -> DependencyError:
+    err = _new_dependency_error(root_type, message)
+    err.__dict__.update(state)
+    return err
+
+
+def dependency_error(dependent: str, upstream: str, cause: BaseException, *,
+                     future: object = None) -> DependencyError:
+    """The exception of call ``dependent`` whose input ``upstream`` raised ``cause``.
+
+    ``dependent`` and ``upstream`` are labels (say ``"g"`` and ``"task 3 (f)"``). When
+    ``cause`` is itself a DependencyError, the new error names the root failure of the chain
+    instead of nesting the messages, so each message is short and a long failed chain costs
+    memory linear in its length. ``__cause__`` is the root exception.
+    """
+    if isinstance(cause, DependencyError) and cause.root is not None:
+        root, root_task = cause.root, cause.root_task or upstream
+    else:
+        root, root_task = cause, upstream
+    if isinstance(root, CancelledError):
+        what = "was cancelled (CancelledError)"
+    else:
+        text = str(root)
+        if len(text) > _ROOT_TEXT:
+            text = text[:_ROOT_TEXT] + "..."
+        what = f"failed with {type(root).__name__}: {text}" if text else \
+            f"failed with {type(root).__name__}"
+    if root_task == upstream:
+        message = f"{dependent}: input {upstream} {what}"
+    else:
+        message = f"{dependent}: input {upstream} failed because {root_task} {what}"
+    root_type = None if isinstance(root, (CancelledError, DependencyError)) else type(root)
+    err = _new_dependency_error(root_type, message)
+    err.upstream = future
+    err.root = root
+    err.root_task = root_task
+    err.__cause__ = root
+    return err
+
+
+class CacheMissError(ExecutorkitError, FileNotFoundError, KeyError):
+    """A cache directory holds no entry for the requested key.
+
+    A ``FileNotFoundError`` (what executorlib raises) and a ``KeyError`` (a lookup by key).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class WorkflowError(ExecutorkitError, ValueError):

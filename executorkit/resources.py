@@ -20,7 +20,7 @@ from typing import Any
 
 from executorkit.errors import ResourceError
 
-__all__ = ["KEYS", "Capabilities", "Resources", "merge", "parse"]
+__all__ = ["ESCALATABLE", "KEYS", "Capabilities", "Resources", "merge", "parse"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,10 @@ class Resources:
     run_time_max: float | None = None
     priority: int = 0
     slurm_cmd_args: tuple[str, ...] = ()
+    max_retries: int = 0
+    retry_escalation: tuple[tuple[str, float], ...] = ()
+    retry_on: tuple[type[BaseException], ...] = ()
+    submission_template: str | None = None
     # Keys the user set explicitly, so a backend can reject what it cannot honour even when
     # the value equals the default (``exclusive=False`` is harmless, ``num_nodes=1`` is not
     # always).
@@ -59,8 +63,10 @@ class Resources:
         out: dict[str, Any] = {}
         for name in sorted(self.given):
             value = getattr(self, name)
-            if name == "env":
+            if name in ("env", "retry_escalation"):
                 value = dict(value)
+            elif name == "retry_on":
+                value = [f"{c.__module__}.{c.__qualname__}" for c in value]
             elif isinstance(value, tuple):
                 value = list(value)
             out[name] = value
@@ -109,6 +115,9 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
+_ENV_ALLOWED = "a dict[str, str]: names non-empty, without '=' or NUL; values without NUL"
+
+
 def _env(key: str, value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and k and "=" not in k and isinstance(v, str)
@@ -117,18 +126,33 @@ def _env(key: str, value: Any) -> tuple[tuple[str, str], ...]:
         raise ResourceError(
             f"resource_dict[{key!r}] must map variable names (no '=') to str values, "
             f"got {value!r}",
-            key=key, allowed="a dict[str, str]",
+            key=key, allowed=_ENV_ALLOWED,
         )
+    for name, text in value.items():
+        # execve() cannot pass a NUL: the task's process would fail to start, far from here.
+        if "\0" in name or "\0" in text:
+            where = "name" if "\0" in name else "value"
+            raise ResourceError(
+                f"resource_dict[{key!r}][{name!r}]: the variable's {where} contains a NUL "
+                "byte, which no environment variable can hold",
+                key=key, allowed=_ENV_ALLOWED,
+            )
     return tuple(sorted(value.items()))
+
+
+# One year. A wait longer than the OS timers allow (about 24.8 days for epoll) is split by
+# the engine; beyond a year (and Slurm's --time in minutes) a limit is surely a mistake.
+RUN_TIME_MAX_LIMIT = 365 * 24 * 3600.0
 
 
 def _seconds(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        value > 0 and math.isfinite(value)
+        value > 0 and math.isfinite(value) and value <= RUN_TIME_MAX_LIMIT
     ):
         raise ResourceError(
-            f"resource_dict[{key!r}] must be a positive number of seconds, got {value!r}",
-            key=key, allowed="a positive, finite number of seconds",
+            f"resource_dict[{key!r}] must be a positive number of seconds up to "
+            f"{RUN_TIME_MAX_LIMIT:.0f} (365 days), got {value!r}",
+            key=key, allowed=f"a number of seconds in (0, {RUN_TIME_MAX_LIMIT:.0f}]",
         )
     return float(value)
 
@@ -165,6 +189,36 @@ def _args(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+ESCALATABLE = ("cores", "threads_per_core", "gpus_per_core", "run_time_max")
+
+
+def _escalation(key: str, value: Any) -> tuple[tuple[str, float], ...]:
+    allowed = f"a dict mapping {', '.join(ESCALATABLE)} to a factor >= 1"
+    if not isinstance(value, Mapping):
+        raise ResourceError(f"resource_dict[{key!r}] must be a dict, got {value!r}", key=key,
+                            allowed=allowed)
+    for name, factor in value.items():
+        if name not in ESCALATABLE:
+            raise ResourceError(
+                f"resource_dict[{key!r}] cannot escalate {name!r}; escalatable keys: "
+                f"{', '.join(ESCALATABLE)}", key=key, allowed=allowed)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+                factor >= 1 and math.isfinite(factor)):
+            raise ResourceError(
+                f"resource_dict[{key!r}][{name!r}] must be a factor >= 1, got {factor!r}",
+                key=key, allowed=allowed)
+    return tuple(sorted((name, float(f)) for name, f in value.items()))
+
+
+def _exception_types(key: str, value: Any) -> tuple[type[BaseException], ...]:
+    items = value if isinstance(value, (list, tuple)) else (value,)
+    if not all(isinstance(c, type) and issubclass(c, BaseException) for c in items):
+        raise ResourceError(
+            f"resource_dict[{key!r}] must be an exception class or a tuple of them, got "
+            f"{value!r}", key=key, allowed="a tuple of exception classes")
+    return tuple(items)
+
+
 _CHECKS = {
     "cores": _positive_int,
     "threads_per_core": _positive_int,
@@ -179,6 +233,10 @@ _CHECKS = {
     "run_time_max": _seconds,
     "priority": _int,
     "slurm_cmd_args": _args,
+    "max_retries": _non_negative_int,
+    "retry_escalation": _escalation,
+    "retry_on": _exception_types,
+    "submission_template": _str,
 }
 KEYS = frozenset(_CHECKS)
 assert {f.name for f in fields(Resources)} - {"given"} == KEYS
@@ -238,8 +296,14 @@ class Capabilities:
     per_task_cpus: int | None = None
     per_task_gpus: int | None = None
     max_nodes: int = 1
+    batch_scripts: bool = False  # the backend writes a batch script (submission_template)
 
     def check(self, res: Resources) -> Resources:
+        if "submission_template" in res.given and not self.batch_scripts:
+            raise ResourceError(
+                f"{self.backend} cannot honour resource_dict['submission_template']: only "
+                "executors that submit batch jobs (SlurmClusterExecutor) write a job script",
+                key="submission_template", allowed="SlurmClusterExecutor only")
         for key in res.given:
             reason = self.unsupported.get(key)
             if reason is not None:

@@ -28,7 +28,7 @@ from concurrent import futures as _cf
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any, Generic, TypeVar
 
-from executorkit.errors import DependencyError, ExecutorkitError, ResourceError
+from executorkit.errors import DependencyError, ExecutorkitError, ResourceError, dependency_error
 from executorkit.graph import ItemFuture, is_dry_run
 
 __all__ = [
@@ -86,15 +86,9 @@ def _outcome(fut: Future[Any]) -> tuple[Any, BaseException | None]:
         return None, exc
 
 
-def _dependency_error(source: str, upstream: BaseException) -> DependencyError:
-    """A DependencyError saying ``source`` failed, chained to the upstream exception."""
-    if isinstance(upstream, CancelledError):
-        reason = "was cancelled (CancelledError)"
-    else:
-        reason = f"failed with {type(upstream).__name__}: {upstream}"
-    error = DependencyError(f"{source} {reason}", upstream=upstream)
-    error.__cause__ = upstream
-    return error
+def _dependency_error(dependent: str, upstream: str, error: BaseException) -> DependencyError:
+    """A DependencyError of ``dependent`` saying its input ``upstream`` raised ``error``."""
+    return dependency_error(dependent, upstream, error)
 
 
 def _resolve(out: Future[Any], value: Any) -> None:
@@ -301,8 +295,8 @@ class _Batcher:
             if error is not None:
                 self._failed[batch] = True
                 self._items[batch] = []
-                source = f"input {index} of batched() (batch {batch})"
-                return lambda: _reject(out, _dependency_error(source, error))
+                dep = _dependency_error(f"batched() batch {batch}", f"{index}", error)
+                return lambda: _reject(out, dep)
             self._items[batch].append(value)
             if self._arrived[batch] < self._sizes[batch]:
                 return None
@@ -354,9 +348,9 @@ def _split_done(outputs: list[Future[Any]], future: Future[Any]) -> None:
     try:
         value, error = _outcome(future)
         if error is not None:
-            source = f"the future split into {len(outputs)} items"
-            for out in outputs:
-                _reject(out, _dependency_error(source, error))
+            source = f"future (split into {len(outputs)} items)"
+            for i, out in enumerate(outputs):
+                _reject(out, _dependency_error(f"split_future() item {i}", source, error))
         else:
             _deliver_items(outputs, value)
     except Exception as exc:
@@ -422,7 +416,8 @@ def _item_done(out: Future[Any], key: Any, future: Future[Any]) -> None:
     try:
         value, error = _outcome(future)
         if error is not None:
-            _reject(out, _dependency_error(f"the future to take item {key!r} from", error))
+            _reject(out, _dependency_error(f"get_item_from_future(key={key!r})", "future",
+                                          error))
         else:
             _settle(out, functools.partial(_lookup, value, key))
     except Exception as exc:

@@ -18,6 +18,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (HERE, os.environ.get("PYTHONPATH")) if p
 )
 
+import capabilities  # noqa: E402  (needs the path set above)
+
 MODES = {
     "per-task": {},
     "block": {"block_allocation": True},
@@ -45,6 +47,14 @@ def make_executor(mode: str):
     yield make
     for exe in created:
         exe.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def notebook_runs(tmp_path_factory: pytest.TempPathFactory):
+    """Executes each notebook once per session (test_notebooks and test_docs share it)."""
+    from test_notebooks import NotebookRuns
+
+    return NotebookRuns(tmp_path_factory.mktemp("notebook-runs"))
 
 
 def _descendants() -> list[psutil.Process]:
@@ -78,3 +88,20 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.01) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under CI a skip for a missing required capability is a failure (see capabilities)."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and capabilities.in_ci()) or hasattr(report, "wasxfail"):
+        return
+    skip_reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+    markers = {mark.name for mark in item.iter_markers()}
+    needed = capabilities.required_skip(str(skip_reason).removeprefix("Skipped: "), markers)
+    if needed is not None:
+        report.outcome = "failed"
+        report.longrepr = (f"CI is set and this test skipped for want of {needed}: "
+                           f"{skip_reason}. The project's set-up (.ci_support/setup.sh, the "
+                           "'test' extra, start-slurm.sh) must provide it.")

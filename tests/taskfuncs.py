@@ -247,3 +247,21 @@ def inner_job_executor(n):
     with SlurmJobExecutor() as inner:
         return inner.max_cores, [f.result(timeout=120) for f in
                                  [inner.submit(inc, i) for i in range(n)]]
+
+
+def mpi_listening_addresses():
+    """This rank's listening TCP addresses, less those its launcher (the parent) holds too
+    (hydra's control socket is inherited by every rank)."""
+    import psutil
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Barrier()  # every rank has set up its transports
+
+    def listening(proc):
+        return {c.laddr for c in proc.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN}
+
+    me = psutil.Process()
+    own = listening(me) - listening(me.parent())
+    MPI.COMM_WORLD.Barrier()
+    return sorted(addr.ip for addr in own)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import time
 
 import pytest
 import taskfuncs as tf
@@ -145,3 +146,22 @@ def test_task_output_is_kept_next_to_its_entry(make_executor, tmp_path, capfd):
     with open(os.path.join(cache, f"{key}.out")) as fh:
         assert "kept for later" in fh.read()
     assert "kept for later" in capfd.readouterr().out  # and it still reached the driver
+
+
+def test_opening_a_cache_directory_removes_stale_temporaries(make_executor, tmp_path):
+    """A writer killed mid-write leaves ``.<key>.<pid>.<token>.tmp``; the next executor that
+    uses the directory removes it (once stale), and never reads it."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True, timeout=60).stdout)
+    leftover = cache / f".inc_0123.{dead}.0123abcd.tmp"
+    leftover.write_bytes(b"partial")
+    then = time.time() - 600
+    os.utime(leftover, (then, then))
+    exe = make_executor(max_workers=1, cache_directory=str(cache))
+    assert exe.submit(tf.inc, 1).result(timeout=T) == 2
+    assert not leftover.exists()

@@ -237,8 +237,11 @@ def test_large_and_negative_integers() -> None:
     assert key_of(add_one, -1) != key_of(add_one, 255)
 
 
-def test_dict_key_order_does_not_matter_but_content_does() -> None:
-    assert key_of(add_one, {"a": 1, "b": 2}) == key_of(add_one, {"b": 2, "a": 1})
+def test_dict_order_is_part_of_the_key_but_keyword_order_is_not() -> None:
+    """list(d) differs between the two dicts, so a function may return different results:
+    sharing a key would be a wrong hit. Keyword arguments bind by name: order is moot."""
+    assert key_of(add_one, {"a": 1, "b": 2}) != key_of(add_one, {"b": 2, "a": 1})
+    assert key_of(add_one, {"a": 1, "b": 2}) == key_of(add_one, dict([("a", 1), ("b", 2)]))
     assert key_of(add_one, {"a": 1, "b": 2}) != key_of(add_one, {"a": 2, "b": 1})
     assert key_of(add_one, x={"a": 1}, y=2) == key_of(add_one, y=2, x={"a": 1})
 
@@ -385,9 +388,107 @@ def test_validate_cache_key_accepts(key: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["", ".hidden", "-dash", "_under", "a/b", "a b", "a\\b", "ü", "x" * 201, "a\n", None]
+    "key", ["", ".hidden", "-dash", "_under", "a//b", "/abs", "a/../b", "a/", "a b", "a\\b",
+            "ü", "x" * 201, "a\n", None]
 )
 def test_validate_cache_key_rejects(key: Any) -> None:
     with pytest.raises(ResourceError, match=r"cache_key.*A-Z, a-z, 0-9") as info:
         validate_cache_key(key)
     assert info.value.key == "cache_key"
+
+
+# --------------------------------------------------------------------------------------------
+# what a function reads from user modules (docs/cache.md, "Keys")
+
+HELPER_V1 = "SCALE = 2\n\ndef g(x):\n    return x * SCALE\n"
+HELPER_V2 = "SCALE = 2\n\ndef g(x):\n    return x * SCALE + 1\n"
+TASKS = textwrap.dedent('''
+    import {helper}
+
+    def through_module(x):
+        return {helper}.g(x)
+
+    def imports_in_body(x):
+        import {helper}
+        return {helper}.g(x)
+
+    def from_import_in_body(x):
+        from {helper} import g
+        return g(x)
+''')
+
+
+@pytest.fixture
+def user_modules(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, request):
+    """A helper module and a task module in a temporary directory (user code, importable)."""
+    import importlib
+
+    helper = f"ek_helper_{request.node.name.replace('[', '_').replace(']', '_')}"
+    tasks = helper.replace("helper", "tasks")
+    (tmp_path / f"{helper}.py").write_text(HELPER_V1)
+    (tmp_path / f"{tasks}.py").write_text(TASKS.format(helper=helper))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+
+    def edit_helper(source: str) -> None:
+        (tmp_path / f"{helper}.py").write_text(source)
+        importlib.invalidate_caches()
+        importlib.reload(sys.modules[helper])
+
+    yield importlib.import_module(tasks), edit_helper
+    for name in (helper, tasks):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("task", ["through_module", "imports_in_body", "from_import_in_body"])
+def test_editing_a_helper_read_through_a_module_changes_the_key(user_modules, task) -> None:
+    tasks, edit_helper = user_modules
+    fn = getattr(tasks, task)
+    fn(1)  # an import in the body happens when the function runs (and so before it is keyed)
+    before = key_of(fn, 3)
+    assert key_of(fn, 3) == before  # the memo answers while nothing changed
+    edit_helper(HELPER_V2)
+    assert key_of(fn, 3) != before
+    edit_helper(HELPER_V1)
+    assert key_of(fn, 3) == before
+
+
+def test_a_helper_modules_data_read_by_the_function_is_keyed(user_modules) -> None:
+    tasks, edit_helper = user_modules
+    before = key_of(tasks.through_module, 3)
+    edit_helper(HELPER_V1.replace("SCALE = 2", "SCALE = 3"))
+    # g reads SCALE: g's own globals are part of g's identity
+    assert key_of(tasks.through_module, 3) != before
+
+
+class Settings:
+    def __init__(self, factor: float):
+        self.factor = factor
+
+
+SETTINGS = Settings(2.0)
+
+
+def uses_module_level_instance(x: float) -> float:
+    return x * SETTINGS.factor
+
+
+def test_a_module_level_instance_of_a_plain_class_is_keyed_by_its_state() -> None:
+    global SETTINGS
+    before = key_of(uses_module_level_instance, 1.0)
+    SETTINGS.factor = 3.0
+    try:
+        assert key_of(uses_module_level_instance, 1.0) != before
+        SETTINGS = Settings(2.0)  # a new object in the same state: the same key
+        assert key_of(uses_module_level_instance, 1.0) == before
+    finally:
+        SETTINGS = Settings(2.0)
+
+
+def test_installed_modules_are_not_walked() -> None:
+    from executorkit.cache._keys import module_attributes_read
+
+    def uses_os(path: str) -> str:
+        return os.path.join(path, "x")
+
+    assert module_attributes_read(uses_os) == []

@@ -148,7 +148,8 @@ def test_file_is_plain_hdf5_with_metadata(store: CacheStore) -> None:
         assert pickle.loads(handle["output"][()].tobytes()) == 7
 
 
-@pytest.mark.parametrize("key", [".hidden", "a/b", "../up", "", "x" * 201, "a\n"])
+@pytest.mark.parametrize(
+    "key", [".hidden", "a//b", "/abs", "a/", "../up", "a/../b", "", "x" * 201, "a\n"])
 def test_malformed_keys_are_rejected(store: CacheStore, key: str) -> None:
     with pytest.raises(ResourceError, match="cache key"):
         store.path(key)
@@ -469,28 +470,29 @@ def test_future_from_cache_done(store: CacheStore) -> None:
     assert future.done() and future.result(timeout=0) == {"value": 4.0}
 
 
-def test_future_from_cache_failed(store: CacheStore) -> None:
+def test_future_from_cache_failed_raises_the_recorded_error(store: CacheStore) -> None:
     fill(store)
-    future = get_future_from_cache(store.directory, "failed_one")
-    error = future.exception(timeout=0)
-    assert isinstance(error, ZeroDivisionError) and str(error) == "zero"
+    with pytest.raises(ZeroDivisionError) as info:
+        get_future_from_cache(store.directory, "failed_one")
+    error = info.value
+    assert str(error) == "zero"
     assert isinstance(error.__cause__, RemoteTraceback)
     assert "ZeroDivisionError: zero" in error.__cause__.tb
-    with pytest.raises(ZeroDivisionError):
-        future.result(timeout=0)
 
 
 def test_future_from_cache_failed_with_unpicklable_exception(store: CacheStore) -> None:
     record = make_record("k1", status="failed", error=KeyError("lost"))
     record.error = None
     store.write(record)
-    error = get_future_from_cache(store.directory, "k1").exception(timeout=0)
-    assert isinstance(error, RemoteError) and error.type_name == "KeyError"
+    with pytest.raises(RemoteError) as info:
+        get_future_from_cache(store.directory, "k1")
+    assert info.value.type_name == "KeyError"
 
 
 def test_future_from_cache_missing_key(store: CacheStore) -> None:
-    with pytest.raises(KeyError, match=rf"absent.*{store.directory.name}"):
+    with pytest.raises(FileNotFoundError, match=rf"absent.*{store.directory.name}") as info:
         get_future_from_cache(store.directory, "absent")
+    assert isinstance(info.value, KeyError)  # what it raised before, still caught
 
 
 def test_future_from_cache_corrupt_entry(store: CacheStore) -> None:
@@ -584,3 +586,90 @@ def test_fast_path_header_is_checked_against_the_output(store: CacheStore) -> No
     assert _store._read_output_fast(os.fspath(path)) is _store._NO_HEADER
     with h5py.File(path, "r") as handle:  # still an ordinary HDF5 file
         assert handle.attrs["complete"] == 1
+
+
+def _leftover(store: CacheStore, pid: int, age: float) -> pathlib.Path:
+    """A temporary file as a writer killed ``age`` seconds ago would leave it."""
+    path = store.directory / f".k{pid}.{pid}.0123abcd.tmp"
+    path.write_bytes(b"partial")
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    return int(proc.stdout)
+
+
+def test_a_filtered_clear_cache_also_removes_stale_temporaries(store: CacheStore) -> None:
+    fill_for_clearing(store)
+    stale = _leftover(store, _dead_pid(), age=600)
+    fresh = _leftover(store, os.getpid(), age=600)  # its writer (this process) is alive
+    assert clear_cache(store.directory, status="failed") == 1
+    assert not stale.exists() and fresh.exists()
+
+
+def test_temporaries_are_never_entries(store: CacheStore) -> None:
+    fill_for_clearing(store)
+    leftover = store.directory / ".a_done_old.1.0123abcd.tmp"
+    leftover.write_bytes(store.path("a_done_old").read_bytes())  # complete, but not published
+    frame = get_cache_data(store.directory, load_outputs=False)
+    assert not any(name.endswith(".tmp") for name in frame["filename"])
+    assert len(frame) == len(_store.entry_files(store.directory))
+
+
+def test_listing_reads_entries_without_hdf5(
+    store: CacheStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """get_cache_data reads what the user-block header points at: no HDF5 open at all."""
+    store.write(make_record("ok", args=(3.0,), kwargs={"k": 1}))
+    store.write(make_record("bad", status="failed", error=ValueError("boom")))
+    with monkeypatch.context() as through_hdf5:
+        through_hdf5.setattr(_store, "_read_record_fast", lambda *a: _store._NO_HEADER)
+        expected = {key: store.read(key) for key in ("ok", "bad")}
+
+    def refuse(path: str) -> None:
+        raise AssertionError("HDF5 opened for a listing")
+
+    monkeypatch.setattr(_store._hdf5(), "open", refuse)
+    for key, record in expected.items():
+        assert _store.read_record(os.fspath(store.path(key))) == record
+    frame = get_cache_data(store.directory).set_index("cache_key")
+    assert frame.loc["ok", "input_args"] == (3.0,) and frame.loc["ok", "output"] == 4.0
+    assert frame.loc["ok", "input_kwargs"] == {"k": 1}
+    assert isinstance(frame.loc["bad", "error"], ValueError)
+    assert frame.loc["bad", "output"] is None
+
+
+def test_listing_falls_back_to_hdf5_when_the_extension_does_not_match(store: CacheStore) -> None:
+    """Flipped bytes in a listed dataset (modification time put back) fail the listing's
+    digest: the entry is read through HDF5, which sees the same flipped bytes."""
+    path = store.write(make_record("k1", args=(7.0,)))
+    with open(path, "rb") as fh:
+        head = fh.read(_store._HEADER.size + _store._LISTING.size)
+    stamp = _store._HEADER.unpack_from(head)[-1]
+    listing = _store._LISTING.unpack_from(head, _store._HEADER.size)
+    meta_offset = listing[1]
+    assert _store._read_record_fast(os.fspath(path), True, True) is not _store._NO_HEADER
+    with open(path, "r+b") as fh:
+        fh.seek(meta_offset)
+        fh.write(b" ")  # one byte of the metadata changed
+    os.utime(path, ns=(stamp, stamp))
+    assert _store._read_record_fast(os.fspath(path), True, True) is _store._NO_HEADER
+
+
+def test_entries_without_the_listing_extension_are_read_through_hdf5(store: CacheStore) -> None:
+    """Files written before the extension existed (a bare header) still list."""
+    path = store.write(make_record("old", args=(5.0,)))
+    with open(path, "rb") as fh:
+        head = fh.read(_store._HEADER.size)
+    stamp = _store._HEADER.unpack_from(head)[-1]
+    with open(path, "r+b") as fh:
+        fh.seek(_store._HEADER.size)
+        fh.write(b"\0" * _store._LISTING.size)
+    os.utime(path, ns=(stamp, stamp))
+    assert _store._read_record_fast(os.fspath(path), True, True) is _store._NO_HEADER
+    frame = get_cache_data(store.directory)
+    assert frame.loc[0, "input_args"] == (5.0,) and frame.loc[0, "output"] == 4.0

@@ -164,7 +164,7 @@ def test_many_tasks_in_both_modes(make_executor):
     exe = make_executor(max_workers=2)
     futs = [exe.submit(tf.inc, i) for i in range(300)]
     assert [f.result(timeout=T) for f in futs] == list(range(1, 301))
-    assert exe.info()["done"] == 300
+    assert exe.info["done"] == 300
 
 
 def test_restart_limit_exhausted_breaks_the_executor():

@@ -17,16 +17,17 @@ PACKAGE = Path(executorkit.__file__).parent
 
 # Top to bottom. A module may import its own layer (without a circle) or any lower one.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("executorkit", "executorkit.demo"),
+    ("executorkit", "executorkit.demo", "executorkit.__main__", "executorkit.cli",
+     "executorkit.ensemble"),
     ("executorkit.executors",),
     ("executorkit.engine",),
     ("executorkit.launchers",),
     ("executorkit.worker",),
-    ("executorkit.export", "executorkit.streaming", "executorkit._progress"),
+    ("executorkit.export", "executorkit.streaming", "executorkit._progress", "executorkit.retry"),
     ("executorkit.resources",),
     ("executorkit.cache",),
-    ("executorkit.transport", "executorkit.scheduler", "executorkit.graph"),
-    ("executorkit.errors", "executorkit._pickling", "executorkit._syspath",
+    ("executorkit.transport", "executorkit.scheduler", "executorkit.graph", "executorkit.command"),
+    ("executorkit.errors", "executorkit._pickling", "executorkit._sources", "executorkit._syspath",
      "executorkit._version"),
 )
 

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-
+import capabilities
 import pytest
 import taskfuncs as tf
 
 from executorkit import SingleNodeExecutor
 from executorkit.errors import SerializationError, TaskTimeoutError, WorkerDiedError
-from executorkit.launchers.local import find_mpiexec, mpiexec_command
+from executorkit.launchers.local import mpiexec_command
 
 T = 120
-HAVE_MPI = find_mpiexec() is not None and importlib.util.find_spec("mpi4py") is not None
-pytestmark = [pytest.mark.mpi,
-              pytest.mark.skipif(not HAVE_MPI, reason="needs mpiexec and mpi4py "
-                                 "(pip install mpich mpi4py)")]
+HAVE_MPI = capabilities.missing("mpi") is None
+pytestmark = [pytest.mark.mpi, capabilities.skip_unless("mpi")]
 
 MPI_MODES = {
     "per-task": ({"max_cores": 2}, {"cores": 2}),
@@ -86,3 +83,20 @@ def test_mpiexec_command_is_built_per_flavor():
     assert cmd[-2:] == ("-m", "executorkit.worker.mpi")
     cmd = mpiexec_command(2, mpiexec="mpiexec", flavor="mpich", oversubscribe=True)
     assert "--oversubscribe" not in cmd
+
+
+def test_mpich_ranks_of_a_local_call_listen_on_loopback_only():
+    with SingleNodeExecutor(max_cores=2) as exe:
+        per_rank = exe.submit(tf.mpi_listening_addresses,
+                              resource_dict={"cores": 2}).result(timeout=T)
+    assert len(per_rank) == 2
+    for addresses in per_rank:
+        assert all(ip.startswith("127.") or ip == "::1" for ip in addresses), per_rank
+
+
+def test_mpich_command_keeps_the_transports_on_loopback():
+    cmd = mpiexec_command(2, mpiexec="mpiexec", flavor="mpich")
+    text = " ".join(cmd)
+    assert "-iface lo" in text and "-genv UCX_NET_DEVICES lo" in text
+    assert "-genv FI_TCP_IFACE lo" in text
+    assert "UCX_NET_DEVICES" not in " ".join(mpiexec_command(2, mpiexec="m", flavor="openmpi"))

@@ -34,36 +34,57 @@ def _stream_text(cell: nbformat.NotebookNode) -> str:
 
 def _skip_without_backend(name: str) -> None:
     """Notebooks about a backend skip, with the reason, where that backend is missing."""
-    if name.startswith("slurm"):
-        from test_slurm import NO_SLURM
+    import capabilities
 
-        if NO_SLURM is not None:
-            pytest.skip(f"{name} needs a Slurm cluster: {NO_SLURM}")
-    if name.startswith("mpi"):
-        from test_mpi import HAVE_MPI
+    for backend in ("slurm", "mpi"):
+        if name.startswith(backend):
+            capabilities.require(backend)
 
-        if not HAVE_MPI:
-            pytest.skip(f"{name} needs mpiexec and mpi4py")
+
+def skip_without_backend(name: str) -> None:
+    _skip_without_backend(name)
+
+
+class NotebookRuns:
+    """Each notebook executed at most once per test session (the docs build renders the
+    same run's outputs): ``run(path)`` -> the executed notebook, or the failure text."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.done: dict[Path, tuple[nbformat.NotebookNode, str | None]] = {}
+
+    def run(self, path: Path) -> tuple[nbformat.NotebookNode, str | None]:
+        if path not in self.done:
+            self.done[path] = self._execute(path)
+        return self.done[path]
+
+    def _execute(self, path: Path) -> tuple[nbformat.NotebookNode, str | None]:
+        from nbclient import NotebookClient
+        from nbclient.exceptions import CellExecutionError
+
+        cwd = self.workdir / path.stem
+        cwd.mkdir()
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(
+            nb,
+            timeout=CELL_TIMEOUT,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(cwd)}},  # the kernel's working directory
+        )
+        try:
+            client.execute()
+        except CellExecutionError as exc:
+            return nb, str(exc)
+        return nb, None
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
-def test_notebook_runs(path: Path, tmp_path: Path) -> None:
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
-
+def test_notebook_runs(path: Path, notebook_runs: NotebookRuns) -> None:
     _skip_without_backend(path.name)
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb,
-        timeout=CELL_TIMEOUT,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}},  # the kernel's working directory
-    )
-    try:
-        client.execute()
-    except CellExecutionError as exc:
-        pytest.fail(f"notebook {path.name} failed:\n{exc}", pytrace=False)
+    nb, failure = notebook_runs.run(path)
+    if failure is not None:
+        pytest.fail(f"notebook {path.name} failed:\n{failure}", pytrace=False)
 
     for index, cell in enumerate(nb.cells):
         expected = cell.get("metadata", {}).get("executorkit", {}).get("expected_output", [])

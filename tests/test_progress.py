@@ -31,7 +31,7 @@ def test_counts_without_a_bar(tmp_path):
         from conftest import wait_until
 
         wait_until(lambda: tf.started(str(tmp_path), "c"))
-        counts = exe.info()
+        counts = exe.info
         assert counts["running"] == 1 and counts["waiting"] == 1
         assert counts["submitted"] == 2
         tf.release(str(tmp_path), "c")

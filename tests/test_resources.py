@@ -21,7 +21,8 @@ from executorkit.resources import KEYS, Capabilities, Resources, merge, parse
 ALL_KEYS = {
     "cores", "threads_per_core", "gpus_per_core", "cwd", "env", "cache_key",
     "cache_directory", "num_nodes", "exclusive", "error_log_file", "run_time_max",
-    "priority", "slurm_cmd_args",
+    "priority", "slurm_cmd_args", "max_retries", "retry_escalation", "retry_on",
+    "submission_template",
 }
 
 
@@ -211,7 +212,7 @@ def test_single_string_slurm_args_explains_the_fix() -> None:
 
 
 def test_cache_key_path_traversal_rejected() -> None:
-    for bad in ("../x", "a/b", ".hidden", "x" * 201, "sp ace"):
+    for bad in ("../x", "a/../b", "/abs", ".hidden", "x" * 201, "sp ace"):
         with raises_resource_error("cache_key"):
             parse({"cache_key": bad})
 
@@ -407,3 +408,22 @@ def test_check_uses_merged_defaults() -> None:
 def test_capabilities_unsupported_is_a_mapping() -> None:
     assert isinstance(caps().unsupported, Mapping)
     assert dict(caps().unsupported) == {}
+
+
+@pytest.mark.parametrize("seconds", [1e300, 366 * 86400, math.inf, 0])
+def test_run_time_max_beyond_a_year_is_rejected(seconds: float) -> None:
+    with raises_resource_error("run_time_max") as info:
+        parse({"run_time_max": seconds})
+    assert "365 days" in str(info.value) and "31536000" in info.value.allowed
+
+
+def test_run_time_max_of_30_days_is_accepted() -> None:
+    assert parse({"run_time_max": 30 * 86400}).run_time_max == 30 * 86400.0
+
+
+@pytest.mark.parametrize("env", [{"GOOD": "x", "BAD": "a\0b"}, {"BAD\0": "x"}])
+def test_env_with_a_nul_byte_is_rejected_naming_the_variable(env: dict) -> None:
+    with raises_resource_error("env") as info:
+        parse({"env": env})
+    assert "BAD" in str(info.value) and "NUL" in str(info.value)
+    assert "GOOD" not in str(info.value)

@@ -6,10 +6,10 @@ import os
 import socket
 import struct
 
+import capabilities
 import pytest
 import taskfuncs as tf
 from conftest import wait_until
-from test_mpi import HAVE_MPI
 
 from executorkit import SingleNodeExecutor
 from executorkit.errors import ExecutorBrokenError, WorkerDiedError
@@ -86,7 +86,7 @@ def test_block_calls_go_to_idle_workers(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(not HAVE_MPI, reason="needs mpiexec and mpi4py")
+@capabilities.skip_unless("mpi")
 def test_mpi_exceptions_are_not_worker_crashes():
     with SingleNodeExecutor(max_cores=2, block_allocation=True, restart_limit=0,
                             resource_dict={"cores": 2}) as exe:
@@ -108,3 +108,42 @@ def test_unauthenticated_peers_cannot_send_large_frames():
                 closed = True
             assert closed  # dropped before 10 MB were buffered
         assert exe.submit(tf.inc, 1).result(timeout=T) == 2
+
+
+SUBMIT_AT_EXIT = '''
+import atexit, operator, sys
+{early}
+from executorkit import SingleNodeExecutor
+
+exe = SingleNodeExecutor(max_workers=1, block_allocation={block})
+assert exe.submit(operator.add, 1, 1).result(timeout=60) == 2
+
+def submit_at_exit():
+    try:
+        exe.submit(operator.add, 1, 2)
+    except BaseException as exc:
+        print("RAISED", type(exc).__name__, exc, flush=True)
+    else:
+        print("NO ERROR", flush=True)
+
+atexit.register(submit_at_exit)
+'''
+
+
+@pytest.mark.parametrize("block", [False, True])
+@pytest.mark.parametrize("registered", ["before-import", "after-executor"])
+def test_submit_after_interpreter_shutdown_raises_the_stdlib_error(tmp_path, block, registered):
+    """Like the stdlib pools: from an atexit hook, submit raises RuntimeError, whichever
+    order the hooks run in (ours registered before or after the user's)."""
+    import subprocess
+    import sys
+
+    early = "atexit.register(lambda: submit_at_exit())" if registered == "before-import" else ""
+    script = SUBMIT_AT_EXIT.format(early=early, block=block)
+    if registered == "before-import":
+        script = script.replace("\natexit.register(submit_at_exit)\n", "\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, check=False)
+    assert ("RAISED RuntimeError cannot schedule new futures after interpreter shutdown"
+            in proc.stdout), proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr

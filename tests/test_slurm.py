@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
+import capabilities
 import pytest
 
 from executorkit.errors import ResourceError
@@ -17,21 +17,8 @@ from executorkit.resources import parse
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _slurm_up() -> str | None:
-    if shutil.which("salloc") is None:
-        return "salloc not found (Slurm not installed)"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                             timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"sinfo failed: {exc}"
-    states = out.stdout.split()
-    if out.returncode != 0 or not any(s in ("idle", "mix", "alloc") for s in states):
-        return f"no usable Slurm node (sinfo: {out.stdout.strip() or out.stderr.strip()})"
-    return None
-
-
-NO_SLURM = _slurm_up()
+NO_SLURM = capabilities.missing("slurm")
+needs_slurm = capabilities.skip_unless("slurm")
 
 
 def run_scenario(name: str, ntasks: int = 4) -> dict:
@@ -82,7 +69,7 @@ def test_outside_an_allocation_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+@needs_slurm
 def test_steps_run_side_by_side():
     out = run_scenario("concurrent_steps")
     assert out["pool"] == 4
@@ -92,7 +79,7 @@ def test_steps_run_side_by_side():
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+@needs_slurm
 def test_mpi_through_srun():
     out = run_scenario("mpi")
     assert out["ranks"] == [[0, 2], [1, 2]]
@@ -100,7 +87,7 @@ def test_mpi_through_srun():
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+@needs_slurm
 def test_errors_and_time_limit_in_steps():
     out = run_scenario("errors")
     assert "run_time_max" in out["timeout"]
@@ -110,7 +97,7 @@ def test_errors_and_time_limit_in_steps():
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+@needs_slurm
 def test_block_allocation_workers_are_steps():
     out = run_scenario("block")
     assert out["ok"] is True
@@ -118,7 +105,7 @@ def test_block_allocation_workers_are_steps():
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+@needs_slurm
 def test_cancel_stops_the_step():
     out = run_scenario("cancel")
     assert out == {"cancelled": True, "after": 3}
@@ -136,7 +123,7 @@ def test_srun_keeps_small_calls_on_one_node_and_overlaps_when_nested():
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+@needs_slurm
 def test_nested_job_executors_use_their_step_and_do_not_deadlock():
     out = run_scenario("nested", ntasks=2)
     assert out["results"] == [[1, [1, 2]], [1, [1, 2]]]

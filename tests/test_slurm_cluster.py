@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 
+import capabilities
 import pytest
 import taskfuncs as tf
 from conftest import wait_until
-from test_slurm import NO_SLURM
 
 from executorkit import SlurmClusterExecutor, get_cache_data, terminate_tasks_in_cache
 from executorkit.errors import DependencyError
@@ -21,7 +21,7 @@ from executorkit.resources import parse
 HERE = os.path.dirname(os.path.abspath(__file__))
 T = 180
 pytestmark = pytest.mark.slurm
-needs_slurm = pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+needs_slurm = capabilities.skip_unless("slurm")
 
 
 def _gated(exe: SlurmClusterExecutor, d: str, name: str):

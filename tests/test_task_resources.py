@@ -221,3 +221,19 @@ def test_gpus_are_detected_from_the_vendor_tool(tmp_path, monkeypatch):
     assert gpu_pool(None) == (0, 1)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert gpu_pool(None) == (3,)  # what this process was given wins
+
+
+def test_run_time_max_of_30_days_keeps_the_executor_working(make_executor):
+    """A timer longer than epoll's ~24.8-day limit must not crash the engine's loop."""
+    exe = make_executor(max_workers=1)
+    month = {"run_time_max": 30 * 86400}
+    assert exe.submit(tf.inc, 1, resource_dict=month).result(timeout=T) == 2
+    assert exe.submit(tf.inc, 2).result(timeout=T) == 3
+
+
+def test_env_with_a_nul_byte_is_rejected_at_submit(make_executor):
+    exe = make_executor(max_workers=1)
+    with pytest.raises(ResourceError, match=r"'BAD'.*NUL") as info:
+        exe.submit(tf.inc, 1, resource_dict={"env": {"BAD": "a\0b"}})
+    assert info.value.key == "env"
+    assert exe.submit(tf.inc, 2).result(timeout=T) == 3

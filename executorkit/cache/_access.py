@@ -24,7 +24,7 @@ from executorkit.cache._store import (
 )
 from executorkit.errors import RemoteError, RemoteTraceback, ResourceError, SerializationError
 
-__all__ = ["clear_cache", "get_future_from_cache", "stored_exception"]
+__all__ = ["clear_cache", "get_future_from_cache", "remove_stale_temporaries", "stored_exception"]
 
 # A temporary file is left over from a killed writer when nothing has touched it for a while
 # and its writer is gone.  The writer's pid is only meaningful on this host, so files whose
@@ -35,10 +35,12 @@ _TMP_IDLE_ANY_WRITER = 3600.0
 
 
 def get_future_from_cache(cache_directory: str | os.PathLike[str], cache_key: str) -> Future[Any]:
-    """A finished future holding the stored result (or exception) of ``cache_key``.
+    """A finished future holding the stored result of ``cache_key``.
 
-    Raises KeyError if the directory has no such entry, and SerializationError if the entry
-    cannot be read or unpickled.
+    Raises :class:`~executorkit.errors.CacheMissError` (a ``FileNotFoundError`` and a
+    ``KeyError``) if the directory has no such entry, the recorded exception itself if the
+    entry is of a failed call (as executorlib does; its worker traceback is the
+    ``__cause__``), and SerializationError if the entry cannot be read or unpickled.
     """
     path = entry_path(cache_directory, cache_key)
     try:
@@ -46,11 +48,10 @@ def get_future_from_cache(cache_directory: str | os.PathLike[str], cache_key: st
     except CorruptEntryError as exc:
         raise SerializationError(f"cache entry {cache_key!r} in {path} is unreadable: {exc}") \
             from exc
+    if record.status != "done":
+        raise stored_exception(record, path)
     future: Future[Any] = Future()
-    if record.status == "done":
-        future.set_result(_unpickle(record.output, "output", path))
-    else:
-        future.set_exception(stored_exception(record, path))
+    future.set_result(_unpickle(record.output, "output", path))
     return future
 
 
@@ -86,7 +87,9 @@ def clear_cache(
     Filters combine: ``status`` ("done" or "failed"), ``function`` (the stored function name,
     either fully qualified like ``"mymod.f"`` or its last part ``"f"``), ``before`` (entries
     that finished before this epoch time).  Without any filter every entry goes, together with
-    ``.corrupt`` files and temporary files left behind by killed writers (not counted).
+    ``.corrupt`` files.  Temporary files left behind by killed writers go in either case
+    (not counted), once stale: untouched for a minute with their writer's pid gone from this
+    host, or for an hour (their writer may be on another node).
     Unreadable entries never match a filter; they are reported with a warning.
     """
     if status is not None and status not in STATUSES:
@@ -102,8 +105,7 @@ def clear_cache(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 removed += 1
-    if unfiltered:
-        _remove_debris(os.fspath(cache_directory))
+    _remove_debris(os.fspath(cache_directory), corrupt=unfiltered)
     return removed
 
 
@@ -124,7 +126,13 @@ def _matches(path: str, status: str | None, function: str | None, before: float 
     )
 
 
-def _remove_debris(directory: str) -> None:
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> None:
+    """Delete the temporary files of writers that were killed mid-write (never read: they
+    are not entries). Run when an executor opens a cache directory and by clear_cache."""
+    _remove_debris(os.fspath(directory), corrupt=False)
+
+
+def _remove_debris(directory: str, *, corrupt: bool) -> None:
     try:
         names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
@@ -132,7 +140,7 @@ def _remove_debris(directory: str) -> None:
     now = time.time()
     for name in names:
         path = os.path.join(directory, name)
-        if name.endswith(CORRUPT_SUFFIX) or _is_stale_tmp(name, path, now):
+        if (corrupt and name.endswith(CORRUPT_SUFFIX)) or _is_stale_tmp(name, path, now):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 

@@ -11,11 +11,20 @@ computed once the inputs are known, from their values.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import pickle
+import socket
+import time
+import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any, Protocol
 
+import cloudpickle
+
 from executorkit.cache._keys import compute_key
+from executorkit.errors import TaskTimeoutError, WorkerDiedError
 from executorkit.transport import CacheSpec
 
 if TYPE_CHECKING:
@@ -41,6 +50,9 @@ class _Call(Protocol):
     cache_spec: CacheSpec | None
 
 
+log = logging.getLogger("executorkit")
+
+
 class _NoKeyYet(Exception):
     """An input future has no cache key: hash its value once it is known."""
 
@@ -64,9 +76,11 @@ class CacheHook:
     def _store(self, directory: str) -> CacheStore:
         store = self._stores.get(directory)
         if store is None:
+            from executorkit.cache._access import remove_stale_temporaries
             from executorkit.cache._store import CacheStore
 
             store = self._stores[directory] = CacheStore(directory)
+            remove_stale_temporaries(directory)  # once per directory and executor
         return store
 
     def _key(self, task: _Call) -> str:
@@ -95,15 +109,82 @@ class CacheHook:
             return True
         return self._lookup(task, directory, self._key(task))
 
+    def attempt_ended(self, task: Any, exc: BaseException, *, final: bool) -> None:
+        """A running attempt failed (``final``: and will not run again): keep it."""
+        if task.cache_spec is not None:
+            _Attempts.ended(self._store(task.cache_spec.directory), task, exc, final=final)
+
     def _lookup(self, task: _Call, directory: str, key: str) -> bool:
         task.key = key
         hit, value = self._store(directory).lookup(key)
+        if hit and not _still_valid(value):
+            hit = False  # e.g. a program's declared output files were removed since
         if hit:
             with contextlib.suppress(InvalidStateError):  # cancelled by the user meanwhile
                 task.future.set_result(value)
             return False
+        if "/" in key:  # a user's "subdir/name": the worker keeps <key>.out there too
+            os.makedirs(os.path.dirname(os.path.join(directory, key)), exist_ok=True)
         task.cache_spec = CacheSpec(directory, key, _name(task.fn), task.res.as_dict())
         return True
+
+
+class _Attempts:
+    """Every attempt of a call is kept in the cache, not only the last: ``<key>.h5`` holds
+    the final outcome, ``<key>.attempt-<n>.h5`` the earlier failed attempts. Attempts whose
+    process never wrote a record (killed, timed out, cancelled while running) are recorded
+    here, in the driver, with what it knows."""
+
+    @staticmethod
+    def ended(store: CacheStore, task: Any, exc: BaseException, *, final: bool) -> None:
+        spec = task.cache_spec
+        if spec is None or task.started is None:
+            return
+        n = len(task.failures or ()) or 1
+        worker_wrote = not isinstance(exc, (WorkerDiedError, TaskTimeoutError, CancelledError))
+        if not final:
+            target = f"{spec.key}.attempt-{n}"
+            if worker_wrote:
+                with contextlib.suppress(OSError):
+                    os.replace(store.path(spec.key), store.path(target))
+                return
+        elif worker_wrote:
+            return  # the worker's record of the last attempt is the final one
+        else:
+            target = spec.key
+        try:
+            store.write(_driver_record(target, spec, task, exc))
+        except Exception as err:  # the campaign record is a courtesy; never fail the task
+            log.warning("could not record attempt %d of task %d in %s: %s", n, task.id,
+                        spec.directory, err)
+
+
+def _driver_record(key: str, spec: CacheSpec, task: Any, exc: BaseException) -> Any:
+    from executorkit.cache._store import CacheRecord
+
+    fn_blob, args_blob = task.payload or (b"", pickle.dumps(((), {})))
+    try:
+        args, kwargs = pickle.loads(args_blob)
+        args_bytes, kwargs_bytes = cloudpickle.dumps(args), cloudpickle.dumps(kwargs)
+    except Exception:
+        args_bytes, kwargs_bytes = args_blob, cloudpickle.dumps({})
+    try:
+        error: bytes | None = cloudpickle.dumps(exc)
+    except Exception:
+        error = None
+    worker = task.worker
+    text = "".join(traceback.format_exception_only(type(exc), exc))
+    return CacheRecord(
+        key=key, function_name=spec.function_name, function=fn_blob, args=args_bytes,
+        kwargs=kwargs_bytes, resource_dict=task.res.as_dict(), status="failed", output=None,
+        error=error, error_text=text, started=task.started or time.time(),
+        finished=time.time(), hostname=getattr(worker, "host", None) or socket.gethostname(),
+        pid=getattr(worker, "pid", None) or 0)
+
+
+def _still_valid(value: Any) -> bool:
+    check = getattr(type(value), "__executorkit_cache_valid__", None)
+    return check is None or bool(check(value))
 
 
 def _name(fn: Any) -> str:

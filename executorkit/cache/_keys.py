@@ -8,7 +8,9 @@ What the function identity covers
     module, qualname and the code (bytecode, constants, names, argument counts, flags,
     recursively for nested code), defaults, closure cells, and the referenced module
     globals: plain data by value, functions by their own identity, modules by name, classes
-    by module, qualname and method code, anything else by its type name only.  Source
+    by module, qualname and method code, instances of user classes by class and attributes,
+    anything else by its type name only.  Attributes of user modules the code names (a
+    module global, or a module imported in the body) are keyed like globals.  Source
     positions (file name, line numbers) are never hashed, so the same source gives the same
     key in a notebook, a script and a fresh session.  Functions that live in the standard
     library or in site-packages are identified by module and qualname only when they are
@@ -16,10 +18,13 @@ What the function identity covers
     running session, and recursing into a library's call graph would cost more than the task.
 
 What the argument encoding covers
-    builtin scalars, strings and containers (dicts and sets independent of insertion and hash
-    order), ranges, enums, dataclasses, numpy arrays and scalars, paths, callables, and
+    builtin scalars, strings and containers (dicts in insertion order, sets independent of
+    hash order, keyword arguments independent of their order), ranges, enums, dataclasses,
+    numpy arrays and scalars, paths, callables, and
     ``concurrent.futures.Future`` objects, which contribute the key of the task producing
-    them (``future_key``), so keys chain like a Merkle tree.
+    them (``future_key``), so keys chain like a Merkle tree. An object whose class defines
+    ``__executorkit_cache_state__()`` is keyed by its type and what that returns (a
+    Command call adds the contents of its input files).
 
 Fallback
     Any other object is pickled (``pickle`` protocol 5, then ``cloudpickle``) and the bytes
@@ -30,8 +35,8 @@ Fallback
     Note that objects pickled by reference (instances of a class) are identified by the
     class's name and their state, not by the code of the class.
 
-Keys never depend on ``hash()``, ``id()`` or dict insertion order, so they are identical
-across processes with different ``PYTHONHASHSEED``.
+Keys never depend on ``hash()`` or ``id()``, so they are identical across processes with
+different ``PYTHONHASHSEED``.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ __all__ = ["FutureKey", "compute_key", "validate_cache_key"]
 FutureKey = Callable[["Future[Any]"], str]
 
 # Bumped whenever the encoding changes, so old and new keys can never collide.
-_FORMAT = b"executorkit-cache-key-v1\0"
+_FORMAT = b"executorkit-cache-key-v2\0"
 _USER_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _NAME_JUNK = re.compile(r"[^A-Za-z0-9_]")
 _SAFE_NAME_MAX = 40
@@ -90,20 +95,28 @@ class _CycleError(Exception):
 
 
 def validate_cache_key(key: str) -> str:
-    """Return ``key`` if it is usable as a user-given ``cache_key``, else raise ResourceError."""
-    if isinstance(key, str) and _USER_KEY.fullmatch(key):
+    """Return ``key`` if it is usable as a user-given ``cache_key``, else raise ResourceError.
+
+    ``"name"`` or, to file the entry in a sub-directory of the cache, ``"subdir/name"``.
+    """
+    if isinstance(key, str) and len(key) <= 200 and \
+            all(_USER_KEY.fullmatch(part) for part in key.split("/")):
         return key
     raise ResourceError(
         f"cache_key {key!r} is invalid: it must be 1 to 200 characters from A-Z, a-z, 0-9, "
-        "'.', '_' and '-', starting with a letter or digit",
+        "'.', '_' and '-', starting with a letter or digit; '/' separates sub-directories "
+        "(each part follows the same rules: no '..', no absolute paths)",
         key="cache_key",
-        allowed="1-200 characters of [A-Za-z0-9._-], starting with [A-Za-z0-9]",
+        allowed="[A-Za-z0-9][A-Za-z0-9._-]*, optionally joined by '/', 200 at most",
     )
 
 
 # The function's part of a key costs more than a cache hit; it only changes when the
-# function or something it captured changes, which FunctionMemo detects.
-_function_digests = FunctionMemo()
+# function or something it captured changes, which FunctionMemo detects (including the
+# attributes of user modules it reads, which a reload replaces).
+_function_digests = FunctionMemo(
+    also_captured=lambda fn: [value for _, _, value in module_attributes_read(fn)]
+)
 
 
 def compute_key(
@@ -279,7 +292,8 @@ class _Encoder:
             ) from None
 
     def encode_dict(self, mapping: dict[Any, Any], out: Any, label: str | None = None) -> None:
-        """Encode a dict independently of its insertion order."""
+        """Encode a dict independently of its insertion order (keyword arguments: their
+        order never reaches the function as a difference a parameter can see)."""
         pair_digests = []
         for key, value in mapping.items():
             pair = hashlib.sha256()
@@ -332,9 +346,14 @@ class _Encoder:
         for digest in sorted(digests):
             out.update(digest)
 
-    def _dict(self, obj: Any, out: Any) -> None:
+    def _ordered_dict(self, obj: Any, out: Any) -> None:
+        # Insertion order is part of a dict's value (list(d), json.dumps(d) and iteration
+        # see it), so it is part of the key; it does not depend on PYTHONHASHSEED.
         with self._visiting(obj):
-            self.encode_dict(obj, out)
+            out.update(b"o" + _u64(len(obj)))
+            for key, value in obj.items():
+                self.encode(key, out)
+                self.encode(value, out)
 
     def _visiting(self, obj: object) -> _Visit:
         return _Visit(self._containers, obj)
@@ -350,6 +369,14 @@ class _Encoder:
         _put_str(out, _type_name(type(member)))
         _put_str(out, member.name)
         self.encode(member.value, out)
+
+    def _custom_state(self, obj: Any, out: Any) -> None:
+        # Objects that define their own cache state (a Command call: its input files'
+        # contents) are keyed by their type and that state.
+        with self._visiting(obj):
+            out.update(b"C")
+            _put_str(out, _type_name(type(obj)))
+            self.encode(obj.__executorkit_cache_state__(), out)
 
     def _dataclass(self, obj: Any, out: Any) -> None:
         with self._visiting(obj):
@@ -504,11 +531,18 @@ class _Encoder:
 
     def _globals(self, fn: types.FunctionType, out: Any) -> None:
         namespace = fn.__globals__
-        names = sorted(name for name in _referenced_names(fn.__code__) if name in namespace)
+        referenced = _referenced_names(fn.__code__)
+        names = sorted(name for name in referenced if name in namespace)
         out.update(b"g" + _u64(len(names)))
         for name in names:
             _put_str(out, name)
             out.update(self._global_digest(namespace[name]))
+        attributes = module_attributes_read(fn, referenced)
+        out.update(b"a" + _u64(len(attributes)))
+        for module_name, attribute, value in attributes:
+            _put_str(out, module_name)
+            _put_str(out, attribute)
+            out.update(self._global_digest(value))
 
     def _global_digest(self, value: object) -> bytes:
         out = hashlib.sha256()
@@ -530,7 +564,10 @@ class _Encoder:
         data = hashlib.sha256()
         saved, self._strict = self._strict, True
         try:
-            self.encode(value, data)
+            if _is_user_instance(value):
+                self._user_instance(value, data)
+            else:
+                self.encode(value, data)
         except (_NotEncodable, _CycleError, RecursionError, SerializationError):
             out.update(b"T")
             _put_str(out, _type_name(type(value)))
@@ -538,6 +575,17 @@ class _Encoder:
         finally:
             self._strict = saved
         out.update(b"V" + data.digest())
+
+    def _user_instance(self, value: Any, out: Any) -> None:
+        """An instance of a class defined in user code, reached as a global: its class (with
+        the code of its methods) and its attributes, when those are plain data."""
+        with self._visiting(value):
+            self._class_identity(type(value), out)
+            state = vars(value)
+            out.update(b"I" + _u64(len(state)))
+            for name in sorted(state):
+                _put_str(out, name)
+                self.encode(state[name], out)
 
     def _code(self, code: types.CodeType, out: Any) -> None:
         out.update(b"C")
@@ -584,13 +632,56 @@ def _name_digest(tag: bytes, fn: Any) -> bytes:
     return out.digest()
 
 
-def _referenced_names(code: types.CodeType) -> set[str]:
+def module_attributes_read(
+    fn: types.FunctionType, referenced: frozenset[str] | None = None
+) -> list[tuple[str, str, Any]]:
+    """``(module, attribute, value)`` for what ``fn`` may read from user modules: modules it
+    holds as globals (``helpmod.g(x)``) or imports in its body (``import helpmod`` or
+    ``from helpmod import g`` inside the function), sorted.
+
+    A name counts when the function's code mentions it anywhere; an unrelated name that
+    happens to match can only cause a spurious miss. Installed modules (standard library,
+    site-packages) are left out, like installed functions.
+    """
+    if referenced is None:
+        referenced = _referenced_names(fn.__code__)
+    namespace = fn.__globals__
+    modules: dict[str, types.ModuleType] = {}
+    for name in referenced:
+        module = namespace.get(name)
+        if not isinstance(module, types.ModuleType):
+            module = sys.modules.get(name)  # imported in the body (IMPORT_NAME)
+        if isinstance(module, types.ModuleType) and not _is_installed(module.__name__):
+            modules[module.__name__] = module
+    found = []
+    for module_name in sorted(modules):
+        attributes = vars(modules[module_name])
+        found += [(module_name, name, attributes[name])
+                  for name in sorted(referenced & attributes.keys())
+                  if not name.startswith("__")]
+    return found
+
+
+def _is_user_instance(value: object) -> bool:
+    cls = type(value)
+    return (
+        hasattr(value, "__dict__")
+        and not isinstance(value, (type, types.ModuleType, types.FunctionType))
+        and type(cls) is type
+        and not _is_installed(cls.__module__)
+        and not dataclasses.is_dataclass(value)
+        and _special_writer(value) is None
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _referenced_names(code: types.CodeType) -> frozenset[str]:
     # Nested functions and comprehensions reach globals through their own code objects.
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _referenced_names(const)
-    return names
+    return frozenset(names)
 
 
 def _dtype_text(dtype: Any) -> str:
@@ -661,7 +752,7 @@ _EXACT_WRITERS: dict[type, Callable[[_Encoder, Any, Any], None]] = {
     range: _write_range,
     list: lambda enc, value, out: enc._sequence(b"l", value, value, out),
     tuple: lambda enc, value, out: enc._sequence(b"t", value, value, out),
-    dict: lambda enc, value, out: enc._dict(value, out),
+    dict: lambda enc, value, out: enc._ordered_dict(value, out),
     set: lambda enc, value, out: enc._unordered(b"S", value, value, out),
     frozenset: lambda enc, value, out: enc._unordered(b"Z", value, value, out),
 }
@@ -674,7 +765,15 @@ _SPECIAL_WRITERS: list[tuple[Callable[[object], bool], Callable[[_Encoder, Any, 
     (lambda obj: isinstance(obj, types.ModuleType), _Encoder._module),
     (_is_numpy_array, _Encoder._numpy_array),
     (_is_numpy_scalar, _Encoder._numpy_scalar),
+    (lambda obj: hasattr(type(obj), "__executorkit_cache_state__"), _Encoder._custom_state),
     (_is_dataclass_instance, _Encoder._dataclass),
     (lambda obj: isinstance(obj, pathlib.PurePath), _Encoder._path),
     (lambda obj: _stateless_subclass_base(obj) is not None, _Encoder._stateless_subclass),
 ]
+
+
+def _special_writer(value: object) -> Any:
+    for predicate, writer in _SPECIAL_WRITERS:
+        if predicate(value):
+            return writer
+    return None

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from executorkit.errors import ResourceError, SerializationError
+from executorkit.errors import CacheMissError, ResourceError, SerializationError
 
 __all__ = ["CacheCorruptionWarning", "CacheRecord", "CacheStore", "CorruptEntryError"]
 
@@ -54,6 +54,7 @@ STATUSES = ("done", "failed")
 # Keys from compute_key may start with "_" (private function names); a leading "." is
 # reserved for temporary files.  200 characters leave room for the suffixes in 255 bytes.
 _STORE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
+_KEY_MAX = 200
 _META_TYPES: dict[str, type | tuple[type, ...]] = {
     "key": str,
     "function_name": str,
@@ -121,9 +122,10 @@ class CacheStore:
         """Store ``record`` atomically, replacing any older entry of the same key."""
         _check_record(record)
         final = self._file(record.key)
-        name = f".{record.key}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
-        tmp = os.path.join(self._dir, name)
-        os.makedirs(self._dir, exist_ok=True)  # the user may have removed the directory
+        folder, base = os.path.split(final)  # a key with '/' lives in a sub-directory
+        name = f".{base[:-len(SUFFIX)]}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        tmp = os.path.join(folder, name)
+        os.makedirs(folder, exist_ok=True)  # the user may have removed the directory
         try:
             _write_file(tmp, record)
             os.replace(tmp, final)
@@ -183,13 +185,19 @@ class CacheStore:
 
 
 def entry_path(directory: str | os.PathLike[str], key: str) -> str:
-    """Path of the cache file of ``key`` in ``directory``; ResourceError for a malformed key."""
-    if not isinstance(key, str) or not _STORE_KEY.fullmatch(key):
+    """Path of the cache file of ``key`` in ``directory``; ResourceError for a malformed key.
+
+    A key may name sub-directories (``"campaign/run-1"``): each ``/``-separated part follows
+    the rules of a key, so ``..``, absolute paths and empty parts are refused.
+    """
+    if not isinstance(key, str) or len(key) > _KEY_MAX or \
+            not all(_STORE_KEY.fullmatch(part) for part in key.split("/")):
         raise ResourceError(
             f"cache key {key!r} is invalid: use 1 to 200 characters of A-Z, a-z, 0-9, "
-            "'.', '_' and '-', not starting with '.' or '-'",
+            "'.', '_' and '-', not starting with '.' or '-' (a '/' may separate "
+            "sub-directories, each following the same rules)",
             key="cache_key",
-            allowed="[A-Za-z0-9_][A-Za-z0-9._-]{0,199}",
+            allowed="[A-Za-z0-9_][A-Za-z0-9._-]*, optionally joined by '/', 200 at most",
         )
     return os.path.join(directory, key + SUFFIX)
 
@@ -211,7 +219,8 @@ def read_record(
     try:
         return _read_record(path, load_output, load_inputs)
     except FileNotFoundError:
-        raise KeyError(f"no cache entry {missing or path!r} in {os.path.dirname(path)}") from None
+        raise CacheMissError(f"no cache entry {missing or path!r} in "
+                             f"{os.path.dirname(path)}") from None
     except (MemoryError, CorruptEntryError):
         raise
     except Exception as exc:
@@ -221,13 +230,22 @@ def read_record(
 
 
 def entry_files(directory: str | os.PathLike[str]) -> list[str]:
-    """Paths of the entries (``<key>.h5``) in ``directory``, sorted; [] if it does not exist."""
-    try:
-        with os.scandir(directory) as scan:
-            names = [entry.name for entry in scan if is_entry_name(entry.name)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return [os.path.join(directory, name) for name in sorted(names)]
+    """Paths of the entries (``<key>.h5``) in ``directory`` and its sub-directories (keys
+    with a ``/``), sorted; [] if it does not exist."""
+    found: list[str] = []
+    pending = [os.fspath(directory)]
+    while pending:
+        here = pending.pop()
+        try:
+            with os.scandir(here) as scan:
+                for entry in scan:
+                    if is_entry_name(entry.name):
+                        found.append(entry.path)
+                    elif not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return sorted(found)
 
 
 def is_entry_name(name: str) -> bool:
@@ -239,8 +257,7 @@ def is_entry_name(name: str) -> bool:
 
 
 def _check_record(record: CacheRecord) -> None:
-    if not isinstance(record.key, str) or not _STORE_KEY.fullmatch(record.key):
-        raise ResourceError(f"cache key {record.key!r} is invalid", key="cache_key")
+    entry_path("", record.key)  # raises ResourceError for a malformed key
     if record.status not in STATUSES:
         raise ValueError(f"status must be 'done' or 'failed', got {record.status!r}")
     if record.status == "done" and record.output is None:
@@ -275,40 +292,63 @@ def _write_file(path: str, record: CacheRecord) -> None:
     }
     fid = hdf5.h5f.create(os.fsencode(path), hdf5.h5f.ACC_EXCL, fcpl=hdf5.fcpl,
                           fapl=hdf5.fapl)
-    offset = None
+    offsets: dict[str, int | None] = {}
     with hdf5.h5py.File(fid) as handle:
         handle.attrs["format"] = hdf5.np.int64(FORMAT_VERSION)
         for name, data in datasets.items():
             if data is not None:
                 dset = handle.create_dataset(name, data=hdf5.np.frombuffer(data, dtype="u1"))
-                if name == "output":
-                    offset = dset.id.get_offset()
+                offsets[name] = dset.id.get_offset()
         handle.attrs["complete"] = hdf5.np.int8(1)  # last: see the module docstring
-    _write_header(path, done, offset, record.output if done else None)
+    _write_header(path, done, offsets, datasets)
 
 
 # The first USERBLOCK bytes of every file are HDF5's user block, which HDF5 itself ignores.
 # After the file is complete, a small header goes there: where the pickled output lies and
 # its digest. A hit then costs two plain reads instead of an HDF5 open. Any mismatch (no
 # header, a torn write, a digest that does not match) falls back to reading through HDF5.
+# Right after it, the listing extension says where the other datasets lie, with one digest
+# over them, so get_cache_data reads a file with plain reads too (files written before the
+# extension existed are listed through HDF5).
 USERBLOCK = 512
 _MAGIC = b"EKIT\x01"
 _HEADER = struct.Struct("<5sBQQ32sq")  # magic, done, offset, length, digest, mtime_ns
+_LISTED = ("meta", "function", "args", "kwargs", "error")
+_LISTING_MAGIC = b"EKIX\x01"
+_LISTING = struct.Struct("<5s" + "QQ" * len(_LISTED) + "32s")  # magic, (offset, length)*, digest
+assert _HEADER.size + _LISTING.size <= USERBLOCK
 
 
-def _write_header(path: str, done: bool, offset: int | None, output: bytes | None) -> None:
-    if done and (offset is None or output is None):
+def _write_header(path: str, done: bool, offsets: dict[str, int | None],
+                  datasets: dict[str, bytes | None]) -> None:
+    output = datasets["output"]
+    if done and (offsets.get("output") is None or output is None):
         return  # no contiguous output to point at: lookups use HDF5
     digest = hashlib.blake2b(output or b"", digest_size=32).digest()
     # The header vouches for the file as completed here: it carries the modification time
     # the file is then given, so any later change to the file (an in-place edit, say)
     # makes lookups read through HDF5 again.
     stamp = time.time_ns() // 1000 * 1000  # microseconds survive every file system we know
-    header = _HEADER.pack(_MAGIC, 1 if done else 0, offset or 0, len(output or b""), digest,
-                          stamp)
+    header = _HEADER.pack(_MAGIC, 1 if done else 0, offsets.get("output") or 0,
+                          len(output or b""), digest, stamp)
     with open(path, "r+b") as fh:
-        fh.write(header)
+        fh.write(header + _listing(offsets, datasets))
     os.utime(path, ns=(stamp, stamp))
+
+
+def _listing(offsets: dict[str, int | None], datasets: dict[str, bytes | None]) -> bytes:
+    """The listing extension, or b"" when a dataset has no contiguous place to point at."""
+    places: list[int] = []
+    digest = hashlib.blake2b(digest_size=32)
+    for name in _LISTED:
+        data = datasets[name]
+        offset = offsets.get(name)
+        if data is not None and data and offset is None:
+            return b""
+        # length + 1, so "absent" (0) differs from "present and empty" (1)
+        places += [offset or 0, 0 if data is None else len(data) + 1]
+        digest.update(data or b"")
+    return _LISTING.pack(_LISTING_MAGIC, *places, digest.digest())
 
 
 _NO_HEADER = object()
@@ -331,6 +371,59 @@ def _read_output_fast(path: str) -> Any:
     if len(data) != length or hashlib.blake2b(data, digest_size=32).digest() != digest:
         return _NO_HEADER
     return data
+
+
+def _read_record_fast(path: str, load_output: bool, load_inputs: bool) -> Any:
+    """The whole record through the header and its listing extension, with plain reads;
+    ``_NO_HEADER`` when either is absent or does not match (read through HDF5)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stat = os.fstat(fd)
+        # Entries are small: one read of the whole file is cheaper than a read per dataset.
+        whole = stat.st_size <= _READ_WHOLE
+        data = os.read(fd, stat.st_size if whole else _HEADER.size + _LISTING.size)
+        if len(data) < _HEADER.size + _LISTING.size:
+            return _NO_HEADER
+        magic, done, offset, length, out_digest, stamp = _HEADER.unpack_from(data)
+        listing = _LISTING.unpack_from(data, _HEADER.size)
+        if magic != _MAGIC or listing[0] != _LISTING_MAGIC or stat.st_mtime_ns != stamp:
+            return _NO_HEADER
+        view = memoryview(data) if whole else None
+        blobs = _listed_blobs(fd, view, listing[1:-1], listing[-1])
+        output = None
+        if blobs is not None and done and load_output:
+            output = bytes(view[offset:offset + length]) if view else os.pread(fd, length, offset)
+            if hashlib.blake2b(output, digest_size=32).digest() != out_digest:
+                return _NO_HEADER
+    finally:
+        os.close(fd)
+    if blobs is None:
+        return _NO_HEADER
+    meta = _checked_meta(json.loads(blobs.pop("meta") or b"null"))
+    if (meta["status"] == "done") != bool(done):
+        return _NO_HEADER
+    if not load_inputs:
+        blobs.update(function=b"", args=b"", kwargs=b"")
+    return CacheRecord(**meta, **blobs, output=output)
+
+
+_READ_WHOLE = 1 << 20
+
+
+def _listed_blobs(fd: int, view: memoryview | None, places: tuple[int, ...],
+                  digest: bytes) -> dict[str, Any] | None:
+    blobs: dict[str, Any] = {}
+    check = hashlib.blake2b(digest_size=32)
+    for index, name in enumerate(_LISTED):
+        offset, size = places[2 * index], places[2 * index + 1]
+        data = None
+        if size:
+            data = bytes(view[offset:offset + size - 1]) if view else os.pread(fd, size - 1, offset)
+            if len(data) != size - 1:
+                return None
+            check.update(data)
+        blobs[name] = data
+    return blobs if check.digest() == digest else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +481,9 @@ def _read_output(path: str) -> Any:
 
 
 def _read_record(path: str, load_output: bool, load_inputs: bool) -> CacheRecord:
+    record = _read_record_fast(path, load_output, load_inputs)
+    if record is not _NO_HEADER:
+        return record  # type: ignore[no-any-return]
     hdf5 = _hdf5()
     fid = hdf5.open(path)
     try:
@@ -406,7 +502,10 @@ def _read_record(path: str, load_output: bool, load_inputs: bool) -> CacheRecord
 
 
 def _read_meta(hdf5: _Hdf5, fid: Any) -> dict[str, Any]:
-    meta = json.loads(_dataset_bytes(hdf5, fid, b"meta"))
+    return _checked_meta(json.loads(_dataset_bytes(hdf5, fid, b"meta")))
+
+
+def _checked_meta(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CorruptEntryError("the metadata is not a JSON object")
     wrong = [name for name, kinds in _META_TYPES.items()

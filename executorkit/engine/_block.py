@@ -66,7 +66,7 @@ class _BlockPool:
         self.workers[w.id] = w
         self.slot_workers[slot] = w
         cpus, gpus = self._worker_slots(slot)
-        env = self._task_env(self.cfg.worker_res, len(cpus), gpus)
+        env = self._task_env(self.cfg.worker_res, len(cpus), gpus, slot)
         init = None
         if self.cfg.init_function is not None:
             init = cloudpickle.dumps(self.cfg.init_function)
@@ -142,7 +142,7 @@ class _BlockPool:
 
 
     def _init_failed(self, w: _Worker | None, info: ErrorInfo) -> None:
-        err = _error_from_info(info, "init_function")
+        err = _error_from_info(info, "init_function", self.cfg.init_function)
         broken = ExecutorBrokenError(f"init_function failed in a worker: {err}")
         broken.__cause__ = err
         self._break(broken)

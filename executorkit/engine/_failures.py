@@ -8,11 +8,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import linecache
 import logging
 import os
 import pickle
-import re
 import sys
 import time
 import traceback
@@ -20,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from executorkit._sources import fill_source_lines
 from executorkit.errors import (
     RemoteError,
     RemoteTraceback,
@@ -50,8 +49,7 @@ def _describe_unpicklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     return f"cannot submit {name}: the call cannot be pickled: {type(exc).__name__}: {exc}"
 
 
-
-def _error_from_info(info: ErrorInfo, name: str) -> BaseException:
+def _error_from_info(info: ErrorInfo, name: str, fn: Any = None) -> BaseException:
     exc: BaseException | None = None
     if info.exc is not None:
         with contextlib.suppress(Exception):
@@ -68,7 +66,7 @@ def _error_from_info(info: ErrorInfo, name: str) -> BaseException:
         err = RemoteError(info.type_name, info.message)
     else:
         err = exc
-    err.__cause__ = RemoteTraceback(fill_source_lines(info.traceback))
+    err.__cause__ = RemoteTraceback(fill_source_lines(info.traceback, fn))
     return err
 
 
@@ -78,37 +76,9 @@ def _found_in_driver(module: str | None) -> str:
     return f" (the driver imported it from {found})" if found else ""
 
 
-_FRAME = re.compile(r'^  File "(?P<file>.+)", line (?P<line>\d+), in ')
-
-
-
-def fill_source_lines(text: str) -> str:
-    """Add the source lines a worker could not show, from the driver's line cache.
-
-    Functions defined in a notebook cell (or typed at a prompt) live only in the driver's
-    ``linecache``; the worker prints their frames without source. The driver has it.
-    """
-    lines = text.splitlines(keepends=True)
-    out: list[str] = []
-    for i, line in enumerate(lines):
-        out.append(line)
-        match = _FRAME.match(line)
-        if match is None:
-            continue
-        following = lines[i + 1] if i + 1 < len(lines) else ""
-        if following.startswith("    "):
-            continue  # the worker already showed the source
-        source = linecache.getline(match["file"], int(match["line"])).strip()
-        if source:
-            out.append(f"    {source}\n")
-    return "".join(out)
-
-
-
 def _rebuild_error(payload: bytes, task: _Task) -> BaseException:
     info: ErrorInfo = pickle.loads(payload)
-    return _error_from_info(info, task.name())
-
+    return _error_from_info(info, task.name(), task.fn)
 
 
 def _log_failure(task: _Task, exc: BaseException) -> None:
@@ -133,7 +103,6 @@ def _log_failure(task: _Task, exc: BaseException) -> None:
     except OSError as err:
         if err.errno != errno.ENOENT:
             log.warning("could not write error_log_file %s: %s", path, err)
-
 
 
 def _short(obj: Any, limit: int = 500) -> str:

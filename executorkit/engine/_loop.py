@@ -41,6 +41,9 @@ from executorkit.transport import (
 log = logging.getLogger("executorkit")
 
 UNAUTHENTICATED_FRAME = 1 << 16  # bytes a peer may send before its hello
+# epoll takes at most 2**31-1 ms (about 24.8 days): a longer timer wakes the loop, which
+# finds nothing due and waits again.
+_LONGEST_WAIT = 3600.0
 
 
 class _Loop:
@@ -136,6 +139,8 @@ class _Loop:
                 timeout = due if timeout is None else min(timeout, due)
             if inbox:
                 timeout = 0
+            elif timeout is not None:
+                timeout = min(timeout, _LONGEST_WAIT)
             for key, events in select(timeout):
                 data = key.data
                 if isinstance(data, _Conn):

@@ -52,9 +52,9 @@ class TaskFuture(Future):
 
 class _Task:
     __slots__ = (
-        "args", "cache_spec", "deadline", "deps", "deps_left", "engine", "fn", "future", "id",
-        "key", "kwargs", "label", "path_version", "payload", "res", "slow", "state", "timed_out",
-        "worker",
+        "args", "cache_spec", "deadline", "deps", "deps_left", "engine", "failures", "fn",
+        "future", "id", "key", "kwargs", "label", "path_version", "payload", "res", "slow",
+        "started", "state", "timed_out", "worker",
     )
 
     def __init__(self, engine: _EngineSide, task_id: int, fn: Callable[..., Any],
@@ -79,6 +79,8 @@ class _Task:
         self.deadline: float | None = None
         self.timed_out = False
         self.slow = False  # block allocation: counted in Engine._slow_active
+        self.failures: list[BaseException] | None = None  # failed attempts (retries)
+        self.started: float | None = None  # wall-clock start of the current attempt
 
     def input_done(self, fut: Future) -> None:
         """Done-callback on each input future; runs in whichever thread completed it."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any, cast
 
-from executorkit import graph
+from executorkit import graph, retry
 from executorkit._pickling import FunctionPickles, dumps_args
 from executorkit._syspath import PathTracker
 from executorkit.cache._hook import CacheHook
@@ -29,8 +29,8 @@ from executorkit.engine._records import (
     _Task,
     _Worker,
 )
-from executorkit.errors import DependencyError, ExecutorBrokenError, SerializationError
-from executorkit.resources import Resources
+from executorkit.errors import ExecutorBrokenError, SerializationError, dependency_error
+from executorkit.resources import Capabilities, Resources
 from executorkit.scheduler import Demand, Start
 from executorkit.transport import TaskDone
 
@@ -53,6 +53,14 @@ class _TaskFlow:
         self._pickles = FunctionPickles()
         self._paths = PathTracker()
         self.cache = CacheHook(config.init_function)
+        # retries: the resources each retried task was first submitted with, and the most
+        # one attempt can be granted (escalation is capped there)
+        self._first_res: dict[int, Resources] = {}
+        worker = config.worker_res
+        self._retry_caps = Capabilities(
+            "engine", len(config.cpus), len(config.gpus),
+            per_task_cpus=worker.cpus if config.block_workers else None,
+            per_task_gpus=worker.gpus if config.block_workers else None)
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                res: Resources) -> TaskFuture:
@@ -185,12 +193,10 @@ class _TaskFlow:
 
     def _fail_dependency(self, task: _Task, fut: Future, cause: BaseException) -> None:
         upstream = getattr(fut, "_task", None)
-        what = f"task {upstream.id} ({upstream.name()})" if upstream else "an input future"
-        verb = "was cancelled" if isinstance(cause, CancelledError) else (
-            f"failed with {type(cause).__name__}: {cause}")
-        err = DependencyError(f"{task.name()}: input {what} {verb}", upstream=fut)
-        err.__cause__ = cause
-        self._finish(task, exc=err)
+        what = f"task {upstream.id} ({upstream.name()})" if upstream else "future"
+        # Catchable as the root failure's type too; names the root once (short messages
+        # however long a failed chain is).
+        self._finish(task, exc=dependency_error(task.name(), what, cause, future=fut))
 
 
     def _enqueue(self, task: _Task) -> None:
@@ -229,6 +235,7 @@ class _TaskFlow:
                     starts += self.sched.finish(task.id)
                     continue
             task.state = RUNNING
+            task.started = time.time()
             self._running += 1
             if task.res.run_time_max is not None:
                 task.deadline = time.monotonic() + task.res.run_time_max
@@ -270,6 +277,8 @@ class _TaskFlow:
         """Complete a task's future (exactly once) and forget the task."""
         if task.state == FINISHED:
             return
+        if exc is not None and task.state == RUNNING and self._retry(task, exc):
+            return
         was_queued = task.state == QUEUED
         if task.state == RUNNING:
             self._running -= 1
@@ -306,6 +315,32 @@ class _TaskFlow:
         if self.progress is not None:
             self.progress.update(self.counts())
 
+
+    def _retry(self, task: _Task, exc: BaseException) -> bool:
+        """A running attempt failed: queue it again with escalated resources (True), or
+        let it fail with every attempt's reason (False). See executorkit.retry."""
+        if task.future.cancelled():
+            self.cache.attempt_ended(task, exc, final=True)
+            return False
+        failures = task.failures = [*(task.failures or ()), exc]
+        first = task.res if len(failures) == 1 else self._first_res[task.id]
+        decision = retry.next_attempt(first, failures, self._retry_caps)
+        self.cache.attempt_ended(task, exc, final=decision.res is None)
+        if decision.res is None:
+            self._first_res.pop(task.id, None)
+            retry.exhausted_error(failures)  # adds every attempt's reason to exc
+            return False
+        self._first_res.setdefault(task.id, first)
+        log.info("task %d (%s): %s", task.id, task.name(), decision.reason)
+        self._running -= 1
+        if task.slow:
+            task.slow = False
+            self._slow_active -= 1
+        task.state, task.res, task.worker = WAITING, decision.res, None
+        task.deadline, task.timed_out = None, False
+        # Posted: the caller frees the failed attempt's resources after this returns.
+        self.post(self._enqueue, task)
+        return True
 
     def cancelled(self, task: _Task) -> None:
         """The user cancelled the task's future (it is already CANCELLED)."""

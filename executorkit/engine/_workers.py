@@ -7,12 +7,14 @@ Block-allocation workers are started in ``_block.py``; their exits are finalized
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pickle
 import tempfile
 import time
 from collections import deque
 
+from executorkit.command import PREFIX_VARIABLE
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._failures import _error_from_info
 from executorkit.engine._records import _Task, _Worker
@@ -38,6 +40,8 @@ class _WorkerLife:
     """Mixin of :class:`~executorkit.engine._engine.Engine`: worker processes, on the engine
     thread."""
 
+    _slot_index: dict[int, int] | None = None  # CPU slot id -> its position in the pool
+
     def _init_workers(self, config: EngineConfig) -> None:
         self.workers: dict[int, _Worker] = {}
         self._worker_ids = itertools.count(1)
@@ -47,7 +51,7 @@ class _WorkerLife:
         self._spare_target = 0 if config.block_workers else min(2, len(config.cpus))
         self._replenish_due: float | None = None
         # what a spare sets while idle: the environment of a default one-CPU call
-        self._spare_env = dict(self._task_env(config.worker_res, 1, ()))
+        self._spare_env = dict(self._task_env(config.worker_res, 1, (), 0))
         self._tmp: str | None = None  # private directory for MPI workers, made on demand
 
     def _spawn(self, spawn: Spawn, w: _Worker) -> None:
@@ -58,9 +62,17 @@ class _WorkerLife:
             self._watch_output()
 
     def _spawn_task(self, task: _Task, start: Start) -> None:
-        env = self._task_env(task.res, len(start.cpus), start.gpus)
+        env = self._task_env(task.res, len(start.cpus), start.gpus, self._slot_of(start.cpus))
         cpus = self._pin(start.cpus)
-        if task.res.cores == 1 and self._spares:
+        # A program (executorkit.command) runs in one worker holding all its CPUs and is
+        # itself started as the MPI job, through the launcher's prefix: no Python ranks.
+        program = getattr(task.fn, "__executorkit_program__", False)
+        ranks = 1 if program else task.res.cores
+        if program:
+            prefix_of = getattr(self.launcher, "program_prefix", None)
+            prefix = prefix_of(task.res) if prefix_of is not None else ()
+            env = (*env, (PREFIX_VARIABLE, json.dumps(list(prefix))))
+        if ranks == 1 and self._spares:
             # A warm spare takes the call: no fork on the critical path.
             w = self._spares.popleft()
             w.spare = False
@@ -82,8 +94,9 @@ class _WorkerLife:
             return
         w = _Worker(next(self._worker_ids), persistent=False)
         self.workers[w.id] = w
-        spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res)
-        self._mpi(w, spawn, task.res.cores)
+        spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res,
+                      program=program)
+        self._mpi(w, spawn, ranks)
         self._spawn(spawn, w)  # (before the call: the worker starts with the current path)
         self._assign(w, task, self._run_message(w, task, None))
         self._replenish()
@@ -136,13 +149,22 @@ class _WorkerLife:
             spawn.mpi_command = self.cfg.mpi_command(cores)
 
 
-    def _task_env(self, res: Resources, ncpus: int, gpus: tuple[int, ...]) -> tuple:
+    def _slot_of(self, cpus: tuple[int, ...]) -> int:
+        """Per-task worker id (``executorlib_worker_id``): the call's lowest pool slot."""
+        index = self._slot_index
+        if index is None:
+            index = self._slot_index = {cpu: i for i, cpu in enumerate(self.cfg.cpus)}
+        return min((index.get(c, 0) for c in cpus), default=0)
+
+    def _task_env(self, res: Resources, ncpus: int, gpus: tuple[int, ...],
+                  worker_id: int) -> tuple:
         threads = str(res.threads_per_core)
         env = dict.fromkeys(THREAD_VARIABLES, threads)
         if gpus or self.cfg.gpus:
             env[self.cfg.gpu_variable] = ",".join(map(str, gpus))
         env["EXECUTORKIT_CPUS"] = str(ncpus)
         env["EXECUTORKIT_GPUS"] = ",".join(map(str, gpus))
+        env["EXECUTORKIT_WORKER_ID"] = str(worker_id)
         env.update(res.env)  # the user's explicit variables win
         return tuple(env.items())
 
@@ -207,7 +229,7 @@ class _WorkerLife:
                 f"stopped")
         reported = _rank_error(w.errdir, task.id) if w.errdir else None
         if reported is not None:
-            return _error_from_info(reported, task.name())
+            return _error_from_info(reported, task.name(), task.fn)
         status = w.exit_status if w.exit_status is not None else -1
         how, code, signum = describe_exit(status)
         where = f"pid {w.pid} on {w.host}" if w.pid else "its process"

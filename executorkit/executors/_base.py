@@ -14,17 +14,33 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from executorkit.command import Command, CommandCall, run_command
 from executorkit.engine import Engine, EngineConfig, TaskFuture
 from executorkit.errors import ResourceError
+from executorkit.executors._compat import ExecutorkitExecutor, check_function
 from executorkit.resources import Capabilities, Resources, merge, parse
 
 log = logging.getLogger("executorkit")
 
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+_interpreter_exiting = False
+
+
+def _mark_interpreter_exiting() -> None:
+    global _interpreter_exiting
+    _interpreter_exiting = True
+
+
+# Like concurrent.futures.thread: threading's exit hooks run when the main thread ends,
+# before any atexit hook, so a submit from an atexit hook (whenever it was registered) gets
+# the stdlib's error. Python 3.9+ has the hook; elsewhere an atexit hook is the fallback.
+getattr(threading, "_register_atexit", atexit.register)(_mark_interpreter_exiting)
 
 
 @atexit.register
@@ -51,7 +67,7 @@ def _ended_by_ctrl_c() -> bool:
     return isinstance(last, KeyboardInterrupt)
 
 
-class BaseExecutor(Executor):
+class BaseExecutor(ExecutorkitExecutor):
     """Shared implementation; see :class:`~executorkit.SingleNodeExecutor` for parameters."""
 
     _backend = "executor"
@@ -113,6 +129,9 @@ class BaseExecutor(Executor):
         self._refresh_rate = refresh_rate  # accepted for compatibility; nothing polls
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
+        self._cache_directory = cache_directory
+        self._resource_dict = dict(resource_dict or {})
+        self._workers = 0  # block-allocation workers, set by _plan_pool
         config, self._caps = self._engine_config(PoolParams(
             max_workers, max_cores, max_gpus, init_function, restart_limit))
         config.disable_dependencies = disable_dependencies
@@ -164,6 +183,7 @@ class BaseExecutor(Executor):
             pool = max_cores or (max_workers * per_call if max_workers else default_cores)
             caps = Capabilities(self._backend, pool, gpus, unsupported, max_nodes=max_nodes)
             plan = PoolPlan(pool, 0, max_workers if (max_workers and max_cores) else None, caps)
+        self._workers = plan.workers or plan.max_running or pool
         caps.check(self._defaults)
         self._check_resources(self._defaults)
         return plan
@@ -183,15 +203,36 @@ class BaseExecutor(Executor):
         """
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
+        check_function(fn)
         res = self._defaults if resource_dict is None else merge(self._defaults, resource_dict)
         if res is not self._defaults:
             res = self._check_resources(self._caps.check(res))
+        if isinstance(fn, Command):
+            fn, args = self._program_call(fn, args, kwargs, res)
         with self._shutdown_lock:
+            if _interpreter_exiting:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._recorder is not None:
                 return self._recorder.record(fn, args, kwargs)
             return self._engine.submit(fn, args, kwargs, res)
+
+    def _program_call(self, command: Command, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      res: Resources) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """A Command becomes a call of ``run_command`` (see executorkit.command)."""
+        if args or kwargs:
+            raise TypeError("a Command takes no call arguments: put them in its argv")
+        if self._block and self._defaults.cores > 1:
+            raise ResourceError(
+                "a Command cannot run in block-allocation workers of several MPI ranks "
+                "(each rank would start the program); use per-task mode (the default) and "
+                "resource_dict={'cores': n}", key="cores", allowed="block workers of cores=1")
+        if res.cores > 1 and not hasattr(self._engine.launcher, "program_prefix"):
+            raise ResourceError(
+                f"{self._backend} cannot yet start a Command as an MPI job of "
+                f"cores={res.cores}", key="cores", allowed="cores=1 for a Command here")
+        return run_command, (CommandCall(command, res.env, res.cwd),)
 
     def batched(self, futures: Iterable[Future], n: int) -> list[Future]:
         """Futures of lists of ``n`` results each, in completion order (see streaming)."""
@@ -254,9 +295,43 @@ class BaseExecutor(Executor):
     def max_gpus(self) -> int:
         return self._caps.max_gpus
 
-    def info(self) -> dict[str, int]:
-        """Counts of done, failed, cancelled, running and waiting tasks."""
-        return self._engine.counts()
+    @property
+    def info(self) -> dict[str, Any]:
+        """The executor's settings and its task counts, as one dict (a property, as in
+        executorlib): ``backend``, ``max_workers``, ``max_cores``, ``max_gpus``,
+        ``block_allocation``, ``cache_directory``, ``resource_dict`` (the defaults given),
+        ``hostname_localhost``, ``log_obj_size``, and the counts ``submitted``, ``done``,
+        ``failed``, ``cancelled``, ``running`` and ``waiting``. Still available after
+        shutdown (executorlib then returns None)."""
+        return {
+            "backend": self._backend, "max_workers": self._workers,
+            "max_cores": self.max_cores, "max_gpus": self.max_gpus,
+            "block_allocation": self._block,
+            "cache_directory": None if self._cache_directory is None
+            else os.fspath(self._cache_directory),
+            "resource_dict": dict(self._resource_dict),
+            "hostname_localhost": self._hostname_localhost, "log_obj_size": self._log_obj_size,
+            **self._engine.counts(),
+        }
+
+    def __len__(self) -> int:
+        """Calls submitted and not finished yet (waiting for inputs, queued or running)."""
+        counts = self._engine.counts()
+        return counts["running"] + counts["waiting"]
+
+    @property
+    def max_workers(self) -> int | None:
+        """Block allocation: the number of persistent workers; per-task processes: the most
+        calls running at once. None after shutdown (as in executorlib)."""
+        return None if self._shutdown else self._workers
+
+    @max_workers.setter
+    def max_workers(self, value: int) -> None:
+        # executorlib resizes a block-allocation pool here; executorkit does not yet (the
+        # pool's CPU slots are fixed when the engine starts). Say so rather than ignore it.
+        raise NotImplementedError(
+            f"{type(self).__name__}.max_workers cannot be changed after creation (asked for "
+            f"{value!r}); create a new executor with the size you need")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,13 @@ from typing import Any
 from executorkit.engine import EngineConfig
 from executorkit.errors import ResourceError
 from executorkit.executors._base import BaseExecutor, PoolParams, gpu_pool, gpu_variable
-from executorkit.launchers.local import LocalLauncher, find_mpiexec, mpi_flavor, mpiexec_command
+from executorkit.launchers.local import (
+    MPICH_LOOPBACK,
+    LocalLauncher,
+    find_mpiexec,
+    mpi_flavor,
+    mpiexec_command,
+)
 from executorkit.resources import Capabilities, Resources
 
 
@@ -90,7 +96,8 @@ class SingleNodeExecutor(BaseExecutor):
         cpus = tuple(available[:plan.pool]) if real else tuple(range(plan.pool))
         forward = sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__
         config = EngineConfig(
-            launcher=LocalLauncher(forward_output=forward, preload=self._preload()),
+            launcher=LocalLauncher(forward_output=forward, preload=self._preload(),
+                                   mpiexec=self._mpiexec()),
             cpus=cpus, gpus=gpus, real_cpus=real, gpu_variable=gpu_variable(),
             max_running=plan.max_running, block_workers=plan.workers,
             worker_res=self._defaults, init_function=p.init_function,
@@ -105,6 +112,16 @@ class SingleNodeExecutor(BaseExecutor):
                 f"needs mpi4py and an mpiexec (pip install mpi4py mpich)", key="cores",
                 allowed="cores=1 without MPI")
         return res
+
+    def _mpiexec(self) -> tuple[str, ...]:
+        """mpiexec (and its flags) for programs run as MPI jobs; () if there is none."""
+        mpiexec = find_mpiexec()
+        if mpiexec is None:
+            return ()
+        flavor = mpi_flavor(mpiexec)
+        if self._openmpi_oversubscribe and flavor == "openmpi":
+            return (mpiexec, "--oversubscribe")
+        return (mpiexec, *MPICH_LOOPBACK) if flavor == "mpich" else (mpiexec,)
 
     def _mpi_command(self) -> Callable[[int], tuple[str, ...]] | None:
         mpiexec = find_mpiexec()

@@ -23,7 +23,7 @@ import pickle
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
 import cloudpickle
@@ -33,6 +33,7 @@ from executorkit._pickling import dumps_args
 from executorkit._syspath import snapshot
 from executorkit.cache._hook import _name
 from executorkit.cache._keys import compute_key
+from executorkit.command import Command, CommandCall, run_command
 from executorkit.engine import THREAD_VARIABLES
 from executorkit.errors import (
     DependencyError,
@@ -41,7 +42,9 @@ from executorkit.errors import (
     RemoteTraceback,
     ResourceError,
     TaskTimeoutError,
+    dependency_error,
 )
+from executorkit.executors._compat import ExecutorkitExecutor, check_function
 from executorkit.launchers.queue import TERMINAL, SlurmQueue, job_script, sbatch_command
 from executorkit.resources import Capabilities, Resources, merge, parse
 from executorkit.transport import Upstream
@@ -85,7 +88,7 @@ class _Job:
         self.dependents: list[_Job] = []
 
 
-class SlurmClusterExecutor(Executor):
+class SlurmClusterExecutor(ExecutorkitExecutor):
     """Submit each call as its own Slurm batch job (from a login node).
 
     ``exe.submit(fn, *args, resource_dict={...})``: ``cores`` -> ``--ntasks`` (MPI ranks via
@@ -115,11 +118,13 @@ class SlurmClusterExecutor(Executor):
             if compatible.get(name):
                 raise ResourceError(f"SlurmClusterExecutor does not support {name}: {reason}",
                                     key=name, allowed="leave it unset")
+        from executorkit.cache._access import remove_stale_temporaries
         from executorkit.cache._store import CacheStore
 
         self._dir = os.path.abspath(os.fspath(cache_directory or "executorkit_cache"))
         self._defaults = parse(resource_dict)
         self._store = CacheStore(self._dir)
+        remove_stale_temporaries(self._dir)
         self._queue = SlurmQueue()
         self._disable_dependencies = disable_dependencies
         self._wait_on_exit = wait
@@ -139,14 +144,22 @@ class SlurmClusterExecutor(Executor):
         self, fn: Callable[..., Any], /, *args: Any,
         resource_dict: Mapping[str, Any] | None = None, **kwargs: Any,
     ) -> Future:
+        """Submit ``fn(*args, **kwargs)`` as a batch job; Futures in the arguments become
+        ``afterok`` dependencies. ``resource_dict`` overrides the executor's defaults key by
+        key. Raises ResourceError (a ValueError) for a bad or unsupported resource_dict."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
+        check_function(fn)
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         res = _CAPS.check(merge(self._defaults, resource_dict))
         if res.cache_directory not in (None, self._dir):
             raise ResourceError("SlurmClusterExecutor keeps calls in its own cache_directory",
                                 key="cache_directory", allowed="the executor's directory")
+        if isinstance(fn, Command):  # a program run: see executorkit.command
+            if args or kwargs:
+                raise TypeError("a Command takes no call arguments: put them in its argv")
+            fn, args = run_command, (CommandCall(fn, res.env, res.cwd),)
         deps = graph.find_futures(args, kwargs)
         if deps and self._disable_dependencies:
             raise ValueError("a Future was passed as an argument but disable_dependencies=True")
@@ -235,6 +248,7 @@ class SlurmClusterExecutor(Executor):
                 "function_name": _name(fn), "resource_dict": job.res.as_dict(),
                 "sys_path": snapshot()}
         base = os.path.join(self._dir, job.key)
+        os.makedirs(os.path.dirname(base), exist_ok=True)  # a cache_key "subdir/name"
         if job.res.cwd:
             os.makedirs(job.res.cwd, exist_ok=True)  # sbatch --chdir does not create it
         with open(base + ".in.pkl.tmp", "wb") as fh:
@@ -244,7 +258,7 @@ class SlurmClusterExecutor(Executor):
         env += list(job.res.env)
         with open(base + ".sh", "w") as script:
             script.write(job_script(job.res, input_file=base + ".in.pkl", env=env,
-                                    pmi_mode=self._pmi_mode))
+                                    pmi_mode=self._pmi_mode, job_name=job.key))
         after = [u.job_id for u in upstream if u.job_id is not None]
         cmd = sbatch_command(job.res, job_name=job.key, script=base + ".sh",
                              output=base + ".out", after_ok=after)
@@ -389,6 +403,24 @@ class SlurmClusterExecutor(Executor):
     def __exit__(self, *exc: object) -> None:
         self.shutdown(wait=self._wait_on_exit)
 
+    def __len__(self) -> int:
+        """Calls submitted and not finished yet."""
+        with self._lock:
+            return sum(not job.future.done() for job in self._live.values()) + \
+                sum(not f.done() for f in self._pending)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Settings and counts: ``backend``, ``cache_directory``, ``resource_dict`` (the
+        defaults), ``unfinished`` (as ``len(exe)``)."""
+        return {"backend": "SlurmClusterExecutor", "cache_directory": self._dir,
+                "resource_dict": self._defaults.as_dict(), "unfinished": len(self)}
+
+    @property
+    def max_workers(self) -> None:
+        """None: Slurm decides how many jobs run at once."""
+        return None
+
     def batched(self, futures: Iterable[Future], n: int) -> list[Future]:
         from executorkit.streaming import batched
 
@@ -416,10 +448,9 @@ def _dependency_error(fn: Any, upstream: Future) -> DependencyError:
     cause: BaseException = (CancelledError("input future was cancelled") if upstream.cancelled()
                             else upstream.exception())  # type: ignore[assignment]
     name = getattr(fn, "__qualname__", "the call") if fn is not None else "the call"
-    err = DependencyError(f"{name}: an input failed with {type(cause).__name__}: {cause}",
-                          upstream=upstream)
-    err.__cause__ = cause
-    return err
+    job = getattr(upstream, "_job", None)
+    label = f"job {job.key}" if job is not None else "future"
+    return dependency_error(name, label, cause, future=upstream)
 
 
 def _stored_error(record: Any) -> BaseException:
@@ -438,10 +469,15 @@ def _stored_error(record: Any) -> BaseException:
 # Slurm grants batch jobs; what it cannot honour for one is refused at submit.
 _CAPS = Capabilities(
     "SlurmClusterExecutor", max_cpus=1 << 30, max_gpus=1 << 30, max_nodes=1 << 30,
+    batch_scripts=True,
     unsupported={
         "priority": "Slurm orders batch jobs itself (pass --nice or --priority in "
                     "slurm_cmd_args)",
         "error_log_file": "each job keeps its own log, <cache_directory>/<key>.out",
+        "max_retries": "retries run in the engine of the job executors (use "
+                       "SlurmJobExecutor inside an allocation)",
+        "retry_escalation": "see max_retries",
+        "retry_on": "see max_retries",
     })
 
 # accepted for executorlib compatibility; Slurm decides these for batch jobs
@@ -454,16 +490,51 @@ _UNSUPPORTED = {
     "plot_dependency_graph_filename": "see plot_dependency_graph",
     "export_workflow_filename": "use SingleNodeExecutor for a dry run",
     "progress": "not available for batch jobs yet",
+    "pysqa_config_directory": "executorkit runs sbatch itself, without pysqa: give your own "
+                              "job script as resource_dict['submission_template'] and queue "
+                              "options as resource_dict['slurm_cmd_args']",
 }
 
 
-def terminate_tasks_in_cache(cache_directory: str | os.PathLike[str]) -> int:
+def terminate_tasks_in_cache(cache_directory: str | os.PathLike[str],
+                             pysqa_config_directory: str | None = None,
+                             backend: str | None = None) -> int:
     """Cancel the queued or running Slurm jobs of the calls kept in ``cache_directory``
-    (jobs are named by cache key). Returns how many jobs were cancelled."""
+    (jobs are named by cache key). Returns how many jobs were cancelled.
+
+    ``pysqa_config_directory`` and ``backend`` are executorlib's parameters: the first is
+    accepted and unused (executorkit talks to Slurm directly), ``backend`` may be None or
+    ``"slurm"``."""
+    return _terminate(cache_directory, None, backend)
+
+
+def terminate_task_in_cache(cache_directory: str | os.PathLike[str], cache_key: str,
+                            pysqa_config_directory: str | None = None,
+                            backend: str | None = None) -> int:
+    """Cancel the queued or running Slurm job of the call ``cache_key`` in
+    ``cache_directory``; returns 1 if a job was cancelled, else 0. Parameters as
+    :func:`terminate_tasks_in_cache`."""
+    from executorkit.cache._store import entry_path
+
+    entry_path(cache_directory, cache_key)  # refuses a malformed key
+    return _terminate(cache_directory, cache_key, backend)
+
+
+def _terminate(cache_directory: str | os.PathLike[str], only: str | None,
+               backend: str | None) -> int:
+    if backend not in (None, "slurm"):
+        raise ResourceError(f"backend={backend!r} is not supported here", key="backend",
+                            allowed="None or 'slurm'")
     directory = os.fspath(cache_directory)
-    try:
-        names = {f[:-3] for f in os.listdir(directory) if f.endswith(".sh")}
-    except FileNotFoundError:
+    names = set()
+    for folder, _, files in os.walk(directory):  # keys "subdir/name" live in sub-directories
+        rel = os.path.relpath(folder, directory)
+        for f in files:
+            if f.endswith(".sh"):
+                names.add(f[:-3] if rel == "." else f"{rel}/{f[:-3]}")
+    if only is not None:
+        names &= {only}
+    if not names:
         return 0
     queue = SlurmQueue()
     jobs = queue.jobs_by_name()

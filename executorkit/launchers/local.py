@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from executorkit.resources import Resources
 from executorkit.transport import BlockingChannel, Kill, Spawn, Stop
 
 
@@ -50,7 +51,32 @@ def mpiexec_command(ranks: int, *, mpiexec: str, flavor: str,
     cmd = [mpiexec, "-n", str(ranks)]
     if oversubscribe and flavor == "openmpi":
         cmd.append("--oversubscribe")  # MPICH allows oversubscription without a flag
+    if flavor == "mpich":
+        cmd += MPICH_LOOPBACK
     return (*cmd, sys.executable, "-m", "executorkit.worker.mpi")
+
+
+# All ranks of a local call are on this machine: keep what they listen on to loopback.
+# Without these the MPICH wheel's ranks listen on the machine's external address (UCX's
+# TCP transport; libfabric's tcp/sockets providers in OFI builds). Hydra's own control port
+# still binds every interface: hydra has no setting for it (docs/guide.md, "MPI").
+MPICH_LOOPBACK = ("-iface", "lo",
+                   "-genv", "UCX_NET_DEVICES", "lo",
+                   "-genv", "FI_TCP_IFACE", "lo",
+                   "-genv", "FI_SOCKETS_IFACE", "lo")
+
+
+def program_prefix(ranks: int, mpiexec: tuple[str, ...]) -> tuple[str, ...]:
+    """``mpiexec -n <ranks>`` for an MPI program; nothing for a single process."""
+    if ranks <= 1:
+        return ()
+    if not mpiexec:
+        from executorkit.errors import ResourceError
+
+        raise ResourceError(f"cores={ranks} starts the program with mpiexec, which was not "
+                            "found (pip install mpich, or put mpiexec on PATH)", key="cores",
+                            allowed="cores=1 without mpiexec")
+    return (mpiexec[0], "-n", str(ranks), *mpiexec[1:])
 
 
 class LocalLauncher:
@@ -58,8 +84,10 @@ class LocalLauncher:
 
     name = "local"
 
-    def __init__(self, *, forward_output: bool, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, *, forward_output: bool, preload: tuple[str, ...] = (),
+                 mpiexec: tuple[str, ...] = ()) -> None:
         self.forward_output = forward_output
+        self.mpiexec = mpiexec  # e.g. ("mpiexec",) or ("mpiexec", "--oversubscribe")
         self.preload = preload
         self.process: subprocess.Popen[bytes] | None = None
         self.chan: BlockingChannel | None = None
@@ -126,6 +154,10 @@ class LocalLauncher:
 
     def spawn(self, spawn: Spawn) -> None:
         self._send(spawn)
+
+    def program_prefix(self, res: Resources) -> tuple[str, ...]:
+        """How a program (executorkit.command) of ``res.cores`` ranks is started."""
+        return program_prefix(res.cores, self.mpiexec)
 
     def kill(self, worker_id: int, signum: int = 9) -> None:
         if self.process is not None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
+from typing import Any
 
-from executorkit.errors import ExecutorkitError
+from executorkit.errors import ExecutorkitError, ResourceError
 from executorkit.resources import Resources
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
@@ -47,16 +49,49 @@ def sbatch_command(res: Resources, *, job_name: str, script: str, output: str,
 
 
 def job_script(res: Resources, *, input_file: str, python: str = sys.executable,
-               env: Sequence[tuple[str, str]] = (), pmi_mode: str | None = None) -> str:
-    """The batch script: thread variables, then the call (under srun for MPI ranks)."""
-    lines = ["#!/bin/bash", "set -e"]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in env]
+               env: Sequence[tuple[str, str]] = (), pmi_mode: str | None = None,
+               job_name: str = "executorkit") -> str:
+    """The batch script: thread variables, then the call (under srun for MPI ranks).
+
+    With ``res.submission_template`` (a user's own script, executorlib/pysqa style), the
+    template is filled in instead: ``{{command}}`` becomes these lines, and ``job_name``,
+    ``working_directory``, ``cores``, ``threads``, ``run_time_max`` (minutes),
+    ``dependency_list`` and ``memory_max`` are available too. Our sbatch options
+    (name, output, dependencies) are given on the command line, which takes precedence.
+    """
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in env]
     run = f"{shlex.quote(python)} -m executorkit.worker.file_task {shlex.quote(input_file)}"
     if res.cores > 1:
         mpi = f" --mpi={shlex.quote(pmi_mode)}" if pmi_mode else ""
         run = f"srun --ntasks={res.cores} --cpus-per-task={res.threads_per_core}{mpi} {run}"
     lines.append(f"exec {run}")
-    return "\n".join(lines) + "\n"
+    if res.submission_template is None:
+        return "\n".join(["#!/bin/bash", "set -e", *lines]) + "\n"
+    minutes = None if res.run_time_max is None else max(1, math.ceil(res.run_time_max / 60))
+    return render_template(res.submission_template, command="\n".join(lines),
+                           job_name=job_name, working_directory=res.cwd or os.getcwd(),
+                           cores=res.cores, threads=res.threads_per_core,
+                           run_time_max=minutes, dependency_list=None, memory_max=None)
+
+
+_PLACEHOLDER = re.compile(r"{{\s*([A-Za-z_][A-Za-z0-9_]*)\s*}}")
+
+
+def render_template(template: str, **values: Any) -> str:
+    """Fill a Jinja2 template (``{{name}}``); plain substitution when jinja2 is missing,
+    which then refuses ``{% ... %}`` logic with a clear error."""
+    try:
+        import jinja2
+    except ImportError:
+        if "{%" in template:
+            raise ResourceError(
+                "resource_dict['submission_template'] uses {% ... %} logic, which needs "
+                "jinja2 (pip install jinja2)", key="submission_template",
+                allowed="a template with {{name}} placeholders only") from None
+        return _PLACEHOLDER.sub(lambda m: "" if values.get(m[1]) is None
+                                else str(values[m[1]]), template).rstrip("\n") + "\n"
+    rendered = jinja2.Template(template, undefined=jinja2.ChainableUndefined).render(**values)
+    return rendered.rstrip("\n") + "\n"
 
 
 class SlurmQueue:

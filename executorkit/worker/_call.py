@@ -105,6 +105,24 @@ def load_call(msg: RunTask) -> tuple[Callable[..., Any], tuple[Any, ...], dict[s
     return fn, args, kwargs
 
 
+# Names under which a function receives the id of the worker running it (executorlib's, and
+# ours). Only functions that name the parameter get it (not **kwargs catch-alls).
+WORKER_ID_NAMES = ("executorlib_worker_id", "executorkit_worker_id")
+
+
+def inject_worker_id(fn: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pass ``EXECUTORKIT_WORKER_ID`` (block allocation: the worker's index; per-task: the
+    call's lowest CPU slot) to a parameter of ``fn`` named in :data:`WORKER_ID_NAMES`."""
+    names = _parameters(fn)
+    if not names or names.isdisjoint(WORKER_ID_NAMES):
+        return kwargs
+    value = os.environ.get("EXECUTORKIT_WORKER_ID")
+    if value is None:
+        return kwargs
+    return inject(fn, args, kwargs, dict.fromkeys(WORKER_ID_NAMES, int(value)))
+
+
 class _Setup:
     """Apply a per-call cwd and environment in a persistent worker, then undo them."""
 
@@ -226,6 +244,7 @@ def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
                 return _failed(msg, started, error_info(exc, kind="serialization"))
             if init_values:
                 kwargs = inject(fn, args, kwargs, init_values)
+            kwargs = inject_worker_id(fn, args, kwargs)
             result = fn(*args, **kwargs)
         ok = True
     except BaseException as exc:

@@ -56,7 +56,8 @@ def serve(address: tuple[str, int], secret: bytes, worker_id: int, *, persistent
         # Hello only once init_function is done: the engine starts a call's clock (and
         # counts the worker as up) when the worker says hello.
         try:
-            init_values = pickle.loads(init_payload)()
+            init_function = pickle.loads(init_payload)
+            init_values = init_function(**_call.inject_worker_id(init_function, (), {}))
             if not isinstance(init_values, Mapping):
                 raise TypeError(
                     f"init_function must return a dict, returned {type(init_values).__name__}"

@@ -1,0 +1,168 @@
+"""Command: programs as tasks (results, errors, dependencies, MPI, kill, cache)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import capabilities
+import pytest
+
+from executorkit import Command, CommandError, CommandResult, SingleNodeExecutor
+from executorkit.errors import TaskTimeoutError
+from tests.conftest import wait_until
+
+needs_mpiexec = capabilities.skip_unless("mpi")  # under CI a missing mpiexec fails
+
+
+def test_result_output_files_and_cwd(make_executor, tmp_path):
+    exe = make_executor(max_workers=2)
+    res = exe.submit(Command(["echo", "hi", 3]), resource_dict={"cwd": str(tmp_path / "w")})
+    result = res.result(timeout=60)
+    assert isinstance(result, CommandResult)
+    assert result.returncode == 0 and result.stdout == "hi 3\n"
+    assert result.cwd == str(tmp_path / "w")
+    with open(result.stdout_file) as fh:
+        assert fh.read() == "hi 3\n"
+    assert os.path.dirname(result.stdout_file) == str(tmp_path / "w")
+
+
+def test_nonzero_exit_raises_with_stderr_tail(make_executor):
+    exe = make_executor(max_workers=1)
+    fut = exe.submit(Command(["sh", "-c", "echo one >&2; echo two >&2; exit 3"]))
+    with pytest.raises(CommandError) as info:
+        fut.result(timeout=60)
+    assert info.value.returncode == 3
+    assert info.value.result.stderr == "one\ntwo\n"
+    assert "exited with code 3" in str(info.value) and "two" in str(info.value)
+
+
+def test_env_and_shell(make_executor):
+    exe = make_executor(max_workers=1)
+    fut = exe.submit(Command("echo $GREETING | tr a-z A-Z", shell=True),
+                     resource_dict={"env": {"GREETING": "hello"}})
+    assert fut.result(timeout=60).stdout == "HELLO\n"
+
+
+def test_futures_in_argv_and_stdin_are_dependencies(tmp_path):
+    with SingleNodeExecutor(max_workers=2) as exe:
+        first = exe.submit(Command(["echo", "hello"]))
+        second = exe.submit(Command(["echo", first, "world"]))
+        piped = exe.submit(Command(["tr", "a-z", "A-Z"], stdin=first))
+        assert second.result(timeout=60).stdout == "hello world\n"
+        assert piped.result(timeout=60).stdout == "HELLO\n"
+
+
+def test_bad_commands_are_refused():
+    with pytest.raises(TypeError, match="shell=True"):
+        Command("echo hi")
+    with pytest.raises(TypeError, match=r"argv\[1\]"):
+        Command(["echo", {"a": 1}])
+    with pytest.raises(ValueError, match="empty"):
+        Command([])
+    with SingleNodeExecutor(max_workers=1) as exe, pytest.raises(TypeError, match="argv"):
+        exe.submit(Command(["echo"]), 1)
+
+
+@needs_mpiexec
+@pytest.mark.mpi
+def test_mpi_program_runs_its_ranks():
+    with SingleNodeExecutor(max_cores=2) as exe:
+        fut = exe.submit(Command(["sh", "-c", "echo rank $PMI_RANK"]), resource_dict={"cores": 2})
+        result = fut.result(timeout=120)
+    assert sorted(result.stdout.split("\n")[:-1]) == ["rank 0", "rank 1"]
+    assert result.args[1:3] == ["-n", "2"]  # started by mpiexec, no Python ranks
+
+
+@needs_mpiexec
+@pytest.mark.mpi
+def test_mpi_program_whose_rank_fails():
+    script = 'if [ "$PMI_RANK" = 1 ]; then echo rank one failed >&2; exit 4; fi'
+    with SingleNodeExecutor(max_cores=2) as exe:
+        fut = exe.submit(Command(["sh", "-c", script]), resource_dict={"cores": 2})
+        with pytest.raises(CommandError, match="rank one failed") as info:
+            fut.result(timeout=120)
+    assert info.value.returncode != 0
+
+
+def _pid_gone(path):
+    def check():
+        with open(path) as fh:
+            pid = int(fh.read())
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    return check
+
+
+STUBBORN = 'trap "" TERM; echo $$ > {pidfile}; while true; do sleep 0.05; done'
+
+
+def test_program_ignoring_sigterm_dies_on_timeout(tmp_path):
+    pidfile = tmp_path / "pid"
+    with SingleNodeExecutor(max_workers=1) as exe:
+        fut = exe.submit(Command(["sh", "-c", STUBBORN.format(pidfile=pidfile)]),
+                         resource_dict={"run_time_max": 1})
+        with pytest.raises(TaskTimeoutError):
+            fut.result(timeout=60)
+    wait_until(_pid_gone(pidfile))
+
+
+def test_cancel_kills_the_program_group(tmp_path):
+    pidfile = tmp_path / "pid"
+    with SingleNodeExecutor(max_workers=1) as exe:
+        fut = exe.submit(Command(["sh", "-c", STUBBORN.format(pidfile=pidfile)]))
+        wait_until(lambda: pidfile.exists() and pidfile.read_text().strip())
+        assert fut.cancel()
+        wait_until(_pid_gone(pidfile))
+
+
+def test_cache_covers_input_contents_and_requires_outputs(tmp_path):
+    work, cache = tmp_path / "work", str(tmp_path / "cache")
+    work.mkdir()
+    (work / "in.txt").write_text("one")
+    cmd = Command(["sh", "-c", "echo run >> runs.log; cat in.txt > out.txt"],
+                  inputs=["in.txt"], outputs=["out.txt"])
+    res = {"cwd": str(work)}
+
+    def runs():
+        with SingleNodeExecutor(max_workers=1, cache_directory=cache) as exe:
+            exe.submit(cmd, resource_dict=res).result(timeout=60)
+        return (work / "runs.log").read_text().count("run")
+
+    assert runs() == 1
+    assert runs() == 1  # a hit: same argv, env, cwd and input contents
+    (work / "in.txt").write_text("two")
+    assert runs() == 2  # input changed
+    os.remove(work / "out.txt")
+    assert runs() == 3  # declared output gone: not a hit
+    assert (work / "out.txt").read_text() == "two"
+
+
+def test_cache_key_covers_env(tmp_path):
+    cache = str(tmp_path / "cache")
+    cmd = Command(["sh", "-c", "echo $X"])
+    with SingleNodeExecutor(max_workers=1, cache_directory=cache) as exe:
+        a = exe.submit(cmd, resource_dict={"env": {"X": "1"}}).result(timeout=60)
+        b = exe.submit(cmd, resource_dict={"env": {"X": "2"}}).result(timeout=60)
+    assert (a.stdout, b.stdout) == ("1\n", "2\n")
+
+
+def test_signal_death_of_program_is_reported(make_executor):
+    exe = make_executor(max_workers=1)
+    fut = exe.submit(Command(["sh", "-c", "kill -9 $$"]))
+    with pytest.raises(CommandError) as info:
+        fut.result(timeout=60)
+    assert info.value.returncode == -signal.SIGKILL
+    assert "killed by signal 9" in str(info.value)
+
+
+@pytest.mark.skipif(shutil.which("true") is None, reason="needs /bin/true")
+def test_map_over_commands():
+    with SingleNodeExecutor(max_workers=2) as exe:
+        results = list(exe.map(lambda c: c(), [Command(["true"])] * 3, timeout=60))
+    assert [r.returncode for r in results] == [0, 0, 0]
+
