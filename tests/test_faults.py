@@ -43,7 +43,7 @@ def test_no_stale_references(make_executor, no_gc, kind):
     assert fut.result(timeout=T) in ("method", "called")
     del thing
     assert collected.wait(T), "the executor keeps the callable of a finished call alive"
-    assert fut.done()  # (the future was held throughout)
+    assert ref() is None and fut.done()  # (the future was held throughout)
 
 
 def test_map_frees_each_result(make_executor, no_gc):
@@ -52,7 +52,7 @@ def test_map_frees_each_result(make_executor, no_gc):
     for obj in exe.map(tf.make_dummy, range(5), timeout=T):
         ref = weakref.ref(obj)
         del obj
-        wait_until(lambda: ref() is None, timeout=T)
+        wait_until(lambda ref=ref: ref() is None, timeout=T)
 
 
 def test_a_dropped_future_and_its_result_are_freed(make_executor, no_gc):

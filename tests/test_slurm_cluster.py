@@ -155,3 +155,12 @@ def test_same_key_as_the_local_executor(tmp_path):
         fut = cluster.submit(tf.add, 20, 22)
         assert fut.done() and fut.result(timeout=T) == 42
         assert fut._job.job_id is None
+
+
+@needs_slurm
+def test_batch_jobs_import_from_a_path_added_at_run_time(tmp_path):
+    from test_syspath import module_on_new_path
+
+    with SlurmClusterExecutor(cache_directory=str(tmp_path / "cache"), poll_interval=0.2) as exe, \
+            module_on_new_path(str(tmp_path / "project")) as light:
+        assert exe.submit(light.spin, 21).result(timeout=T) == 42

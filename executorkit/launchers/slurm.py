@@ -16,11 +16,13 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 from executorkit.errors import ResourceError
@@ -131,6 +133,20 @@ class SrunLauncher:
 
     def start(self, address: tuple[str, int], secret: bytes) -> None:
         self._boot = {"address": address, "secret": secret}
+        _live.add(self)
+        _clean_up_on_sigterm()
+
+    def abandon(self) -> None:
+        """The driver is being killed (SIGTERM): end every step and remove the boot files
+        now, without waiting (a step's worker also exits by itself once the driver's
+        connection closes)."""
+        with self._lock:
+            procs = list(self._procs.values())
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def attach(self, chan: object) -> None:  # pragma: no cover - never called for srun
         raise AssertionError("srun workers have no fork server")
@@ -212,9 +228,34 @@ class SrunLauncher:
                 proc.kill()
                 proc.wait()
         if self._dir is not None:
-            import shutil
-
             shutil.rmtree(self._dir, ignore_errors=True)
+        _live.discard(self)
+
+
+_live: weakref.WeakSet[SrunLauncher] = weakref.WeakSet()
+
+
+def _clean_up_on_sigterm() -> None:
+    """Remove the boot files (they hold the secret) when the driver is killed by SIGTERM.
+
+    Only where nobody else handles SIGTERM (the default action, in the main thread): the
+    handler cleans up, restores the default and sends the signal again, so the driver
+    still dies of SIGTERM as it would have. A normal exit, Ctrl-C and a program's own
+    SIGTERM handler that exits through Python clean up through shutdown instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    for launcher in list(_live):
+        with contextlib.suppress(Exception):
+            launcher.abandon()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def pool_of(max_cores: int | None, allocated: int, what: str = "max_cores") -> int:
