@@ -26,6 +26,23 @@ if [ ! -x .venv/bin/python ]; then
     fi
   fi
 fi
+# A headless browser for the test of the campaign report's HTML page (skips without it).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+    || echo "setup: could not install chromium; the report's browser test will skip" >&2
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[all,test]"
+# CPython's own concurrent.futures tests (tests/test_stdlib_conformance.py runs them against
+# our executors); Debian ships them apart from the interpreter.
+PYVER=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ "$PYVER" = 3.11 ] && [ ! -f "/usr/lib/python$PYVER/test/test_concurrent_futures.py" ] \
+    && ! .venv/bin/python -c 'import test.test_concurrent_futures' >/dev/null 2>&1 \
+    && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get install -y -qq "libpython$PYVER-testsuite" >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq "libpython$PYVER-testsuite" >/dev/null; }; } \
+    || echo "setup: could not install libpython$PYVER-testsuite; the stdlib conformance tests will skip"
+fi
 echo "setup: ready ($(.venv/bin/python --version), executorkit $(.venv/bin/python -c 'import executorkit; print(executorkit.__version__)'))"

@@ -234,6 +234,20 @@ def running(peer: str, block: bool, **kwargs: Any) -> Iterator[Executor]:
     shutdown(exe, cancel=False, timeout=60)
 
 
+@contextlib.contextmanager
+def scratch_cwd() -> Iterator[str]:
+    """Run the figures in a temporary directory: whatever calls write into their working
+    directory (Command output files, say) never lands in the user's (or the repository)."""
+    before = os.getcwd()
+    scratch = tempfile.mkdtemp(prefix="executorkit-bench-cwd-")
+    os.chdir(scratch)
+    try:
+        yield scratch
+    finally:
+        os.chdir(before)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def wait_all(futures: Sequence[Future], timeout: float) -> list[Any]:
     """All results, within ``timeout`` seconds in total."""
     deadline = time.monotonic() + timeout
@@ -942,8 +956,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     progress(" ".join(f"{k}={v}" for k, v in meta.items()))
     started = time.perf_counter()
-    for figure in chosen:
-        figure(report)
+    for name in ("json", "markdown"):  # named from where the user ran us
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    with scratch_cwd():
+        for figure in chosen:
+            figure(report)
     stop_multiprocessing_helpers()
     leftovers = leftover_processes()
     if leftovers:

@@ -20,8 +20,8 @@ _PUBLIC = {
     "get_cache_data": "executorkit.cache",
     "get_future_from_cache": "executorkit.cache",
     "clear_cache": "executorkit.cache",
-    "terminate_tasks_in_cache": "executorkit.executors.slurm_cluster",
-    "terminate_task_in_cache": "executorkit.executors.slurm_cluster",
+    "terminate_tasks_in_cache": "executorkit.executors.terminate",
+    "terminate_task_in_cache": "executorkit.executors.terminate",
     "get_item_from_future": "executorkit.streaming",
     "split_future": "executorkit.streaming",
     "as_completed": "executorkit.streaming",
@@ -29,6 +29,7 @@ _PUBLIC = {
     "Command": "executorkit.command",
     "CommandResult": "executorkit.command",
     "CommandError": "executorkit.command",
+    "campaign_report": "executorkit._report",
     "pickle_by_value": "executorkit._pickling",
 }
 

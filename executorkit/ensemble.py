@@ -18,6 +18,7 @@ import ast
 import itertools
 import re
 import shlex
+import string
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any
@@ -30,7 +31,7 @@ __all__ = ["RELATIONS", "expand", "generate", "linspace", "logspace", "render_co
 RELATIONS = ("one-to-one", "many-to-many")
 GENERATORS = ("linspace", "logspace", "range")
 _CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
-_FIELD = re.compile(r"{(\w+)(?:[^{}]*)}")
+_NAME = re.compile(r"\w*")
 
 
 def linspace(start: float, stop: float, num: int) -> list[float]:
@@ -102,8 +103,25 @@ def expand(parameters: Mapping[str, Any], relation: str = "many-to-many") -> lis
 
 
 def template_fields(template: str) -> set[str]:
-    """Names a command template refers to (``{a}``, ``{a:.3f}``)."""
-    return set(_FIELD.findall(template))
+    """Names a command template refers to (``{a}``, ``{a:.3f}``, ``{a[0]}``); ``{{`` and
+    ``}}`` are literal braces (``awk '{{print $1}}'``).
+
+    Raises ValueError for unbalanced braces or a positional field (``{}``, ``{0}``): a
+    template is filled in by name only.
+    """
+    names = set()
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{exc} in the template {template!r} (write {{{{ and }}}} for "
+                         "literal braces)") from None
+    for text in fields:
+        name = _NAME.match(text).group()  # type: ignore[union-attr]  # \w* always matches
+        if not name or name.isdigit():
+            raise ValueError(f"the template {template!r} has a positional field "
+                             f"{{{text}}}; name the parameter, as in {{a}}")
+        names.add(name)
+    return names
 
 
 def render_command(template: str, values: Mapping[str, Any]) -> Command:

@@ -204,9 +204,12 @@ class TaskTimeoutError(ExecutorkitError, TimeoutError):
     """A task ran longer than its ``run_time_max`` and was stopped."""
 
 
-class WorkerDiedError(ExecutorkitError):
-    """The process running a task ended without returning a result.
+class WorkerDiedError(ExecutorkitError, RuntimeError):
+    """The process running a task ended without returning a result (or the task called
+    ``sys.exit()``, which would have ended it).
 
+    A ``RuntimeError``, like the stdlib's ``BrokenProcessPool`` and executorlib's
+    ``ExecutorlibSocketError``, so ``except RuntimeError:`` catches it on every library.
     ``exitcode`` is the exit status (``None`` if unknown), ``signal`` the number of the
     signal that killed it (``None`` if it exited), ``host`` and ``pid`` say where.
     """
@@ -218,6 +221,29 @@ class WorkerDiedError(ExecutorkitError):
         self.signal = signum
         self.host = host
         self.pid = pid
+
+
+def task_exception(exc: BaseException, name: str) -> BaseException:
+    """What ``result()`` raises for an exception a task raised.
+
+    An ``Exception`` is itself. ``SystemExit`` (the task called ``sys.exit()``),
+    ``KeyboardInterrupt`` and other ``BaseException``s would end or interrupt the *driver*
+    when re-raised there, silently for ``SystemExit``: they become a
+    :class:`WorkerDiedError` naming what happened, the original as its ``__context__``.
+    """
+    if isinstance(exc, Exception):
+        return exc
+    if isinstance(exc, SystemExit):
+        code = exc.code
+        exitcode = code if isinstance(code, int) else (0 if code is None else 1)
+        err = WorkerDiedError(f"{name} called sys.exit({'' if code is None else repr(code)}),"
+                              f" which ends its process: no result", exitcode=exitcode)
+    else:
+        err = WorkerDiedError(f"{name} raised {type(exc).__name__}, which would stop the "
+                              f"driver if raised there: no result")
+    err.__context__ = exc
+    err.__cause__ = exc.__cause__
+    return err
 
 
 class ExecutorBrokenError(ExecutorkitError, BrokenExecutor):

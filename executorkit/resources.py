@@ -20,7 +20,8 @@ from typing import Any
 
 from executorkit.errors import ResourceError
 
-__all__ = ["ESCALATABLE", "KEYS", "Capabilities", "Resources", "merge", "parse"]
+__all__ = ["ALIASES", "ESCALATABLE", "EXECUTOR_SETTINGS", "KEYS", "Capabilities", "Resources",
+           "merge", "parse"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +242,21 @@ _CHECKS = {
 KEYS = frozenset(_CHECKS)
 assert {f.name for f in fields(Resources)} - {"given"} == KEYS
 
+# executorlib's names for the same thing (its newer versions): read as our key, so a
+# migrated script keeps working. "timeout" fails the call with a TimeoutError after that
+# many seconds there too (executorlib stops waiting; executorkit also stops the process).
+ALIASES = {"timeout": "run_time_max", "run_time_limit": "run_time_max"}
+# Keys of executorlib's resource_dict that are executor settings here (see BaseExecutor).
+EXECUTOR_SETTINGS = ("restart_limit",)
+
 
 def _unknown_key_error(key: object) -> ResourceError:
     allowed = ", ".join(sorted(KEYS))
+    if key in EXECUTOR_SETTINGS:
+        return ResourceError(
+            f"resource_dict[{key!r}] is a setting of the whole executor (its workers serve "
+            f"every call): give it in the executor's resource_dict or as {key}=..., not per "
+            f"call", key=str(key), allowed="the executor's resource_dict or parameter")
     return ResourceError(
         f"unknown resource_dict key {key!r}; allowed keys: {allowed}", key=str(key),
         allowed=allowed,
@@ -262,11 +275,18 @@ def parse(resource_dict: Mapping[str, Any] | None, base: Resources = Resources()
     if not resource_dict:
         return base
     changes: dict[str, Any] = {}
-    for key, value in resource_dict.items():
+    for alias, value in resource_dict.items():
+        key = ALIASES.get(alias, alias)
+        if key in changes or (key != alias and key in resource_dict):
+            raise ResourceError(
+                f"resource_dict gives {key!r} twice (as {alias!r} and another of its names, "
+                f"executorlib's or ours); give one of them", key=alias,
+                allowed=f"one of {key!r}, " + ", ".join(repr(a) for a in ALIASES
+                                                       if ALIASES[a] == key))
         check = _CHECKS.get(key)
         if check is None:
             raise _unknown_key_error(key)
-        changes[key] = check(key, value)
+        changes[key] = check(alias, value)  # errors name the key as the user wrote it
     if "cache_key" in changes:
         # Imported here: the key rules live with the cache, and the cache imports this module.
         from executorkit.cache import validate_cache_key
@@ -311,6 +331,8 @@ class Capabilities:
                     f"{self.backend} cannot honour resource_dict[{key!r}]: {reason}", key=key,
                     allowed=f"keys other than {key!r} on {self.backend}",
                 )
+        if self.per_task_cpus is not None:
+            _check_fixed_size_escalation(self.backend, res)
         limit = self.per_task_cpus if self.per_task_cpus is not None else self.max_cpus
         if res.cpus > limit:
             what = "one worker has" if self.per_task_cpus is not None else "the executor has"
@@ -334,3 +356,15 @@ class Capabilities:
                 key="num_nodes", allowed=f"1..{self.max_nodes}",
             )
         return res
+
+
+def _check_fixed_size_escalation(backend: str, res: Resources) -> None:
+    """Block-allocation workers have a fixed size: a retry can get more time, never more
+    cores, threads or GPUs (escalating them would silently run the same attempt again)."""
+    sized = [key for key, _ in res.retry_escalation if key != "run_time_max"]
+    if sized:
+        raise ResourceError(
+            f"{backend} with block_allocation=True cannot escalate {', '.join(sized)} on a "
+            f"retry: its workers have a fixed size (escalate run_time_max only, or use "
+            f"per-task processes)", key="retry_escalation",
+            allowed="{'run_time_max': factor} with block_allocation=True")

@@ -1,8 +1,8 @@
 """The pool and the admission policy, as a plain state machine.
 
-Events go in (:meth:`Scheduler.submit`, :meth:`Scheduler.finish`, :meth:`Scheduler.withdraw`),
-decisions come out (a list of :class:`Start`). There are no threads, clocks or processes
-here, so the policy is tested by feeding events and reading decisions.
+Events go in (:meth:`Scheduler.submit`, :meth:`Scheduler.finish`, :meth:`Scheduler.withdraw`,
+:meth:`Scheduler.resize`), decisions come out (a list of :class:`Start`). There are no
+threads, clocks or processes here, so the policy is tested by feeding events and reading decisions.
 
 Policy
 ------
@@ -13,6 +13,9 @@ Policy
 * Starvation guard: if the best task does not fit and smaller tasks have overtaken it
   ``starvation_limit`` times, nothing else starts until it does. The pool then drains
   towards it, so a large task is never blocked forever by a stream of small ones.
+* Resizing: slots added to the pool are free at once; a removed slot leaves at once if free,
+  otherwise when the task holding it finishes (a running task is never disturbed). A resize
+  that would leave a waiting task larger than the pool is refused, as its submit would be.
 
 Waiting tasks are kept in one heap per *shape* (cpus, gpus). Campaigns have few shapes, so
 finding the best task that fits costs O(shapes * log n), not a scan of every waiting task.
@@ -61,7 +64,11 @@ class Scheduler:
             raise ValueError("a pool needs at least one CPU slot")
         self._free_cpus = sorted(self._all_cpus, reverse=True)  # pop() takes the lowest id
         self._free_gpus = sorted(self._all_gpus, reverse=True)
+        # granted slots that a resize removed: they leave when their task finishes
+        self._leaving_cpus: set[int] = set()
+        self._leaving_gpus: set[int] = set()
         self.max_running = max_running
+        self._fixed_starvation_limit = starvation_limit
         self._starvation_limit = (
             starvation_limit if starvation_limit is not None else 2 * len(self._all_cpus)
         )
@@ -90,11 +97,35 @@ class Scheduler:
     def finish(self, task: Hashable) -> list[Start]:
         """A running task ended: free its resources and start what now fits."""
         start = self._running.pop(task)
-        self._free_cpus.extend(start.cpus)
+        self._free_cpus.extend(_returned(start.cpus, self._leaving_cpus))
         self._free_cpus.sort(reverse=True)
         if start.gpus:
-            self._free_gpus.extend(start.gpus)
+            self._free_gpus.extend(_returned(start.gpus, self._leaving_gpus))
             self._free_gpus.sort(reverse=True)
+        return self._admit()
+
+    def resize(self, cpus: Iterable[int], gpus: Iterable[int] | None = None) -> list[Start]:
+        """The pool is now ``cpus`` (and ``gpus``; None keeps them): start what fits now.
+
+        Raises ValueError, changing nothing, if the pool would be empty or a waiting task
+        would no longer fit in it.
+        """
+        new_cpus = tuple(dict.fromkeys(cpus))
+        new_gpus = self._all_gpus if gpus is None else tuple(dict.fromkeys(gpus))
+        if not new_cpus:
+            raise ValueError("a pool needs at least one CPU slot")
+        for shape, _ in self._waiting.values():
+            if shape[0] > len(new_cpus) or shape[1] > len(new_gpus):
+                raise ValueError(f"a waiting task needs {shape[0]} CPUs and {shape[1]} GPUs, "
+                                 f"more than the resized pool of {len(new_cpus)} and "
+                                 f"{len(new_gpus)}")
+        self._free_cpus, self._leaving_cpus = _repool(
+            self._all_cpus, new_cpus, self._free_cpus, self._leaving_cpus)
+        self._free_gpus, self._leaving_gpus = _repool(
+            self._all_gpus, new_gpus, self._free_gpus, self._leaving_gpus)
+        self._all_cpus, self._all_gpus = new_cpus, new_gpus
+        if self._fixed_starvation_limit is None:
+            self._starvation_limit = 2 * len(new_cpus)
         return self._admit()
 
     def finish_none(self) -> list[Start]:
@@ -134,8 +165,13 @@ class Scheduler:
         used_gpus = [g for s in self._running.values() for g in s.gpus]
         assert len(set(used_cpus)) == len(used_cpus), "a CPU slot is granted twice"
         assert len(set(used_gpus)) == len(used_gpus), "a GPU is granted twice"
-        assert sorted(used_cpus + self._free_cpus) == sorted(self._all_cpus)
-        assert sorted(used_gpus + self._free_gpus) == sorted(self._all_gpus)
+        assert self._leaving_cpus <= set(used_cpus), "a removed CPU slot is not in use"
+        assert self._leaving_gpus <= set(used_gpus), "a removed GPU is not in use"
+        assert not (self._leaving_cpus & set(self._all_cpus))
+        assert sorted(used_cpus + self._free_cpus) == sorted(
+            [*self._all_cpus, *self._leaving_cpus])
+        assert sorted(used_gpus + self._free_gpus) == sorted(
+            [*self._all_gpus, *self._leaving_gpus])
         assert not (self._waiting.keys() & self._running.keys())
 
     # ------------------------------------------------------------------ policy
@@ -195,3 +231,22 @@ class Scheduler:
         start = Start(task, cpus, gpus)
         self._running[task] = start
         return start
+
+
+def _returned(ids: tuple[int, ...], leaving: set[int]) -> tuple[int, ...]:
+    """The ids of a finished task that go back to the pool (removed ones leave it)."""
+    if not leaving:
+        return ids
+    back = tuple(i for i in ids if i not in leaving)
+    leaving.difference_update(ids)
+    return back
+
+
+def _repool(old: tuple[int, ...], new: tuple[int, ...], free: list[int],
+            leaving: set[int]) -> tuple[list[int], set[int]]:
+    """Free and leaving ids after the pool changed from ``old`` to ``new``."""
+    keep = set(new)
+    granted = (set(old) | leaving) - set(free)
+    added = [i for i in new if i not in granted and i not in free]
+    free = sorted([i for i in free if i in keep] + added, reverse=True)
+    return free, {i for i in granted if i not in keep}

@@ -77,6 +77,7 @@ class CacheSpec(_Message):
     key: str
     function_name: str
     resource_dict: dict[str, Any] = field(default_factory=dict)
+    slot: int | None = None  # the first CPU slot (block: worker slot) the call ran on
 
 
 @dataclass(slots=True)

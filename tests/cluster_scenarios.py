@@ -1,28 +1,46 @@
-"""Driver scripts for test_slurm_cluster.py: ``python cluster_scenarios.py NAME CACHE DIR``."""
+"""Driver scripts for the cluster executor tests:
+``python cluster_scenarios.py NAME CACHE DIR [slurm|flux [FLUX_URI]]``."""
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 
 import taskfuncs as tf
-
-from executorkit import SlurmClusterExecutor
 
 T = 180
 
 
-def start_gated(cache: str, d: str) -> dict:
+def _executor(cache: str, backend: str, uri: str | None):
+    if backend == "flux":
+        from executorkit import FluxClusterExecutor
+
+        return FluxClusterExecutor(cache_directory=cache, flux_uri=uri)
+    from executorkit import SlurmClusterExecutor
+
+    return SlurmClusterExecutor(cache_directory=cache, poll_interval=0.2)
+
+
+def start_gated(cache: str, d: str, backend: str = "slurm", uri: str | None = None) -> dict:
     """Submit a call that waits for a release file, then leave without waiting."""
-    exe = SlurmClusterExecutor(cache_directory=cache, poll_interval=0.2)
+    exe = _executor(cache, backend, uri)
     fut = exe.submit(tf.counted_gate, d, 5)
     job = fut._job.job_id
     exe.shutdown(wait=False)
     return {"job": job}
 
 
-def reattach(cache: str, d: str) -> dict:
-    exe = SlurmClusterExecutor(cache_directory=cache, poll_interval=0.2)
+def start_and_hang(cache: str, d: str, backend: str = "slurm", uri: str | None = None) -> None:
+    """Submit the gated call, say its job id, then wait to be killed."""
+    exe = _executor(cache, backend, uri)
+    fut = exe.submit(tf.counted_gate, d, 5)
+    print("JOB " + json.dumps(fut._job.job_id), flush=True)
+    threading.Event().wait()
+
+
+def reattach(cache: str, d: str, backend: str = "slurm", uri: str | None = None) -> dict:
+    exe = _executor(cache, backend, uri)
     fut = exe.submit(tf.counted_gate, d, 5)
     job = fut._job.job_id
     tf.release(d, "cg")

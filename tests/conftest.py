@@ -49,6 +49,13 @@ def make_executor(mode: str):
         exe.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.fixture(autouse=True)
+def scratch_cwd(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test runs in a temporary working directory: nothing a test or its tasks write
+    there (the output files of Command calls, say) lands in the repository."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def notebook_runs(tmp_path_factory: pytest.TempPathFactory):
     """Executes each notebook once per session (test_notebooks and test_docs share it)."""

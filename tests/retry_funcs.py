@@ -25,3 +25,11 @@ def fail_first_time(marker):
 
 def add_one(x):
     return x + 1
+
+
+def hang_first_time(marker):
+    """Hangs the first time (per marker file), so that attempt can only end by a timeout."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        signal.pause()
+    return "second attempt"

@@ -102,6 +102,61 @@ def nested() -> dict:
         return {"results": [f.result(timeout=T) for f in outer]}
 
 
+STUBBORN = 'trap "" TERM; echo $$ > {d}/pid.$SLURM_PROCID; while true; do sleep 0.05; done'
+
+
+def _gone(path: str) -> bool:
+    with open(path) as fh:
+        pid = int(fh.read())
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def commands() -> dict:
+    """Programs as steps: cores=1 inside its worker's step; cores=2 as ``srun -n 2 prog``."""
+    from conftest import wait_until
+
+    from executorkit import Command, CommandError
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as d, \
+            SlurmJobExecutor(cache_directory=os.path.join(d, "cache")) as exe:
+        one = exe.submit(Command(["sh", "-c", "echo step $SLURM_STEP_ID tasks $SLURM_NTASKS"]),
+                         resource_dict={"cwd": d}).result(timeout=T)
+        out["one"] = [one.stdout.split()[0], one.stdout.split()[-1], one.args[0]]
+        two = exe.submit(Command(["sh", "-c", "echo rank $SLURM_PROCID of $SLURM_NTASKS"]),
+                         resource_dict={"cores": 2, "cwd": d}).result(timeout=T)
+        out["two"] = sorted(two.stdout.splitlines())
+        out["two_args"] = two.args[:3]
+        script = 'if [ "$SLURM_PROCID" = 1 ]; then echo rank one failed >&2; exit 4; fi'
+        try:
+            exe.submit(Command(["sh", "-c", script]),
+                       resource_dict={"cores": 2, "cwd": d}).result(timeout=T)
+        except CommandError as err:
+            out["rank_failed"] = [err.returncode != 0, "rank one failed" in str(err)]
+        try:
+            exe.submit(Command(["sh", "-c", STUBBORN.format(d=d)]),
+                       resource_dict={"cores": 2, "run_time_max": 3, "cwd": d}).result(timeout=T)
+        except TaskTimeoutError as err:
+            out["timeout"] = str(err)
+        pids = [os.path.join(d, f"pid.{r}") for r in (0, 1)]
+        wait_until(lambda: all(os.path.exists(p) for p in pids), timeout=60)
+        wait_until(lambda: all(_gone(p) for p in pids), timeout=60)
+        out["stubborn_gone"] = True
+        out["after"] = exe.submit(tf.inc, 1).result(timeout=T)
+        # killed unless its step has two CPUs: succeeds only after escalation
+        escalated = 'test "$SLURM_CPUS_PER_TASK" = 2 || kill -9 $$; echo fine'
+        out["escalated"] = exe.submit(Command(["sh", "-c", escalated]), resource_dict={
+            "max_retries": 1, "retry_escalation": {"threads_per_core": 2}, "cwd": d,
+        }).result(timeout=T).stdout
+        exe.shutdown(wait=True)
+        from executorkit import campaign_report
+        from executorkit.cli._status import read_status
+
+        status = read_status(os.path.join(d, "cache"))
+        out["status"] = [status["closed"], status["counts"]["done"], status["counts"]["failed"]]
+        out["report"] = campaign_report(os.path.join(d, "cache")).counts()
+
+
 def _steps() -> set[str]:
     """Step ids of this allocation that Slurm still lists."""
     out = subprocess.run(["squeue", "-h", "-s", "-j", os.environ["SLURM_JOB_ID"], "-o", "%i"],
@@ -170,19 +225,18 @@ def boot_files_after_exit() -> dict:
 def syspath() -> dict:
     """Functions of a module found only through a path added at run time, in steps."""
     out = {}
-    with tempfile.TemporaryDirectory() as d:
-        with SlurmJobExecutor(max_workers=2) as per_task, \
+    with tempfile.TemporaryDirectory() as d, SlurmJobExecutor(max_workers=2) as per_task, \
                 SlurmJobExecutor(max_workers=1, block_allocation=True) as block:
-            out["warm"] = block.submit(tf.inc, 1).result(timeout=T)  # worker already up
-            name = f"light_{os.getpid()}"
-            with open(os.path.join(d, f"{name}.py"), "w") as fh:
-                fh.write("def spin(x):\n    return x * 2\n")
-            sys.path.insert(0, d)
-            light = __import__(name)
-            out["per_task"] = per_task.submit(light.spin, 1).result(timeout=T)
-            out["block"] = block.submit(light.spin, 2).result(timeout=T)
-            out["mpi"] = per_task.submit(light.spin, 3,
-                                         resource_dict={"cores": 2}).result(timeout=T)
+        out["warm"] = block.submit(tf.inc, 1).result(timeout=T)  # worker already up
+        name = f"light_{os.getpid()}"
+        with open(os.path.join(d, f"{name}.py"), "w") as fh:
+            fh.write("def spin(x):\n    return x * 2\n")
+        sys.path.insert(0, d)
+        light = __import__(name)
+        out["per_task"] = per_task.submit(light.spin, 1).result(timeout=T)
+        out["block"] = block.submit(light.spin, 2).result(timeout=T)
+        out["mpi"] = per_task.submit(light.spin, 3,
+                                     resource_dict={"cores": 2}).result(timeout=T)
     return out
 
 

@@ -249,6 +249,28 @@ def inner_job_executor(n):
                                  [inner.submit(inc, i) for i in range(n)]]
 
 
+def flux_instance(tag=None):
+    """Inside a Flux batch job: the nested instance this call runs in (``tag`` only makes
+    calls with different resources different calls)."""
+    import flux
+
+    from executorkit.launchers.flux_batch import pool_of
+
+    handle = flux.Flux()
+    pool = pool_of(handle.rpc("sched.resource-status").get()["all"])
+    return {"size": int(handle.attr_get("size")), "cores": pool.cores, "nodes": pool.nodes,
+            "uri": os.environ.get("FLUX_URI"), "omp": os.environ.get("OMP_NUM_THREADS")}
+
+
+def inner_flux_jobs(n):
+    """Inside a Flux batch job: n calls through FluxJobExecutor over the job's instance."""
+    from executorkit import FluxJobExecutor
+
+    with FluxJobExecutor() as inner:
+        futs = [inner.submit(inc, i) for i in range(n)]
+        return inner.max_cores, [f.result(timeout=120) for f in futs]
+
+
 def mpi_listening_addresses():
     """This rank's listening TCP addresses, less those its launcher (the parent) holds too
     (hydra's control socket is inherited by every rank)."""

@@ -91,6 +91,12 @@ def test_ensemble_launcher_layout_is_accepted(tmp_path, capsys):
     ('[ensembles.s]\ncommand = "echo {a}"\nrelation = "zip"\n[ensembles.s.parameters]\na = [1]\n',
      "relation"),
     ('[ensembles.s]\nfunction = "nomodule"\n', "function"),
+    # fields that cannot be filled in: an error of the spec, not a traceback at run time
+    ('[ensembles.s]\ncommand = "echo {} {a}"\n[ensembles.s.parameters]\na = [1]\n', "command"),
+    ('[ensembles.s]\ncommand = "echo {a[0]}"\n[ensembles.s.parameters]\na = [1]\n', "command"),
+    ('[ensembles.s]\ncommand = "echo {a:d}"\n[ensembles.s.parameters]\na = [0.5]\n', "command"),
+    ('[ensembles.s]\ncommand = "echo \'{a}"\n[ensembles.s.parameters]\na = [1]\n', "command"),
+    ('[ensembles.s]\ncommand = "echo {a"\n[ensembles.s.parameters]\na = [1]\n', "command"),
 ])
 def test_bad_spec_names_file_ensemble_and_key(tmp_path, capsys, body, key):
     spec = tmp_path / "bad.toml"
@@ -119,3 +125,29 @@ def test_python_m_executorkit_info():
                           text=True, timeout=120, check=True)
     for word in ("cpus", "gpus", "slurm", "flux", "mpiexec", "mpi4py", "executorkit"):
         assert any(line.startswith(word) for line in proc.stdout.splitlines()), word
+
+
+def test_literal_braces_in_a_template_are_not_parameters(tmp_path, capsys):
+    spec = tmp_path / "awk.toml"
+    spec.write_text('[ensembles.s]\ncommand = "awk \'BEGIN {{print {a} + 1}} END {{print NR}}\'"\n'
+                    '[ensembles.s.parameters]\na = [1, 2]\n')
+    [ens] = load_spec(str(spec))
+    assert [c["a"] for c in ens.calls] == [1, 2]
+    assert main(["run", str(spec), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "awk.cache.results.json").read_text())
+    assert [r["output"] for r in rows] == ["2\n0", "3\n0"]
+
+
+def test_el_layout_with_a_bad_template_is_a_spec_error(tmp_path):
+    spec = tmp_path / "config.json"
+    spec.write_text(json.dumps({"ensembles": {"E": {"cmd_template": "echo {}", "a": [1]}}}))
+    with pytest.raises(SpecError) as info:
+        load_spec(str(spec))
+    assert info.value.key == "cmd_template" and "positional" in str(info.value)
+
+
+def test_report_of_a_directory_without_entries_is_an_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 2
+    assert "holds no cache entries" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+

@@ -166,3 +166,43 @@ def test_map_over_commands():
         results = list(exe.map(lambda c: c(), [Command(["true"])] * 3, timeout=60))
     assert [r.returncode for r in results] == [0, 0, 0]
 
+
+
+def test_missing_program_and_no_inherited_descriptors(make_executor):
+    exe = make_executor(max_workers=1)
+    err = exe.submit(Command(["no-such-program-xyz", "1"])).exception(timeout=60)
+    assert isinstance(err, FileNotFoundError) and "no-such-program-xyz" in str(err)
+    # The program gets stdin, stdout and stderr only: never the worker's socket or files.
+    listing = exe.submit(Command(["sh", "-c", "ls /proc/$$/fd"])).result(timeout=60)
+    assert sorted(int(fd) for fd in listing.stdout.split()) == [0, 1, 2]
+
+
+def test_programs_run_by_one_worker_keep_their_own_output_files(tmp_path):
+    # One block-allocation worker runs both programs (same pid, same cwd): the second
+    # call must not overwrite the files the first call's result names.
+    from executorkit import SingleNodeExecutor
+
+    with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
+        first = exe.submit(Command(["echo", "one"]), resource_dict={"cwd": str(tmp_path)})
+        first = first.result(timeout=60)
+        second = exe.submit(Command(["echo", "two"]), resource_dict={"cwd": str(tmp_path)})
+        second = second.result(timeout=60)
+    assert first.stdout_file != second.stdout_file
+    assert first.stderr_file != second.stderr_file
+    with open(first.stdout_file) as fh:
+        assert fh.read() == "one\n"
+    with open(second.stdout_file) as fh:
+        assert fh.read() == "two\n"
+
+
+def test_cache_key_covers_declared_outputs(tmp_path):
+    # Two Commands that differ only in the files they promise must not share an entry: the
+    # second one's hit check would look at the wrong files.
+    cache = str(tmp_path / "cache")
+    cmd_a = Command(["sh", "-c", "echo x > a.txt; echo x > b.txt"], outputs=["a.txt"])
+    cmd_b = Command(["sh", "-c", "echo x > a.txt; echo x > b.txt"], outputs=["b.txt"])
+    with SingleNodeExecutor(max_workers=1, cache_directory=cache) as exe:
+        a = exe.submit(cmd_a, resource_dict={"cwd": str(tmp_path)}).result(timeout=60)
+        b = exe.submit(cmd_b, resource_dict={"cwd": str(tmp_path)}).result(timeout=60)
+    assert a.outputs != b.outputs
+    assert b.outputs == (str(tmp_path / "b.txt"),)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import capabilities
 import pytest
 import taskfuncs as tf
 
@@ -124,12 +125,19 @@ def test_len_counts_unfinished_calls_and_the_executor_stays_truthy(tmp_path):
 
 
 @pytest.mark.parametrize("block", [False, True])
-def test_max_workers_reads_and_refuses_resizing(block):
-    exe = executorlib.SingleNodeExecutor(max_workers=2, block_allocation=block)
+def test_max_workers_reads_and_resizes(block):
+    # executorlib's resize test, with only the import changed (the process counting and
+    # the proofs of concurrency are in test_resize.py)
+    exe = executorlib.SingleNodeExecutor(max_workers=1, block_allocation=block)
     try:
-        assert exe.max_workers == 2
-        with pytest.raises(NotImplementedError, match="max_workers"):
-            exe.max_workers = 1
+        futures = [exe.submit(tf.inc, i) for i in range(4)]
+        assert exe.max_workers == 1
+        exe.max_workers = 2
+        assert exe.max_workers == 2 and exe.info["max_workers"] == 2
+        assert [f.result(timeout=T) for f in futures] == [1, 2, 3, 4]
+        exe.max_workers = 1
+        assert [f.result(timeout=T) for f in [exe.submit(tf.inc, i) for i in range(4)]] == \
+            [1, 2, 3, 4]
     finally:
         exe.shutdown(wait=True)
     assert exe.max_workers is None
@@ -228,3 +236,188 @@ def test_submission_template_and_pysqa_config_directory_elsewhere_are_clear_erro
     with pytest.raises(ValueError, match=r"pysqa_config_directory.*submission_template"):
         executorlib.SlurmClusterExecutor(cache_directory=str(tmp_path),
                                          pysqa_config_directory=str(tmp_path))
+
+
+# newer executorlib resource_dict keys: timeout, run_time_limit, restart_limit ----------------
+@pytest.mark.parametrize("block", [False, True])
+@pytest.mark.parametrize("key", ["timeout", "run_time_limit"])
+def test_timeout_keys_fail_the_call_with_a_timeout_error(block, key):
+    with executorlib.SingleNodeExecutor(max_workers=1, block_allocation=block) as exe:
+        slow = exe.submit(tf.sleep_forever, resource_dict={key: 1})
+        with pytest.raises(TimeoutError, match="run_time_max=1"):  # executorlib: TimeoutError
+            slow.result(timeout=T)
+        assert exe.submit(tf.inc, 1).result(timeout=T) == 2  # the pool carries on
+
+
+def test_timeout_aliases_are_run_time_max_and_clash_clearly():
+    from executorkit.errors import ResourceError
+    from executorkit.resources import parse
+
+    assert parse({"timeout": 5}).run_time_max == 5.0
+    assert parse({"run_time_limit": 7}).run_time_max == 7.0
+    for clash in ({"timeout": 1, "run_time_max": 2}, {"timeout": 1, "run_time_limit": 1}):
+        with pytest.raises(ResourceError, match="twice"):
+            parse(clash)
+    with pytest.raises(ResourceError, match=r"resource_dict\['timeout'\]") as info:
+        parse({"timeout": -1})
+    assert info.value.key == "timeout"
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_restart_limit_in_the_executor_resource_dict(limit):
+    from executorkit.errors import ExecutorBrokenError, WorkerDiedError
+
+    given = {"restart_limit": limit}
+    with executorlib.SingleNodeExecutor(max_workers=1, block_allocation=True,
+                                        resource_dict=given) as exe:
+        with pytest.raises(WorkerDiedError):
+            exe.submit(tf.exit_now, 3).result(timeout=T)
+        if limit == 0:  # the one worker died and may not be replaced: the executor is broken
+            with pytest.raises(ExecutorBrokenError, match="restart_limit=0"):
+                exe.submit(tf.inc, 1).result(timeout=T)
+        else:  # replaced once
+            assert exe.submit(tf.inc, 1).result(timeout=T) == 2
+    assert given == {"restart_limit": limit}  # the user's dict is not changed
+
+
+def test_restart_limit_is_refused_per_call_and_when_given_twice():
+    from executorkit.errors import ResourceError
+
+    with executorlib.SingleNodeExecutor(max_workers=1) as exe:
+        with pytest.raises(ResourceError, match="whole executor") as info:
+            exe.submit(tf.inc, 1, resource_dict={"restart_limit": 1})
+        assert info.value.key == "restart_limit"
+    with pytest.raises(ResourceError, match="give it once"):
+        executorlib.SingleNodeExecutor(restart_limit=3, resource_dict={"restart_limit": 2})
+
+
+# 12 ----------------------------------------------------------------------------------------
+# A function from a module the driver imports through its own sys.path (the directory of
+# the script, a test runner's rootdir, sys.path.append in a notebook) runs in the workers
+# too: executorlib pickles such a caller's module by value, we hand the workers the path.
+HELPER_SOURCE = """\
+def scaled(x):
+    return 10 * x
+
+
+def rank_and_size(x):
+    from mpi4py import MPI
+
+    return x, MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+"""
+
+
+@pytest.fixture
+def helper_module(tmp_path):
+    """A module importable only through an entry the driver added to sys.path."""
+    import importlib
+    import sys
+
+    directory = tmp_path / "on_driver_path_only"
+    directory.mkdir()
+    name = f"helpers_{os.getpid()}_{abs(hash(str(tmp_path)))}"
+    (directory / f"{name}.py").write_text(HELPER_SOURCE)
+    sys.path.append(str(directory))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_function_from_a_module_on_the_drivers_path_runs_in_workers(helper_module, block):
+    assert str(os.path.dirname(helper_module.__file__)) not in os.environ["PYTHONPATH"]
+    with executorlib.SingleNodeExecutor(max_workers=2, block_allocation=block) as exe:
+        assert exe.submit(helper_module.scaled, 4).result(timeout=T) == 40
+        assert list(exe.map(helper_module.scaled, [1, 2], timeout=T)) == [10, 20]
+
+
+@pytest.mark.mpi
+def test_mpi_ranks_import_a_module_on_the_drivers_path(helper_module):
+    capabilities.require("mpi")
+    with executorlib.SingleNodeExecutor(max_cores=2) as exe:
+        fut = exe.submit(helper_module.rank_and_size, 7, resource_dict={"cores": 2})
+        assert fut.result(timeout=T) == [(7, 0, 2), (7, 1, 2)]
+
+
+@pytest.mark.slurm
+def test_batch_job_imports_a_module_on_the_drivers_path(helper_module, tmp_path):
+    capabilities.require("slurm")
+    with executorlib.SlurmClusterExecutor(cache_directory=str(tmp_path / "cache")) as exe:
+        assert exe.submit(helper_module.scaled, 5).result(timeout=180) == 50
+
+
+def test_worker_pythonpath_adds_only_what_a_fresh_interpreter_lacks(helper_module):
+    import site
+
+    from executorkit.launchers.pythonpath import worker_pythonpath
+
+    directory = os.path.dirname(helper_module.__file__)
+    entries = worker_pythonpath({"PYTHONPATH": "/first"}).split(os.pathsep)
+    assert entries[0] == "/first" and directory in entries
+    assert not set(site.getsitepackages()) & set(entries)  # stays behind the stdlib
+
+
+# 13 ----------------------------------------------------------------------------------------
+def calls_exit(code):
+    import sys
+
+    sys.exit(code)
+
+
+def exit_at_init():
+    import sys
+
+    sys.exit()
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_sys_exit_in_a_task_fails_its_future_and_never_exits_the_driver(block):
+    from executorkit.errors import WorkerDiedError
+
+    with executorlib.SingleNodeExecutor(max_workers=1, block_allocation=block) as exe:
+        fut = exe.submit(calls_exit, 3)
+        with pytest.raises(RuntimeError, match=r"calls_exit called sys.exit\(3\)") as info:
+            fut.result(timeout=T)  # executorlib: ExecutorlibSocketError, a RuntimeError
+        assert isinstance(info.value, WorkerDiedError) and info.value.exitcode == 3
+        assert isinstance(info.value.__context__, SystemExit)
+        assert exe.submit(tf.inc, 1).result(timeout=T) == 2  # the executor goes on
+        dependent = exe.submit(tf.inc, exe.submit(calls_exit, None))
+        with pytest.raises(RuntimeError, match=r"sys.exit\(\)"):
+            dependent.result(timeout=T)
+
+
+def test_sys_exit_in_init_function_is_a_runtime_error():
+    with pytest.raises(RuntimeError, match=r"init_function called sys.exit"), \
+            executorlib.SingleNodeExecutor(max_workers=1, block_allocation=True,
+                                           init_function=exit_at_init) as exe:
+        exe.submit(sum, [1, 1]).result(timeout=T)
+
+
+# 14 ----------------------------------------------------------------------------------------
+class _QueueWithOneJob:
+    """Slurm as a driver sees it right after the last run: one job of this key and this
+    cache directory, in the given state."""
+
+    def __init__(self, state: str, script: str):
+        self.state, self.script = state, script
+
+    def jobs_by_name(self):
+        return {"k": ("41", self.state, "None", self.script)}
+
+    def cancel(self, job_ids):
+        raise AssertionError(f"nothing to cancel: {job_ids}")
+
+
+@pytest.mark.parametrize(("state", "attached"), [("COMPLETING", None), ("COMPLETED", None),
+                                                 ("RUNNING", "41"), ("PENDING", "41")])
+def test_rerun_does_not_attach_to_a_job_that_has_ended(tmp_path, state, attached):
+    # `rm -rf cache; python script.py` right after the last run: that run's job may still be
+    # COMPLETING (its epilog); waiting on it would fail "ended COMPLETED without a result".
+    exe = executorlib.SlurmClusterExecutor(cache_directory=str(tmp_path))
+    try:
+        exe._queue = _QueueWithOneJob(state, str(tmp_path / "k.sh"))
+        assert exe._attach("k") == attached
+    finally:
+        exe.shutdown(wait=True)

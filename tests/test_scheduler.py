@@ -467,3 +467,75 @@ def test_randomized_invariants_and_every_task_starts_once(seed: int) -> None:
     assert sched.free_gpus == ngpus
     assert set(start_count) == submitted - withdrawn
     assert all(count == 1 for count in start_count.values())
+
+
+# --------------------------------------------------------------------------- resizing
+def test_growing_the_pool_starts_waiting_tasks_at_once() -> None:
+    sched = Scheduler([0])
+    fill(sched, 1)
+    assert sched.submit("a", Demand()) == [] and sched.submit("b", Demand()) == []
+    starts = sched.resize([0, 1, 2])
+    assert started(starts) == ["a", "b"] and {s.cpus for s in starts} == {(1,), (2,)}
+    assert sched.free_cpus == 0
+    sched.check_invariants()
+
+
+def test_shrinking_keeps_running_tasks_and_their_slots_leave_when_they_finish() -> None:
+    sched = Scheduler([0, 1, 2])
+    fill(sched, 2)  # busy0 on 0, busy1 on 1; slot 2 free
+    assert sched.resize([0]) == []
+    assert sched.free_cpus == 0 and sched.running == 2  # nobody was disturbed
+    sched.check_invariants()
+    assert sched.submit("a", Demand()) == []  # the pool is one slot, and it is taken
+    assert sched.finish("busy1") == []  # slot 1 left the pool instead of starting "a"
+    sched.check_invariants()
+    (start,) = sched.finish("busy0")
+    assert start == Start("a", (0,), ())
+    sched.check_invariants()
+
+
+def test_a_removed_slot_in_use_can_be_added_back_before_it_is_freed() -> None:
+    sched = Scheduler([0, 1])
+    fill(sched, 2)
+    sched.resize([0])
+    sched.resize([0, 1])  # slot 1 is still granted: it stays in use, then returns
+    sched.check_invariants()
+    assert sched.submit("a", Demand()) == []
+    assert started(sched.finish("busy1")) == ["a"]
+    sched.check_invariants()
+
+
+def test_resize_that_strands_a_waiting_task_or_empties_the_pool_is_refused() -> None:
+    sched = Scheduler([0, 1, 2, 3], gpus=[0, 1])
+    fill(sched, 4)
+    sched.submit("big", Demand(cpus=3, gpus=2))
+    with pytest.raises(ValueError, match="waiting task"):
+        sched.resize([0, 1])
+    with pytest.raises(ValueError, match="waiting task"):
+        sched.resize([0, 1, 2, 3], gpus=[0])
+    with pytest.raises(ValueError, match="at least one CPU"):
+        sched.resize([])
+    assert sched.free_cpus == 0 and sched.waiting == 1  # nothing changed
+    sched.check_invariants()
+
+
+def test_random_resizes_keep_the_books_balanced() -> None:
+    rng = random.Random(7)
+    sched = Scheduler(range(4), gpus=range(2))
+    cpus, gpus = 4, 2
+    running: list[str] = []
+    for step in range(400):
+        event = rng.random()
+        if event < 0.4:
+            demand = Demand(cpus=rng.randint(1, min(2, cpus)), gpus=rng.randint(0, min(1, gpus)))
+            running += started(sched.submit(f"t{step}", demand))
+        elif event < 0.8 and running:
+            running += started(sched.finish(running.pop(rng.randrange(len(running)))))
+        else:
+            new_cpus, new_gpus = rng.randint(1, 6), rng.randint(1, 3)
+            try:
+                running += started(sched.resize(range(new_cpus), gpus=range(new_gpus)))
+            except ValueError:
+                continue  # would strand a waiting task: refused, nothing changed
+            cpus, gpus = new_cpus, new_gpus
+        sched.check_invariants()

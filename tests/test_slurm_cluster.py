@@ -13,7 +13,7 @@ import taskfuncs as tf
 from conftest import wait_until
 
 from executorkit import SlurmClusterExecutor, get_cache_data, terminate_tasks_in_cache
-from executorkit.errors import DependencyError
+from executorkit.errors import DependencyError, ResourceError
 from executorkit.executors.slurm_cluster import JobFailedError
 from executorkit.launchers.queue import job_script, sbatch_command
 from executorkit.resources import parse
@@ -155,6 +155,22 @@ def test_same_key_as_the_local_executor(tmp_path):
         fut = cluster.submit(tf.add, 20, 22)
         assert fut.done() and fut.result(timeout=T) == 42
         assert fut._job.job_id is None
+
+
+def test_env_names_a_batch_script_cannot_export_are_refused(tmp_path):
+    # No job is submitted: the name is refused at submit (and never reaches bash unquoted).
+    exe = SlurmClusterExecutor(cache_directory=str(tmp_path))
+    try:
+        for name in ("X;touch pwned;Y", "A-B", "1A"):
+            with pytest.raises(ResourceError, match="env") as info:
+                exe.submit(tf.add, 1, 2, resource_dict={"env": {name: "1"}})
+            assert info.value.key == "env"
+    finally:
+        exe.shutdown(wait=False)
+    assert not os.path.exists(tmp_path / "pwned")
+    script = job_script(parse({"env": {"OK_1": "v"}}), input_file="/in",
+                        env=[("X;touch pwned;Y", "1")])
+    assert "export 'X;touch pwned;Y'=1" in script  # quoted: bash refuses it, runs nothing
 
 
 @needs_slurm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import os
 import pickle
@@ -142,8 +143,9 @@ def test_encode_layout() -> None:
 def test_messages_pickle_compactly_as_class_and_fields() -> None:
     # _Message.__reduce__ pickles (class, field values); the round trip must keep all fields.
     msg = Spawn(4, (("X", "y"),), "/cwd", (0, 2), True, b"init")
-    expected = (4, (("X", "y"),), "/cwd", (0, 2), True, b"init", (), None, None, False)
-    assert msg.__reduce__() == (Spawn, expected)
+    values = (4, (("X", "y"),), "/cwd", (0, 2), True, b"init")
+    defaults = tuple(f.default for f in dataclasses.fields(Spawn)[len(values):])
+    assert msg.__reduce__() == (Spawn, values + defaults)
     assert pickle.loads(pickle.dumps(msg, protocol=5)) == msg
 
 

@@ -22,7 +22,13 @@ from executorkit.cache._store import (
     entry_path,
     read_record,
 )
-from executorkit.errors import RemoteError, RemoteTraceback, ResourceError, SerializationError
+from executorkit.errors import (
+    RemoteError,
+    RemoteTraceback,
+    ResourceError,
+    SerializationError,
+    task_exception,
+)
 
 __all__ = ["clear_cache", "get_future_from_cache", "remove_stale_temporaries", "stored_exception"]
 
@@ -65,6 +71,7 @@ def stored_exception(record: CacheRecord, path: str) -> BaseException:
     if record.error is not None:
         error = _unpickle(record.error, "exception", path)
         if isinstance(error, BaseException):
+            error = task_exception(error, record.function_name or "the call")
             if text and error.__cause__ is None:
                 error.__cause__ = RemoteTraceback(text)
             return error

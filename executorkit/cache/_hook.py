@@ -11,6 +11,7 @@ computed once the inputs are known, from their values.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import pickle
@@ -145,8 +146,7 @@ class _Attempts:
         if not final:
             target = f"{spec.key}.attempt-{n}"
             if worker_wrote:
-                with contextlib.suppress(OSError):
-                    os.replace(store.path(spec.key), store.path(target))
+                _rename_entry(store, spec.key, target)
                 return
         elif worker_wrote:
             return  # the worker's record of the last attempt is the final one
@@ -157,6 +157,20 @@ class _Attempts:
         except Exception as err:  # the campaign record is a courtesy; never fail the task
             log.warning("could not record attempt %d of task %d in %s: %s", n, task.id,
                         spec.directory, err)
+
+
+def _rename_entry(store: CacheStore, key: str, target: str) -> None:
+    """Keep the worker's record of a failed attempt as entry ``target``, with ``target`` as
+    its key too (like the attempts the driver records): a record's key always names its
+    file, and ``get_cache_data`` never shows two rows of one key."""
+    try:
+        record = store.read(key)
+        store.write(dataclasses.replace(record, key=target))
+        os.remove(store.path(key))
+    except FileNotFoundError:
+        pass  # the worker wrote nothing after all (the driver's record covers it)
+    except Exception as err:  # the campaign record is a courtesy; never fail the task
+        log.warning("could not keep attempt %s in %s: %s", target, store.directory, err)
 
 
 def _driver_record(key: str, spec: CacheSpec, task: Any, exc: BaseException) -> Any:
@@ -183,7 +197,7 @@ def _driver_record(key: str, spec: CacheSpec, task: Any, exc: BaseException) -> 
         kwargs=kwargs_bytes, resource_dict=task.res.as_dict(), status="failed", output=None,
         error=error, error_text=text, started=task.started or time.time(),
         finished=time.time(), hostname=getattr(worker, "host", None) or socket.gethostname(),
-        pid=getattr(worker, "pid", None) or 0)
+        pid=getattr(worker, "pid", None) or 0, slot=spec.slot)
 
 
 def _still_valid(value: Any) -> bool:

@@ -6,7 +6,7 @@ File layout (format 1)
                  ``meta``: UTF-8 JSON object with ``key``, ``function_name``, ``status``
                  ("done" or "failed"), ``started``, ``finished`` (epoch seconds),
                  ``hostname``, ``pid``, ``resource_dict``, ``error_text`` and
-                 ``executorkit_version``;
+                 ``executorkit_version``; optionally ``slot`` (the pool slot it ran on);
                  ``function``, ``args``, ``kwargs``: cloudpickle;
                  ``output`` (status done only) and ``error`` (status failed, when the
                  exception could be pickled): cloudpickle.
@@ -96,6 +96,7 @@ class CacheRecord:
     finished: float
     hostname: str
     pid: int
+    slot: int | None = None  # the pool slot it ran on (None: not recorded, older files)
 
     @property
     def runtime(self) -> float:
@@ -269,6 +270,8 @@ def _meta_json(record: CacheRecord) -> bytes:
 
     meta = {name: getattr(record, name) for name in _META_FIELDS}
     meta["executorkit_version"] = __version__
+    if record.slot is not None:
+        meta["slot"] = record.slot
     try:
         # default=str: a resource_dict value like a Path is worth keeping as text.
         text = json.dumps(meta, sort_keys=True, default=str)
@@ -514,7 +517,10 @@ def _checked_meta(meta: Any) -> dict[str, Any]:
         raise CorruptEntryError(f"the metadata lacks or mistypes {', '.join(wrong)}")
     if meta["status"] not in STATUSES:
         raise CorruptEntryError(f"unknown status {meta['status']!r}")
-    return {name: meta[name] for name in _META_FIELDS}
+    out = {name: meta[name] for name in _META_FIELDS}
+    slot = meta.get("slot")
+    out["slot"] = slot if isinstance(slot, int) and not isinstance(slot, bool) else None
+    return out
 
 
 def _check_complete(hdf5: _Hdf5, fid: Any) -> None:

@@ -29,6 +29,6 @@ def record_call(spec: CacheSpec, msg: RunTask, done: TaskDone) -> None:
         kwargs=kwargs_blob, resource_dict=spec.resource_dict,
         status="done" if done.ok else "failed", output=output, error=error,
         error_text=error_text, started=done.started, finished=done.finished,
-        hostname=socket.gethostname(), pid=os.getpid(),
+        hostname=socket.gethostname(), pid=os.getpid(), slot=spec.slot,
     )
     CacheStore(spec.directory).write(record)

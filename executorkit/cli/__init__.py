@@ -58,8 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return status(args.directory, watch=args.watch)
         if args.command == "report":
-            from executorkit.report import write_report
+            from executorkit._report import load_calls, write_report
 
+            if not load_calls(args.directory):
+                raise ExecutorkitError(f"{args.directory} holds no cache entries: nothing to "
+                                       f"report (give the cache_directory of a campaign)")
             path = write_report(args.directory, args.output)
             print(f"report written to {path}")
             return 0

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from executorkit.ensemble import RELATIONS, expand, template_fields
+from executorkit.ensemble import RELATIONS, expand, render_command, template_fields
 from executorkit.errors import ExecutorkitError, ResourceError
 from executorkit.resources import KEYS, parse
 
@@ -154,6 +154,9 @@ def _ensemble(path: str, base: str, name: str, body: Any) -> Ensemble:
         calls = expand(parameters, relation)
     except ValueError as exc:
         raise SpecError(path, str(exc), ensemble=name, key="relation") from None
+    if command is not None:
+        key = "cmd_template" if "cmd_template" in body else "command"
+        _check_rendering(path, name, key, command, calls)
     resources = _resources(path, base, name, resources)
     if command is not None:
         resources.setdefault("cwd", base)  # so "./exe" means the program beside the spec
@@ -191,7 +194,7 @@ def _launcher_layout(path: str, name: str, body: dict[str, Any]) -> tuple[Any, .
     if not isinstance(command, str) or not command.strip():
         raise SpecError(path, "must be a non-empty command template string", ensemble=name,
                         key="cmd_template")
-    named = template_fields(command)
+    named = _fields(path, name, "cmd_template", command)
     for key in body:
         if key not in _EL_KEYS and key not in named:
             raise SpecError(
@@ -217,8 +220,15 @@ def _launcher_layout(path: str, name: str, body: dict[str, Any]) -> tuple[Any, .
     return command, None, parameters, resources
 
 
+def _fields(path: str, name: str, key: str, command: str) -> set[str]:
+    try:
+        return template_fields(command)
+    except ValueError as exc:
+        raise SpecError(path, str(exc), ensemble=name, key=key) from None
+
+
 def _check_template(path: str, name: str, command: str, parameters: dict[str, Any]) -> None:
-    named = template_fields(command) - {"index"}
+    named = _fields(path, name, "command", command) - {"index"}
     missing = named - set(parameters)
     if missing:
         raise SpecError(path, f"the command template uses {sorted(missing)} but no such "
@@ -228,6 +238,20 @@ def _check_template(path: str, name: str, command: str, parameters: dict[str, An
     if unused:
         raise SpecError(path, "parameter is not used by the command template "
                         f"{command!r}", ensemble=name, key=sorted(unused)[0])
+
+
+def _check_rendering(path: str, name: str, key: str, command: str,
+                     calls: list[dict[str, Any]]) -> None:
+    """Fill the template in for every call now, so a field that does not fit its values
+    (``{a[0]}`` of a number, ``{a:d}`` of a float, an unclosed quote) is an error of the
+    spec before anything runs, not a crash halfway through the submissions."""
+    for index, values in enumerate(calls):
+        try:
+            render_command(command, {**values, "index": index})
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise SpecError(path, f"the command template {command!r} cannot be filled in "
+                            f"for call {index} {values}: {type(exc).__name__}: {exc}",
+                            ensemble=name, key=key) from None
 
 
 def _resources(path: str, base: str, name: str, resources: dict[str, Any]) -> dict[str, Any]:

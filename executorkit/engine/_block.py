@@ -1,6 +1,8 @@
 """Block allocation: one persistent worker per slot, each call placed on the least loaded,
 several tiny calls queued per worker while every active call is known to be tiny (the
-per-function runtime estimate decides), and dead workers replaced up to restart_limit.
+per-function runtime estimate decides), dead workers replaced up to restart_limit, and the
+number of workers changed while running (``max_workers = n``): new workers start at once,
+retired ones get no new calls and stop once the calls already sent to them are done.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import functools
 import types
 from collections.abc import Hashable
 from concurrent.futures import CancelledError
+from dataclasses import replace
 from typing import Any
 
 import cloudpickle
@@ -18,7 +21,7 @@ from executorkit.engine._failures import _error_from_info
 from executorkit.engine._records import RUNNING, WAITING, _Task, _Worker
 from executorkit.errors import ExecutorBrokenError
 from executorkit.scheduler import Start
-from executorkit.transport import ErrorInfo, Spawn, TaskSetup
+from executorkit.transport import ErrorInfo, Spawn, Stop, TaskSetup
 
 DEPTH = 16  # most calls queued in one block-allocation worker (tiny calls only)
 TINY = 0.002  # seconds: calls shorter than this on average may be queued in workers
@@ -49,10 +52,37 @@ class _BlockPool:
         self._slow_active = 0
         self._fn_runtime: dict[Hashable, float] = {}  # runtime_key(fn) -> seconds (average)
         self._block_started = False  # workers start with the first call that needs one
+        self.block_count = config.block_workers  # workers wanted now (max_workers)
+        self._retired: set[int] = set()  # ids of workers a resize took out of the pool
 
     def _start_block_workers(self) -> None:
-        for slot in range(self.cfg.block_workers):
+        for slot in range(self.block_count):
             self._spawn_block_worker(slot)
+
+
+    def _resize_block(self, count: int, cpus: tuple[int, ...], real: bool) -> None:
+        """Grow or shrink the pool to ``count`` workers on the CPU slots ``cpus``."""
+        old, self.block_count = self.block_count, count
+        self.cfg = replace(self.cfg, cpus=cpus, real_cpus=real)
+        if self._block_started and not self._closing:
+            for slot in range(old, count):
+                self._spawn_block_worker(slot)
+            for slot in range(count, old):
+                self._retire(self.slot_workers.pop(slot))
+        self._set_depth()
+        self._starts(self.sched.resize(range(count * DEPTH)))
+
+
+    def _retire(self, w: _Worker) -> None:
+        """No new calls for ``w`` (it left slot_workers); it stops once its calls are done."""
+        self._retired.add(w.id)
+        self._stop_if_retired(w)
+
+
+    def _stop_if_retired(self, w: _Worker) -> None:
+        if not w.tasks and not w.stopping and w.id in self._retired:
+            w.stopping = True  # its exit is no crash: not counted against restart_limit
+            self._send(w, Stop())
 
 
     def _worker_slots(self, slot: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -108,7 +138,7 @@ class _BlockPool:
     def _set_depth(self) -> None:
         """Several calls per worker only while every active call is known to be tiny."""
         depth = DEPTH if self._slow_active == 0 else 1
-        self.sched.max_running = self.cfg.block_workers * depth
+        self.sched.max_running = self.block_count * depth
 
 
     def _replace_block_worker(self, w: _Worker, tasks: list[_Task]) -> None:
@@ -116,14 +146,10 @@ class _BlockPool:
         assert slot is not None
         if self._closing and not self.tasks:
             return
-        if not w.stopping:
-            self.restarts[slot] = self.restarts.get(slot, 0) + 1
-        if self.restarts.get(slot, 0) > self.cfg.restart_limit:
-            self._break(ExecutorBrokenError(
-                f"block-allocation worker {slot} died {self.restarts[slot]} times "
-                f"(restart_limit={self.cfg.restart_limit})"))
+        if w.id in self._retired:  # taken out by a resize: not replaced
+            self._retired.discard(w.id)
+        elif not self._respawn(slot, counts=not w.stopping):
             return
-        self._spawn_block_worker(slot)
         starts: list[Start] = []
         for task in tasks:
             if task is not None:
@@ -139,6 +165,19 @@ class _BlockPool:
             elif task.state == RUNNING:
                 self._finish(task, exc=CancelledError())
         self._starts(self.sched.finish_none())
+
+
+    def _respawn(self, slot: int, *, counts: bool) -> bool:
+        """Start a successor in ``slot``; False (and the executor broken) past restart_limit."""
+        if counts:
+            self.restarts[slot] = self.restarts.get(slot, 0) + 1
+        if self.restarts.get(slot, 0) > self.cfg.restart_limit:
+            self._break(ExecutorBrokenError(
+                f"block-allocation worker {slot} died {self.restarts[slot]} times "
+                f"(restart_limit={self.cfg.restart_limit})"))
+            return False
+        self._spawn_block_worker(slot)
+        return True
 
 
     def _init_failed(self, w: _Worker | None, info: ErrorInfo) -> None:

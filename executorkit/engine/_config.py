@@ -31,4 +31,6 @@ class EngineConfig:
     advertise_host: str | None = None  # the host workers connect to (default: bind_host)
     tmp_dir: str | None = None  # parent of private worker directories (shared for Slurm)
     log_obj_size: bool = False  # log pickled sizes of calls and results (INFO)
+    status_file: str | None = None  # keep a live status.json there (engine._status)
+    backend: str = "executor"  # the public class's name, for the status file
 

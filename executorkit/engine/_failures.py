@@ -24,6 +24,7 @@ from executorkit.errors import (
     RemoteTraceback,
     SerializationError,
     WorkerImportError,
+    task_exception,
 )
 from executorkit.transport import ErrorInfo
 
@@ -65,7 +66,7 @@ def _error_from_info(info: ErrorInfo, name: str, fn: Any = None) -> BaseExceptio
     elif exc is None:
         err = RemoteError(info.type_name, info.message)
     else:
-        err = exc
+        err = task_exception(exc, name)
     err.__cause__ = RemoteTraceback(fill_source_lines(info.traceback, fn))
     return err
 

@@ -22,7 +22,7 @@ class _EngineSide(Protocol):
 
     def post(self, fn: Callable[..., None], *args: Any) -> None: ...
     def dep_done(self, task: _Task, fut: Future) -> None: ...
-    def cancelled(self, task: _Task) -> None: ...
+    def cancelled(self, task: _Task, future: Future) -> None: ...
 
 
 class TaskFuture(Future):
@@ -42,7 +42,9 @@ class TaskFuture(Future):
             return False
         task = self._task
         if task is not None:
-            task.engine.post(task.engine.cancelled, task)
+            # (the future goes along: by the time the engine sees this, the task may be
+            # finished and have let go of it)
+            task.engine.post(task.engine.cancelled, task, self)
         return True
 
     def running(self) -> bool:
@@ -52,9 +54,9 @@ class TaskFuture(Future):
 
 class _Task:
     __slots__ = (
-        "args", "cache_spec", "deadline", "deps", "deps_left", "engine", "failures", "fn",
-        "future", "id", "key", "kwargs", "label", "path_version", "payload", "res", "slow",
-        "started", "state", "timed_out", "worker",
+        "args", "cache_spec", "cancel_seen", "deadline", "deps", "deps_left", "engine",
+        "failures", "fn", "future", "id", "key", "kwargs", "label", "outcome_", "path_version",
+        "payload", "res", "slow", "started", "state", "timed_out", "worker",
     )
 
     def __init__(self, engine: _EngineSide, task_id: int, fn: Callable[..., Any],
@@ -68,6 +70,7 @@ class _Task:
         self.future: TaskFuture | None = TaskFuture()
         self.future._task = self
         self.label: str | None = None  # the name, kept once ``fn`` is released
+        self.outcome_: tuple[str, BaseException | None] = ("", None)  # kept at release
         self.path_version = 0  # the driver's sys.path as of submit (see _tasks.py)
         self.state = WAITING
         self.deps: list[Future] | None = None
@@ -78,6 +81,7 @@ class _Task:
         self.cache_spec: CacheSpec | None = None
         self.deadline: float | None = None
         self.timed_out = False
+        self.cancel_seen = False  # the engine has handled a cancel() of this task
         self.slow = False  # block allocation: counted in Engine._slow_active
         self.failures: list[BaseException] | None = None  # failed attempts (retries)
         self.started: float | None = None  # wall-clock start of the current attempt
@@ -91,6 +95,16 @@ class _Task:
             return self.label
         return getattr(self.fn, "__qualname__", None) or repr(self.fn)
 
+    def outcome(self) -> tuple[str, BaseException | None]:
+        """Of a finished task: "done", "failed" or "cancelled", and the exception."""
+        fut = self.future
+        if fut is None or not fut.done():
+            return self.outcome_
+        if fut.cancelled():
+            return "cancelled", None
+        exc = fut.exception(timeout=0)
+        return ("failed" if exc is not None else "done"), exc
+
     def release(self) -> None:
         """Forget everything but the name and the cache key once finished.
 
@@ -101,6 +115,7 @@ class _Task:
         would keep its instance alive as long as the future) or the arguments.
         """
         self.label = self.name()
+        self.outcome_ = self.outcome()
         self.args = self.kwargs = self.payload = self.deps = None  # type: ignore[assignment]
         self.fn = self.future = self.worker = None  # type: ignore[assignment]
 

@@ -4,7 +4,7 @@ the scheduler, start, finish (exactly once), cancel, and run_time_max deadlines.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -107,10 +107,9 @@ class _TaskFlow:
                 "future's done-callback?) and would wait for itself: use "
                 "shutdown(wait=False) there, or shut down from another thread")
         if cancel_futures:
-            for task in list(self.tasks.values()):
-                future = task.future  # (None once the engine thread finished it)
-                if task.state in (WAITING, QUEUED) and future is not None:
-                    future.cancel()
+            # On the engine thread, after the submits already in the inbox: a call submitted
+            # while a slot was free starts (as with the stdlib pools), the rest is cancelled.
+            self.post(self._cancel_not_running)
         self.post(self._begin_close)
         if wait:
             try:
@@ -140,6 +139,12 @@ class _TaskFlow:
         for w in list(self.workers.values()):
             if not w.stopping:
                 self._stop_worker(w)
+
+
+    def _cancel_not_running(self) -> None:
+        for task in list(self.tasks.values()):
+            if task.state in (WAITING, QUEUED) and task.future is not None:
+                task.future.cancel()
 
 
     def _dumps_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -206,6 +211,8 @@ class _TaskFlow:
             self._finish(task, exc=ExecutorBrokenError(f"the executor is broken: {self.broken}"))
             return
         task.state = QUEUED
+        if self.status is not None:
+            self.status.changed(task)
         if self.cfg.block_workers:
             if not self._block_started:  # workers start with the first call that needs one
                 self._block_started = True
@@ -237,6 +244,12 @@ class _TaskFlow:
             task.state = RUNNING
             task.started = time.time()
             self._running += 1
+            if task.cache_spec is not None and start.cpus:  # where it ran, for reports
+                slot = start.cpus[0]  # (block allocation: slot s is worker s % workers)
+                workers = self.cfg.block_workers
+                task.cache_spec.slot = slot % workers if workers else slot
+            if self.status is not None:
+                self.status.changed(task)
             if task.res.run_time_max is not None:
                 task.deadline = time.monotonic() + task.res.run_time_max
                 heapq.heappush(self._timers, (task.deadline, task.id, task))
@@ -263,6 +276,8 @@ class _TaskFlow:
         elif w is not None and w.persistent:
             self._learn_runtime(task, msg.finished - msg.started)
             self._starts(self.sched.finish(task.id))
+            if self._retired:
+                self._stop_if_retired(w)
         tiny = self._slow_active == 0
         if self._dirty and not (w is not None and w.persistent and tiny):
             self._flush()  # (tiny calls: keep batching, the turn's end flushes once)
@@ -302,16 +317,16 @@ class _TaskFlow:
                     f"{type(err).__name__}: {err}")
                 exc.__cause__ = err
             else:
-                with contextlib.suppress(InvalidStateError):
-                    fut.set_result(value)
+                if _settle(fut.set_result, value, task):
                     self._counts["done"] += 1
         if exc is not None:
             if task.res.error_log_file and not fut.cancelled():
                 _log_failure(task, exc)
-            with contextlib.suppress(InvalidStateError):
-                fut.set_exception(exc)
+            if _settle(fut.set_exception, exc, task):
                 self._counts["failed"] += 1
         task.release()
+        if self.status is not None:
+            self.status.changed(task)
         if self.progress is not None:
             self.progress.update(self.counts())
 
@@ -337,13 +352,24 @@ class _TaskFlow:
             task.slow = False
             self._slow_active -= 1
         task.state, task.res, task.worker = WAITING, decision.res, None
+        if task.cache_spec is not None:  # the record says what the attempt ran with
+            task.cache_spec = dataclasses.replace(task.cache_spec,
+                                                  resource_dict=decision.res.as_dict())
         task.deadline, task.timed_out = None, False
+        if self.status is not None:
+            self.status.changed(task)
         # Posted: the caller frees the failed attempt's resources after this returns.
         self.post(self._enqueue, task)
         return True
 
-    def cancelled(self, task: _Task) -> None:
+    def cancelled(self, task: _Task, future: Future) -> None:
         """The user cancelled the task's future (it is already CANCELLED)."""
+        if task.cancel_seen:
+            return  # cancel() called again: nothing more to do
+        task.cancel_seen = True
+        # Only this moves CANCELLED to CANCELLED_AND_NOTIFIED and wakes the stdlib's
+        # wait() and as_completed(), which otherwise never count the future as done.
+        future.set_running_or_notify_cancel()
         self._counts["cancelled"] += 1
         state = task.state
         if state in (WAITING, QUEUED):
@@ -374,3 +400,15 @@ class _TaskFlow:
     def _start_more(self) -> None:
         self._starts(self.sched.finish_none())
 
+
+def _settle(complete: Callable[[Any], None], outcome: Any, task: _Task) -> bool:
+    """Complete a task's future; False if it was done already (cancelled by the user)."""
+    try:
+        complete(outcome)
+    except InvalidStateError:
+        return False
+    except BaseException:
+        # The stdlib logs an Exception raised by a done-callback but lets a BaseException
+        # (sys.exit() in a callback) through: here it would break the whole executor.
+        log.exception("a done-callback of task %d (%s) raised", task.id, task.name())
+    return True

@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from executorkit.command import Command, CommandCall, run_command
@@ -89,13 +89,15 @@ class BaseExecutor(ExecutorkitExecutor):
         export_workflow_filename: str | None = None,
         log_obj_size: bool = False,
         wait: bool = True,
-        restart_limit: int = 10,
+        restart_limit: int = 10,  # _DEFAULT_RESTART_LIMIT
         openmpi_oversubscribe: bool = False,
         max_gpus: int | Iterable[int] | None = None,
         progress: bool = False,
+        status_file: str | os.PathLike[str] | bool | None = None,
     ) -> None:
         _check_count("max_workers", max_workers)
         _check_count("max_cores", max_cores)
+        resource_dict, restart_limit = _executor_settings(resource_dict, restart_limit)
         if not isinstance(restart_limit, int) or isinstance(restart_limit, bool) \
                 or restart_limit < 0:
             raise ResourceError(f"restart_limit must be an int >= 0, got {restart_limit!r}",
@@ -132,9 +134,12 @@ class BaseExecutor(ExecutorkitExecutor):
         self._cache_directory = cache_directory
         self._resource_dict = dict(resource_dict or {})
         self._workers = 0  # block-allocation workers, set by _plan_pool
+        self._core_limit: int | None = None  # most CPUs a resized pool may take (None: any)
         config, self._caps = self._engine_config(PoolParams(
             max_workers, max_cores, max_gpus, init_function, restart_limit))
         config.disable_dependencies = disable_dependencies
+        config.status_file = _status_path(status_file, self._defaults.cache_directory)
+        config.backend = self._backend
         config.log_obj_size = bool(log_obj_size)
         if progress:
             from executorkit._progress import Progress
@@ -184,6 +189,7 @@ class BaseExecutor(ExecutorkitExecutor):
             caps = Capabilities(self._backend, pool, gpus, unsupported, max_nodes=max_nodes)
             plan = PoolPlan(pool, 0, max_workers if (max_workers and max_cores) else None, caps)
         self._workers = plan.workers or plan.max_running or pool
+        self._core_limit = max_cores  # None: the pool follows max_workers
         caps.check(self._defaults)
         self._check_resources(self._defaults)
         return plan
@@ -322,16 +328,65 @@ class BaseExecutor(ExecutorkitExecutor):
     @property
     def max_workers(self) -> int | None:
         """Block allocation: the number of persistent workers; per-task processes: the most
-        calls running at once. None after shutdown (as in executorlib)."""
+        calls running at once. None after shutdown (as in executorlib). Settable: see the
+        executor class."""
         return None if self._shutdown else self._workers
 
     @max_workers.setter
     def max_workers(self, value: int) -> None:
-        # executorlib resizes a block-allocation pool here; executorkit does not yet (the
-        # pool's CPU slots are fixed when the engine starts). Say so rather than ignore it.
-        raise NotImplementedError(
-            f"{type(self).__name__}.max_workers cannot be changed after creation (asked for "
-            f"{value!r}); create a new executor with the size you need")
+        if self._shutdown:
+            raise RuntimeError("cannot change max_workers after shutdown")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ResourceError(
+                f"max_workers must be an int >= 1, got {value!r} (to stop every worker, call "
+                f"shutdown())", key="max_workers", allowed="an int >= 1")
+        if self._block:
+            self._resize_workers(value)
+        else:
+            self._limit_calls(value)
+        self._workers = value
+
+    def _resize_workers(self, workers: int) -> None:
+        """Block allocation: ``workers`` persistent workers of the executor-level size."""
+        per_call, pool = self._defaults.cpus, workers * self._defaults.cpus
+        if self._core_limit is not None and pool > self._core_limit:
+            raise ResourceError(
+                f"max_workers={workers} workers of {per_call} CPUs need {pool} CPUs but "
+                f"{self._backend} has {self._core_limit} (max_cores)", key="max_workers",
+                allowed=f"1..{self._core_limit // per_call}")
+        if workers * self._defaults.gpus > self.max_gpus:
+            raise ResourceError(
+                f"max_workers={workers} workers with {self._defaults.gpus} GPUs each need "
+                f"{workers * self._defaults.gpus} GPUs but the pool has {self.max_gpus}",
+                key="max_workers", allowed=f"1..{self.max_gpus // self._defaults.gpus}")
+        cpus, real = self._pool_cpus(pool)
+        self._caps = replace(self._caps, max_cpus=pool)
+        self._engine.resize(workers, cpus=cpus, real=real)
+
+    def _limit_calls(self, calls: int) -> None:
+        """Per-task processes, as if created with ``max_workers=calls``: without max_cores
+        the pool becomes ``calls`` calls' worth of CPUs; with it, at most ``calls`` at once."""
+        if self._core_limit is None:
+            pool = calls * self._defaults.cpus
+            cpus, real = self._pool_cpus(pool)
+            try:
+                self._engine.resize(calls, cpus=cpus, real=real)
+            except ValueError as exc:
+                raise ResourceError(f"max_workers={calls}: {exc}", key="max_workers",
+                                    allowed="a pool every waiting call fits in") from exc
+            self._caps = replace(self._caps, max_cpus=pool)
+            return
+        if calls > self.max_cores:
+            raise ResourceError(
+                f"max_workers={calls} calls at once need at least {calls} CPUs but the pool "
+                f"has {self.max_cores} (max_cores)", key="max_workers",
+                allowed=f"1..{self.max_cores}")
+        self._engine.resize(calls)
+
+    def _pool_cpus(self, pool: int) -> tuple[tuple[int, ...], bool]:
+        """CPU slot ids of a resized pool, and whether they are real CPUs to pin calls to
+        (overridden where the slots are this machine's CPUs)."""
+        return tuple(range(pool)), False
 
 
 @dataclass(frozen=True)
@@ -370,12 +425,52 @@ def _display(image: Any) -> None:
                   "plot_dependency_graph_filename='graph.png' (or .svg)", stacklevel=3)
 
 
+def _executor_settings(resource_dict: Mapping[str, Any] | None,
+                       restart_limit: int) -> tuple[Mapping[str, Any] | None, int]:
+    """executorlib reads ``restart_limit`` from the executor's resource_dict; here it is a
+    parameter. Take it from there (a copy: the user's dict is not changed)."""
+    if not isinstance(resource_dict, Mapping) or "restart_limit" not in resource_dict:
+        return resource_dict, restart_limit
+    rest = {k: v for k, v in resource_dict.items() if k != "restart_limit"}
+    given = resource_dict["restart_limit"]
+    if restart_limit != _DEFAULT_RESTART_LIMIT and given != restart_limit:
+        raise ResourceError(
+            f"restart_limit={restart_limit!r} but resource_dict['restart_limit']={given!r}; "
+            f"give it once", key="restart_limit", allowed="the parameter or the resource_dict")
+    return rest, given
+
+
+_DEFAULT_RESTART_LIMIT = 10
+
+
+def _status_path(status_file: Any, cache_directory: str | None) -> str | None:
+    """Where the live status goes: ``status_file``, else ``<cache_directory>/status.json``;
+    ``status_file=False`` turns it off."""
+    if status_file is False:
+        return None
+    if status_file is None or status_file is True:
+        if cache_directory is None:
+            if status_file is True:
+                raise ResourceError("status_file=True needs a cache_directory to put "
+                                    "status.json in", key="status_file",
+                                    allowed="a path, True with a cache_directory, False, None")
+            return None
+        return os.path.join(os.path.abspath(cache_directory), "status.json")
+    if not isinstance(status_file, (str, os.PathLike)):
+        raise ResourceError(f"status_file must be a path, a bool or None, got "
+                            f"{type(status_file).__name__}", key="status_file",
+                            allowed="a path, True with a cache_directory, False, None")
+    path = os.path.abspath(os.fspath(status_file))
+    return os.path.join(path, "status.json") if os.path.isdir(path) else path
+
+
 def _check_count(name: str, value: int | None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ResourceError(f"{name} must be a positive int or None, got {value!r}",
-                            key=name, allowed="a positive int or None")
+        # "must be greater than 0": the stdlib pools' wording, which callers match on
+        raise ResourceError(f"{name} must be greater than 0 (a positive int or None), "
+                            f"got {value!r}", key=name, allowed="a positive int or None")
 
 
 def gpu_pool(max_gpus: int | Iterable[int] | None) -> tuple[int, ...]:

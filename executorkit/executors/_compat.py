@@ -22,7 +22,11 @@ class ExecutorkitExecutor(Executor):
     def map(self, fn: Callable[..., Any], *iterables: Any, timeout: float | None = None,
             chunksize: int = 1, **kwargs: Any) -> Iterator[Any]:
         """Like ``Executor.map``; an iterable given as a Future (say, the result of another
-        call) is waited for first, counted against ``timeout``, as executorlib does."""
+        call) is waited for first, counted against ``timeout``, as executorlib does.
+        ``chunksize`` is accepted as ProcessPoolExecutor does (each call is its own task
+        here) and, as there, must be >= 1."""
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
         if any(isinstance(it, Future) for it in iterables):
             iterables = tuple(it.result(timeout=timeout) if isinstance(it, Future) else it
                               for it in iterables)

@@ -32,7 +32,7 @@ class FluxJobExecutor(_NotYet):
     _name = "FluxJobExecutor"
 
 
-class FluxClusterExecutor(_NotYet):
-    """Calls submitted to Flux from outside an instance (not available yet)."""
+# FluxClusterExecutor lives in its own module (file-based batch jobs, shared with Slurm).
+from executorkit.executors.flux_cluster import FluxClusterExecutor  # noqa: E402
 
-    _name = "FluxClusterExecutor"
+__all__ = ["FluxClusterExecutor", "FluxJobExecutor"]

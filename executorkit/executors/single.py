@@ -36,7 +36,14 @@ class SingleNodeExecutor(BaseExecutor):
 
     max_workers
         Per-task mode: the most calls running at once (and, without ``max_cores``, the pool
-        size in CPUs). Block allocation: the number of persistent workers.
+        size in CPUs). Block allocation: the number of persistent workers. Also a property
+        that may be set while the executor runs: block allocation starts the new workers at
+        once (each runs ``init_function``) or retires workers, which take no new calls and
+        stop once the calls already sent to them are done (no call is lost or restarted).
+        Per-task mode: as if created with the new value (with ``max_cores``, the most calls
+        at once in that fixed pool; without, a pool of that many calls' CPUs; calls already
+        running keep theirs). A size of 0, more than ``max_cores`` allows, or a pool a
+        waiting call would not fit in is refused with ``ResourceError``.
     cache_directory
         Keep every result in a hash-keyed HDF5 cache there; a repeated call is answered
         from it without starting a process.
@@ -62,6 +69,12 @@ class SingleNodeExecutor(BaseExecutor):
         Whether leaving the ``with`` block waits for running calls.
     progress
         Show a progress bar (tqdm): done, running, waiting and failed calls.
+    status_file
+        A live ``status.json`` (see ``executorkit status DIR``), replaced atomically at most
+        about once a second while something changes: counts per state, each call's state,
+        start time, host, resources and attempt, the pool's busy fraction. Default: in the
+        ``cache_directory`` when there is one; a path (a file, or a directory to put
+        ``status.json`` in) elsewhere; ``False``: none.
     log_obj_size
         Log the pickled size of every call and result (logger ``executorkit``, INFO).
     plot_dependency_graph, plot_dependency_graph_filename, export_workflow_filename
@@ -114,6 +127,14 @@ class SingleNodeExecutor(BaseExecutor):
             restart_limit=p.restart_limit, mpi_command=self._mpi_command(),
         )
         return config, plan.caps
+
+    def _pool_cpus(self, pool: int) -> tuple[tuple[int, ...], bool]:
+        # As at creation: pinned to this process's CPUs while the pool fits on them (the
+        # workers already running keep theirs: a pool is only ever extended at its end).
+        available = sorted(os.sched_getaffinity(0))
+        if pool <= len(available):
+            return tuple(available[:pool]), True
+        return tuple(range(pool)), False
 
     def _check_resources(self, res: Resources) -> Resources:
         if res.cores > 1 and self._mpi_command() is None:

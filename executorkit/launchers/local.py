@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from executorkit.launchers.pythonpath import worker_environment
 from executorkit.resources import Resources
 from executorkit.transport import BlockingChannel, Kill, Spawn, Stop
 
@@ -113,7 +114,7 @@ class LocalLauncher:
             # through pipes and let the engine print it where the user looks.
             self.stdout_fd, out = os.pipe()
             self.stderr_fd, err = os.pipe()
-        env = dict(os.environ)
+        env = worker_environment()
         env.setdefault("PYTHONUNBUFFERED", "1")
         try:
             self.process = subprocess.Popen(
@@ -126,7 +127,14 @@ class LocalLauncher:
                 if fd is not None:
                     os.close(fd)
         assert self.process.stdin is not None
-        self.process.stdin.write(pickle.dumps(self._boot))
+        # The driver's multiprocessing authkey, so that proxies of a multiprocessing
+        # Manager the user created (Queue, Event, dict...) work as call arguments, as they
+        # do with ProcessPoolExecutor. It travels on the pipe, never in the environment.
+        import multiprocessing.process  # (12 ms: only when a fork server starts)
+
+        authkey = bytes(multiprocessing.process.current_process().authkey)
+        boot = {**self._boot, "authkey": authkey}
+        self.process.stdin.write(pickle.dumps(boot))
         self.process.stdin.close()
         # Nothing else would notice a fork server that dies before it connects (or later
         # without its connection closing first): watch the process itself.

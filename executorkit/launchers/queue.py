@@ -59,7 +59,7 @@ def job_script(res: Resources, *, input_file: str, python: str = sys.executable,
     ``dependency_list`` and ``memory_max`` are available too. Our sbatch options
     (name, output, dependencies) are given on the command line, which takes precedence.
     """
-    lines = [f"export {k}={shlex.quote(v)}" for k, v in env]
+    lines = [f"export {shlex.quote(k)}={shlex.quote(v)}" for k, v in env]
     run = f"{shlex.quote(python)} -m executorkit.worker.file_task {shlex.quote(input_file)}"
     if res.cores > 1:
         mpi = f" --mpi={shlex.quote(pmi_mode)}" if pmi_mode else ""

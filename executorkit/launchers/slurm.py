@@ -1,4 +1,5 @@
-"""Start worker processes as Slurm job steps with ``srun`` (inside an allocation).
+"""Start worker processes with ``srun``: job steps inside an allocation; outside of one,
+each srun makes its own job allocation (the command line is the same).
 
 Every worker is one ``srun`` process: a per-task worker runs one call, a block-allocation
 worker serves many. The worker finds the driver through a private boot file (mode 0600) in
@@ -26,6 +27,7 @@ import weakref
 from collections.abc import Callable, Sequence
 
 from executorkit.errors import ResourceError
+from executorkit.launchers.pythonpath import worker_environment
 from executorkit.resources import Resources
 from executorkit.transport import Exited, Spawn
 
@@ -39,6 +41,15 @@ def srun_command(res: Resources, *, module: str, bootfile: str, pmi_mode: str | 
     would spread it over every node of the allocation. ``overlap``: the caller is itself
     a step of this job (a nested executor) and shares that step's CPUs.
     """
+    prefix = srun_prefix(res, pmi_mode=pmi_mode, srun=srun, cpus_per_node=cpus_per_node,
+                         overlap=overlap)
+    return [*prefix, python, "-m", module, bootfile]
+
+
+def srun_prefix(res: Resources, *, pmi_mode: str | None = None, srun: str = "srun",
+                cpus_per_node: int | None = None, overlap: bool = False) -> list[str]:
+    """``srun`` and its options for one step with the resources of ``res``: the part of
+    :func:`srun_command` before what it runs (also the prefix of an MPI program)."""
     cmd = [srun, "--ntasks", str(res.cores), "--cpus-per-task", str(res.threads_per_core),
            "--exact", "--kill-on-bad-exit=1", "--quiet"]
     if overlap:
@@ -59,7 +70,7 @@ def srun_command(res: Resources, *, module: str, bootfile: str, pmi_mode: str | 
     if res.cwd:
         cmd += [f"--chdir={res.cwd}"]
     cmd += list(res.slurm_cmd_args)
-    return [*cmd, python, "-m", module, bootfile]
+    return cmd
 
 
 _CPUS_PER_NODE = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
@@ -125,6 +136,7 @@ class SrunLauncher:
         self._lock = threading.Lock()
         self._dir: str | None = None
         self._boot: dict[str, object] = {}
+        self._env: dict[str, str] | None = None
         self.on_exit: Callable[[Exited], None] | None = None
 
     @property
@@ -169,11 +181,18 @@ class SrunLauncher:
         fd = os.open(bootfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             pickle.dump(boot, fh)
-        module = "executorkit.worker.mpi" if res.cores > 1 else "executorkit.worker.loop"
-        cmd = srun_command(res, module=module, bootfile=bootfile, pmi_mode=self._pmi_mode,
-                           srun=self._srun, cpus_per_node=self._cpus_per_node,
-                           overlap=self._overlap)
-        env = {**os.environ, **dict(spawn.env)}
+        if spawn.program and res.cores > 1:
+            # An MPI program is itself the step (its prefix, see program_prefix): the worker
+            # that starts it and reports its result runs here, beside the driver.
+            cmd = [sys.executable, "-m", "executorkit.worker.loop", bootfile]
+        else:
+            module = "executorkit.worker.mpi" if res.cores > 1 else "executorkit.worker.loop"
+            cmd = srun_command(res, module=module, bootfile=bootfile,
+                               pmi_mode=self._pmi_mode, srun=self._srun,
+                               cpus_per_node=self._cpus_per_node, overlap=self._overlap)
+        if self._env is None:  # once, on first use: it asks a fresh interpreter
+            self._env = worker_environment()
+        env = {**self._env, **dict(spawn.env)}
         try:
             proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
@@ -184,6 +203,14 @@ class SrunLauncher:
             self._procs[spawn.worker_id] = proc
         threading.Thread(target=self._wait, args=(spawn.worker_id, proc), daemon=True,
                          name=f"executorkit-srun-{spawn.worker_id}").start()
+
+    def program_prefix(self, res: Resources) -> tuple[str, ...]:
+        """How a program (executorkit.command) of ``res.cores`` ranks starts: as a step of
+        its own, ``srun --ntasks <cores> ...``; a single process runs in its worker's step."""
+        if res.cores <= 1:
+            return ()
+        return tuple(srun_prefix(res, pmi_mode=self._pmi_mode, srun=self._srun,
+                                 cpus_per_node=self._cpus_per_node, overlap=self._overlap))
 
     def _wait(self, worker_id: int, proc: subprocess.Popen[bytes]) -> None:
         try:
@@ -203,29 +230,28 @@ class SrunLauncher:
             proc = self._procs.get(worker_id)
         if proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+        # The process group: srun (which forwards the signal to the step's tasks), or a
+        # local worker together with the srun of the program it started.
+        _signal_group(proc, signal.SIGTERM)
         timer = threading.Timer(self.GRACE, self._force, (proc,))
         timer.daemon = True
         timer.start()
 
     @staticmethod
     def _force(proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        # Also after the leader exited: a program's srun may still be alive in its group.
+        _signal_group(proc, signal.SIGKILL)
 
     def stop(self) -> None:
         with self._lock:
             procs = list(self._procs.values())
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+            _signal_group(proc, signal.SIGTERM)
         for proc in procs:
             try:
                 proc.wait(timeout=self.GRACE)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -258,6 +284,16 @@ def _on_sigterm(signum: int, frame: object) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    """Signal the group ``proc`` leads (it was started in a session of its own)."""
+    try:
+        os.killpg(proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+
 def pool_of(max_cores: int | None, allocated: int, what: str = "max_cores") -> int:
     if max_cores is not None and max_cores > allocated:
         raise ResourceError(f"{what}={max_cores} but the allocation has {allocated} CPUs",
@@ -265,4 +301,5 @@ def pool_of(max_cores: int | None, allocated: int, what: str = "max_cores") -> i
     return max_cores or allocated
 
 
-__all__: Sequence[str] = ["SrunLauncher", "allocation", "allocation_cpus", "srun_command"]
+__all__: Sequence[str] = ["SrunLauncher", "allocation", "allocation_cpus", "srun_command",
+                          "srun_prefix"]

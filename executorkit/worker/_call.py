@@ -34,10 +34,17 @@ def error_info(exc: BaseException, *, kind: str = "raised", skip_frames: int = 0
         pickled = cloudpickle.dumps(exc)
         pickle.loads(pickled)  # an exception that pickles but cannot be rebuilt is as bad
         blob: bytes | None = pickled
-    except Exception:
+    except BaseException:  # (a __reduce__ that calls sys.exit must not end the worker)
         blob = None
-    return ErrorInfo(blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), text,
-                     kind)
+    return ErrorInfo(blob, f"{type(exc).__module__}.{type(exc).__qualname__}", _str(exc),
+                     text, kind)
+
+
+def _str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException as err:  # the user's __str__ failed; say so instead of crashing
+        return f"<str() of the exception failed: {type(err).__name__}: {err}>"
 
 
 def _parameters(fn: Callable[..., Any]) -> frozenset[str] | None:

@@ -32,6 +32,9 @@ from typing import Any
 # Pre-import what every worker needs, so a forked child starts warm.
 import cloudpickle
 
+# Programs (Command) run through subprocess: importing it (and json, shlex,
+# concurrent.futures) in every child cost ~50 ms per call on a busy machine.
+import executorkit.command  # noqa: F401
 from executorkit import _syspath
 from executorkit.transport import (
     Exited,
@@ -228,6 +231,11 @@ def _warm_up() -> None:
 def main() -> None:
     boot = pickle.loads(sys.stdin.buffer.read())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    if boot.get("authkey"):
+        # Every forked worker inherits it: the driver's Manager proxies authenticate.
+        import multiprocessing.process
+
+        multiprocessing.process.current_process().authkey = boot["authkey"]
     for module in boot.get("preload", ()):
         # Warm what the executor's calls will need (h5py for the cache) once, not per fork.
         with contextlib.suppress(Exception):
