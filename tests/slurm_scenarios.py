@@ -155,6 +155,7 @@ def commands() -> dict:
         status = read_status(os.path.join(d, "cache"))
         out["status"] = [status["closed"], status["counts"]["done"], status["counts"]["failed"]]
         out["report"] = campaign_report(os.path.join(d, "cache")).counts()
+    return out
 
 
 def _steps() -> set[str]:
