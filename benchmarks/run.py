@@ -918,6 +918,96 @@ def figure_8(report: Report) -> None:
         row.values[EK] = result[mode] if isinstance(result, dict) else result
 
 
+# ----------------------------------------------------------------------------- figure 9
+def flux_raw_rate(command: list[str], n: int) -> float:
+    """Jobs per second of ``flux submit --cc=1-n --wait COMMAND`` in this instance."""
+    import subprocess
+
+    start = time.perf_counter()
+    subprocess.run(["flux", "submit", "--quiet", f"--cc=1-{n}", "--wait", *command],
+                   check=True, capture_output=True, timeout=900)
+    return n / (time.perf_counter() - start)
+
+
+def flux_executor(peer: str, block: bool, **kwargs: Any) -> Executor:
+    if peer == EK:
+        return executorkit.FluxJobExecutor(max_workers=WORKERS, block_allocation=block,
+                                           **kwargs)
+    import executorlib
+
+    return executorlib.FluxJobExecutor(max_workers=WORKERS, block_allocation=block, **kwargs)
+
+
+def flux_figures(peer: str, quick: bool) -> dict[str, float]:
+    """Per call and block-allocation throughput and chains, and a 2-rank MPI call."""
+    out: dict[str, float] = {}
+    for block in (False, True):
+        mode = "block" if block else "per-call"
+        n, steps = ((3000 if not quick else 500), 500) if block else ((200 if not quick else 40),
+                                                                      (40 if not quick else 10))
+        exe = flux_executor(peer, block)
+        try:
+            warm_up(exe, 300)
+            out[f"{mode} calls/s"] = max(repeated(
+                lambda exe=exe, n=n: tasks_per_second(exe, n, 900), Config.make(quick, ())))
+            out[f"{mode} chain ms"] = min(repeated(
+                lambda exe=exe, steps=steps: chain_of_futures(exe, steps, 900),
+                Config.make(quick, ())))
+        finally:
+            shutdown(exe, cancel=True, timeout=120)
+    kwargs: dict[str, Any] = {"max_cores": 2}
+    if peer == EK:
+        exe = executorkit.FluxJobExecutor(**kwargs)
+    else:
+        import executorlib
+
+        exe = executorlib.FluxJobExecutor(**kwargs)
+    try:
+        res = {"cores": 2}
+        assert exe.submit(mpi_ranks, resource_dict=res).result(timeout=300) == [0, 1]
+        times = []
+        for _ in range(3 if quick else 10):
+            start = time.perf_counter()
+            exe.submit(mpi_ranks, resource_dict=res).result(timeout=300)
+            times.append(time.perf_counter() - start)
+        out["mpi s"] = min(times)
+    finally:
+        shutdown(exe, cancel=True, timeout=120)
+    return out
+
+
+def figure_9(report: Report) -> None:
+    """FluxJobExecutor inside a Flux instance, next to Flux's own submit rate."""
+    specs = [("9a", "Flux raw: flux submit true, jobs/s", "info", None, "{:,.1f}"),
+             ("9b", "Flux raw: python -c pass jobs, jobs/s", "info", None, "{:,.1f}"),
+             ("9c", "FluxJobExecutor tiny calls/s, per call", ">= 20/s",
+              lambda v, _: v >= 20, "{:,.1f}"),
+             ("9d", "FluxJobExecutor chain, ms/step, per call", "<= 80 ms",
+              lambda v, _: v <= 80, "{:.1f}"),
+             ("9e", "FluxJobExecutor tiny calls/s, block", ">= 10,000/s",
+              lambda v, _: v >= 10_000, "{:,.0f}"),
+             ("9f", "FluxJobExecutor chain, ms/step, block", "<= 0.5 ms",
+              lambda v, _: v <= 0.5, "{:.3f}"),
+             ("9g", "FluxJobExecutor 2-rank MPI call, s", "<= 0.25 s",
+              lambda v, _: v <= 0.25, "{:.3f}")]
+    rows = [report.add(Row(k, label, target, check, fmt, ratio=False))
+            for k, label, target, check, fmt in specs]
+    if not os.environ.get("FLUX_URI"):
+        for row in rows:
+            row.values[EK] = "n/a (run inside flux start)"
+        return
+    quick = report.config.quick
+    n = 60 if quick else 300
+    rows[0].values[EK] = attempt(report, "fig 9a", "flux", lambda: flux_raw_rate(["true"], n))
+    rows[1].values[EK] = attempt(report, "fig 9b", "flux", lambda: flux_raw_rate(
+        [sys.executable, "-c", "pass"], n // 3))
+    keys = ["per-call calls/s", "per-call chain ms", "block calls/s", "block chain ms", "mpi s"]
+    for peer in (p for p in report.config.peers if p != STDLIB):
+        result = attempt(report, "fig 9", peer, lambda peer=peer: flux_figures(peer, quick))
+        for row, key in zip(rows[2:], keys, strict=True):
+            row.values[peer] = result[key] if isinstance(result, dict) else result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
@@ -926,14 +1016,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-executorlib", action="store_true",
                         help="skip executorlib even if it is installed")
     parser.add_argument("--slurm-inner", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--figures", default="1,2,3,4,5,6,7,8,C",
+    parser.add_argument("--figures", default="1,2,3,4,5,6,7,8,9,C",
                         help="comma-separated figures to run (default: all)")
     args = parser.parse_args(argv)
     if args.slurm_inner:
         slurm_inner()
         return 0
     figures = {"1": figure_1, "2": figure_2, "3": figure_3, "4": figure_4, "5": figure_5,
-               "6": figure_6, "7": figure_7, "8": figure_8, "C": figure_c}
+               "6": figure_6, "7": figure_7, "8": figure_8, "9": figure_9, "C": figure_c}
     try:
         chosen = [figures[f.strip()] for f in args.figures.split(",") if f.strip()]
     except KeyError as exc:

@@ -162,6 +162,7 @@ class Exited(_Message):
     worker_id: int
     pid: int
     status: int
+    reason: str | None = None  # the launcher's account of an abnormal end (Flux's reason)
 
 
 @dataclass(slots=True)

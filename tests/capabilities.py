@@ -14,7 +14,7 @@ guards enforce that, from this one list:
 * ``conftest.py`` turns, under CI, any skip of a required capability (by reason, by a
   ``mpi``/``slurm``/... marker, or a failed ``importorskip``) into a failure.
 
-Adding a backend (Flux) is one probe in :data:`PROBES` and its name in REQUIRED_IN_CI.
+Adding a backend is one probe in :data:`PROBES` and its name in REQUIRED_IN_CI.
 """
 
 from __future__ import annotations
@@ -57,6 +57,21 @@ def _probe_slurm() -> str | None:
     return None
 
 
+def _probe_flux() -> str | None:
+    """A Flux installation: ``flux`` on PATH and its Python bindings importable. The Flux
+    tests also need a running broker; .ci_support/test.sh runs them inside ``flux start``
+    (and the main run, outside any instance, leaves them out)."""
+    if shutil.which("flux") is None:
+        return "no flux on PATH (.ci_support/install-flux.sh builds flux-core)"
+    try:
+        from executorkit.launchers.flux import import_flux
+
+        import_flux()
+    except Exception as exc:
+        return f"the flux Python bindings do not import: {exc}"
+    return None
+
+
 def _probe_cache() -> str | None:
     return _missing_modules("h5py", "pandas")
 
@@ -70,10 +85,11 @@ def _probe_numpy() -> str | None:
 PROBES: dict[str, Callable[[], str | None]] = {
     "mpi": _probe_mpi,
     "slurm": _probe_slurm,
+    "flux": _probe_flux,
     "cache": _probe_cache,
     "numpy": _probe_numpy,
 }
-REQUIRED_IN_CI: tuple[str, ...] = ("mpi", "slurm", "cache", "numpy")
+REQUIRED_IN_CI: tuple[str, ...] = ("mpi", "slurm", "flux", "cache", "numpy")
 
 
 @functools.cache

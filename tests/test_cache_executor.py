@@ -27,7 +27,7 @@ def test_rerun_executes_nothing_and_starts_no_process(make_executor, tmp_path):
     second = [again.submit(tf.counted, runs, i) for i in range(10)]
     assert all(f.done() for f in second)  # answered during submit
     assert [f.result(timeout=T) for f in second] == [i * 10 for i in range(10)]
-    assert again._engine.launcher.process is None  # not even the fork server started
+    assert not again._engine.launcher.started  # no fork server, no job: nothing started
     assert tf.runs(runs) == 10
 
 

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import taskfuncs as tf
+from conftest import new_executor
 
 from executorkit import SingleNodeExecutor
 from executorkit.errors import DependencyError
@@ -131,8 +132,7 @@ def test_disable_dependencies_rejects_future_arguments():
 
 
 def test_shutdown_cancel_futures_cancels_dependency_waiters(tmp_path, mode):
-    kwargs = {"block_allocation": True} if mode == "block" else {}
-    exe = SingleNodeExecutor(max_workers=1, **kwargs)
+    exe = new_executor(mode, max_workers=1)
     running = exe.submit(tf.gate, str(tmp_path), "r", 1)
     tf_started = lambda: tf.started(str(tmp_path), "r")  # noqa: E731
     from conftest import wait_until

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import taskfuncs as tf
+from conftest import new_executor
 
 from executorkit import SingleNodeExecutor
 from executorkit.errors import (
@@ -52,8 +53,7 @@ def test_keyword_arguments_and_closures(make_executor):
 
 
 def test_context_manager_waits_and_refuses_after_shutdown(mode):
-    kwargs = {"block_allocation": True} if mode == "block" else {}
-    with SingleNodeExecutor(max_workers=2, **kwargs) as exe:
+    with new_executor(mode, max_workers=2) as exe:
         futs = [exe.submit(tf.inc, i) for i in range(20)]
     assert all(f.done() for f in futs)
     assert [f.result() for f in futs] == list(range(1, 21))
@@ -134,8 +134,7 @@ def test_non_callable_is_rejected():
 
 
 def test_shutdown_wait_false_returns_while_a_task_runs(tmp_path, mode):
-    kwargs = {"block_allocation": True} if mode == "block" else {}
-    exe = SingleNodeExecutor(max_workers=1, **kwargs)
+    exe = new_executor(mode, max_workers=1)
     fut = exe.submit(tf.gate, str(tmp_path), "a", 7)
     t0 = time.monotonic()
     exe.shutdown(wait=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import capabilities
 import pytest
 import taskfuncs as tf
+from conftest import new_executor
 
 from executorkit import SingleNodeExecutor
 from executorkit.errors import SerializationError, TaskTimeoutError, WorkerDiedError
@@ -16,14 +17,16 @@ pytestmark = [pytest.mark.mpi, capabilities.skip_unless("mpi")]
 
 MPI_MODES = {
     "per-task": ({"max_cores": 2}, {"cores": 2}),
-    "block": ({"max_cores": 2, "block_allocation": True, "resource_dict": {"cores": 2}}, None),
+    "block": ({"max_cores": 2, "resource_dict": {"cores": 2}}, None),
 }
 
 
-@pytest.fixture(params=list(MPI_MODES))
+# the same MPI behaviour with Flux's PMI starting the ranks, when a broker is reachable
+@pytest.fixture(params=[*MPI_MODES, *(pytest.param(f"flux-{m}", marks=pytest.mark.flux)
+                                      for m in MPI_MODES)])
 def mpi_exe(request):
-    kwargs, per_call = MPI_MODES[request.param]
-    exe = SingleNodeExecutor(**kwargs)
+    kwargs, per_call = MPI_MODES[request.param.removeprefix("flux-")]
+    exe = new_executor(request.param, **kwargs)
     yield exe, per_call
     exe.shutdown(wait=True, cancel_futures=True)
 

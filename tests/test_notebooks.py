@@ -39,6 +39,11 @@ def _skip_without_backend(name: str) -> None:
     for backend in ("slurm", "mpi"):
         if name.startswith(backend):
             capabilities.require(backend)
+    if name.startswith("flux"):  # also needs a running broker (test.sh: inside flux start)
+        from conftest import flux_missing
+
+        if flux_missing() is not None:
+            pytest.skip(flux_missing())
 
 
 def skip_without_backend(name: str) -> None:
@@ -79,7 +84,9 @@ class NotebookRuns:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+@pytest.mark.parametrize("path", [  # notebooks about Flux run with the Flux tests (test.sh)
+    pytest.param(p, marks=pytest.mark.flux) if p.name.startswith("flux") else p
+    for p in NOTEBOOKS], ids=_ids)
 def test_notebook_runs(path: Path, notebook_runs: NotebookRuns) -> None:
     _skip_without_backend(path.name)
     nb, failure = notebook_runs.run(path)

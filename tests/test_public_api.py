@@ -8,7 +8,7 @@ import sys
 import pytest
 
 
-def test_design_import_line_and_flux_says_why():
+def test_design_import_line_and_flux_says_why(monkeypatch):
     from executorkit import (  # noqa: F401
         FluxClusterExecutor,
         FluxJobExecutor,
@@ -24,6 +24,7 @@ def test_design_import_line_and_flux_says_why():
     )
     from executorkit.errors import ExecutorkitError
 
+    monkeypatch.delenv("FLUX_URI", raising=False)
     with pytest.raises(ExecutorkitError, match="Flux broker"):
         FluxJobExecutor()
 

@@ -184,8 +184,7 @@ class _WorkerLife:
             return
         w.exit_status = msg.status
         w.pid = w.pid or msg.pid
-        self._maybe_finalize(w)
-
+        self._maybe_finalize(w, reason=msg.reason)
 
     def _spawn_failed(self, msg: SpawnFailed) -> None:
         w = self.workers.get(msg.worker_id)
