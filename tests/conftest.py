@@ -45,7 +45,7 @@ def flux_missing() -> str | None:
 # SingleNodeExecutor's own machinery (fork server, mpiexec, thousands of calls): their
 # flux-mode items are left out rather than run against Flux.
 FLUX_SUITE = {"test_executor", "test_dependencies", "test_cancel", "test_task_resources",
-              "test_cache_executor", "test_mpi", "test_notebooks"}
+              "test_cache_executor", "test_mpi", "test_notebooks", "test_syspath"}
 
 
 def _flux_mode_elsewhere(item) -> bool:

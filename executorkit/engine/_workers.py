@@ -55,8 +55,12 @@ class _WorkerLife:
         self._tmp: str | None = None  # private directory for MPI workers, made on demand
 
     def _spawn(self, spawn: Spawn, w: _Worker) -> None:
-        """Start ``w``; it starts with the driver's sys.path as it is now."""
-        w.path_version, spawn.path = self._paths.state
+        """Start ``w``. A launcher that hands ``spawn.path`` to its workers says so
+        (``carries_path``): its workers start with the driver's sys.path as it is now;
+        with any other, ``w`` gets the path with its first call."""
+        version, spawn.path = self._paths.state
+        if getattr(self.launcher, "carries_path", False):
+            w.path_version = version
         self.launcher.spawn(spawn)
         if not self._output_registered:
             self._watch_output()

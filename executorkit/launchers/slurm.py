@@ -121,6 +121,7 @@ class SrunLauncher:
     """Runs workers as job steps. ``spawn``/``kill`` are called on the engine thread."""
 
     name = "srun"
+    carries_path = True  # Spawn.path reaches the worker (see Engine._spawn)
     chan = None  # no fork server: there is nothing to attach
     stdout_fd: int | None = None
     stderr_fd: int | None = None
