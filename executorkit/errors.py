@@ -178,6 +178,28 @@ class SerializationError(ExecutorkitError, TypeError):
     """A function, an argument or a result could not be pickled or unpickled."""
 
 
+class WorkerImportError(SerializationError):
+    """A worker cannot import a module the call needs (to unpickle its function, arguments
+    or result): the module exists only where the driver runs.
+
+    ``module`` is the module's name, ``worker_path`` the worker's ``sys.path`` at the time.
+    """
+
+    def __init__(self, message: str, *, module: str | None = None,
+                 worker_path: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.module = module
+        self.worker_path = worker_path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuild_import_error, (str(self), self.module, self.worker_path)
+
+
+def _rebuild_import_error(message: str, module: str | None,
+                          worker_path: tuple[str, ...]) -> WorkerImportError:
+    return WorkerImportError(message, module=module, worker_path=worker_path)
+
+
 class TaskTimeoutError(ExecutorkitError, TimeoutError):
     """A task ran longer than its ``run_time_max`` and was stopped."""
 

@@ -89,6 +89,7 @@ class RunTask(_Message):
     args: bytes
     setup: TaskSetup | None = None
     cache: CacheSpec | None = None
+    path: tuple[str, ...] | None = None  # the driver's sys.path, when the worker's is older
 
 
 @dataclass(slots=True)
@@ -140,6 +141,7 @@ class Spawn(_Message):
     res: Any = None  # the Resources of the call (launchers that ask a scheduler need them)
     spare: bool = False  # a warm per-task worker that gets its call later
     program: bool = False  # the call runs a program (executorkit.command), see Engine
+    path: tuple[str, ...] | None = None  # the driver's sys.path (see executorkit._syspath)
     # launchers that run programs themselves (``runs_programs``): the call's CommandCall and
     # task id; such a worker is the program, never a Python process (stays in the driver)
     call: Any = None
@@ -277,4 +279,10 @@ class BlockingChannel:
 def connect(address: tuple[str, int], secret: bytes) -> BlockingChannel:
     sock = socket.create_connection(address)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A driver whose node is lost sends no FIN: keep-alive probes find out in ~2 minutes.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, option):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     return BlockingChannel(sock, secret)

@@ -46,7 +46,8 @@ def flux_missing() -> str | None:
 # (fork server, thousands of calls): their flux-mode items are left out rather than run
 # against Flux.
 FLUX_SUITE = {"test_executor", "test_dependencies", "test_cancel", "test_task_resources",
-              "test_cache_executor", "test_mpi", "test_notebooks", "test_command"}
+              "test_cache_executor", "test_mpi", "test_notebooks", "test_syspath",
+              "test_command"}
 
 
 def _flux_mode_elsewhere(item) -> bool:

@@ -27,7 +27,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("executorkit.resources",),
     ("executorkit.cache",),
     ("executorkit.transport", "executorkit.scheduler", "executorkit.graph", "executorkit.command"),
-    ("executorkit.errors", "executorkit._pickling", "executorkit._sources", "executorkit._version"),
+    ("executorkit.errors", "executorkit._pickling", "executorkit._sources", "executorkit._syspath",
+     "executorkit._version"),
 )
 
 

@@ -187,7 +187,11 @@ def _rename_entry(store: CacheStore, key: str, target: str) -> None:
 def _driver_record(key: str, spec: CacheSpec, task: Any, exc: BaseException) -> Any:
     from executorkit.cache._store import CacheRecord
 
-    fn_blob, args_blob = task.payload or (b"", pickle.dumps(((), {})))
+    payload = task.payload
+    if payload is None and task.fn is not None:  # the call's bytes went with its frame
+        with contextlib.suppress(Exception):
+            payload = cloudpickle.dumps(task.fn), cloudpickle.dumps((task.args, task.kwargs))
+    fn_blob, args_blob = payload or (b"", pickle.dumps(((), {})))
     try:
         args, kwargs = pickle.loads(args_blob)
         args_bytes, kwargs_bytes = cloudpickle.dumps(args), cloudpickle.dumps(kwargs)

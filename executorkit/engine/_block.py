@@ -7,6 +7,9 @@ retired ones get no new calls and stop once the calls already sent to them are d
 
 from __future__ import annotations
 
+import functools
+import types
+from collections.abc import Hashable
 from concurrent.futures import CancelledError
 from dataclasses import replace
 from typing import Any
@@ -24,6 +27,20 @@ DEPTH = 16  # most calls queued in one block-allocation worker (tiny calls only)
 TINY = 0.002  # seconds: calls shorter than this on average may be queued in workers
 
 
+def runtime_key(fn: Any) -> Hashable:
+    """What names ``fn`` in the runtime table without keeping it alive: its code object
+    (a bound method's instance, a partial's arguments or a closure's cells are not kept),
+    else the names of its module and type."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)  # a bound method: the function, not the instance
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):
+        return code
+    return (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None),
+            type(fn).__module__, type(fn).__qualname__)
+
+
 class _BlockPool:
     """Mixin of :class:`~executorkit.engine._engine.Engine`: persistent workers, on the
     engine thread."""
@@ -33,7 +50,7 @@ class _BlockPool:
         self.restarts: dict[int, int] = {}
         # calls whose function is not known to be tiny, queued or running
         self._slow_active = 0
-        self._fn_runtime: dict[Any, float] = {}
+        self._fn_runtime: dict[Hashable, float] = {}  # runtime_key(fn) -> seconds (average)
         self._block_started = False  # workers start with the first call that needs one
         self.block_count = config.block_workers  # workers wanted now (max_workers)
         self._retired: set[int] = set()  # ids of workers a resize took out of the pool
@@ -86,7 +103,7 @@ class _BlockPool:
         spawn = Spawn(w.id, env, self.cfg.worker_res.cwd, self._pin(cpus), persistent=True,
                       init_payload=init, res=self.cfg.worker_res)
         self._mpi(w, spawn, self.cfg.worker_res.cores)
-        self._spawn(spawn)
+        self._spawn(spawn, w)
 
 
     def _run_on_block_worker(self, task: _Task, slot: int) -> None:
@@ -103,24 +120,19 @@ class _BlockPool:
             names = {k for k, _ in task.res.env}
             unset = tuple(k for k, _ in base.env if k not in names)
             setup = TaskSetup(task.res.cwd, task.res.env, unset)
-        self._send(w, self._run_message(task, setup))
+        self._send(w, self._run_message(w, task, setup))
 
 
     def _known_tiny(self, fn: Any) -> bool:
-        try:
-            return self._fn_runtime.get(fn, 1.0) < TINY
-        except TypeError:  # an unhashable callable
-            return False
+        return self._fn_runtime.get(runtime_key(fn), 1.0) < TINY
 
 
     def _learn_runtime(self, task: _Task, runtime: float) -> None:
-        try:
-            old = self._fn_runtime.get(task.fn)
-            self._fn_runtime[task.fn] = runtime if old is None else old + 0.2 * (runtime - old)
-            if len(self._fn_runtime) > 256:
-                del self._fn_runtime[next(iter(self._fn_runtime))]
-        except TypeError:
-            pass
+        key = runtime_key(task.fn)
+        old = self._fn_runtime.get(key)
+        self._fn_runtime[key] = runtime if old is None else old + 0.2 * (runtime - old)
+        if len(self._fn_runtime) > 256:
+            del self._fn_runtime[next(iter(self._fn_runtime))]
 
 
     def _set_depth(self) -> None:
