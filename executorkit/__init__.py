@@ -30,6 +30,7 @@ _PUBLIC = {
     "CommandResult": "executorkit.command",
     "CommandError": "executorkit.command",
     "campaign_report": "executorkit._report",
+    "pickle_by_value": "executorkit._pickling",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -86,6 +86,36 @@ def _by_value_modules() -> set[str]:
     return set(registry)
 
 
+def pickle_by_value(module: types.ModuleType | str) -> None:
+    """Send the functions and classes of ``module`` with their code, instead of by name.
+
+    For a module that exists only where the driver runs (a helper module next to a
+    notebook, say) and so cannot be imported by the workers. It must be imported already.
+    This is ``cloudpickle.register_pickle_by_value``; it also applies to the submodules of a
+    package. Calls submitted afterwards carry the module's code.
+    """
+    if isinstance(module, str):
+        found = sys.modules.get(module)
+        if found is None:
+            raise ValueError(f"pickle_by_value({module!r}): import the module first "
+                             f"(it is not in sys.modules)")
+        module = found
+    if not isinstance(module, types.ModuleType):
+        raise TypeError(f"pickle_by_value() takes a module or its name, got "
+                        f"{type(module).__name__}")
+    cloudpickle.register_pickle_by_value(module)
+
+
+def _sent_by_value(fn: Any) -> bool:
+    """Its module is registered for pickling by value (checked on every call: a function
+    memoized while sent by name must not stay so once its module is registered)."""
+    registry = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None)
+    if not registry:
+        return False
+    name = getattr(fn, "__module__", None) or ""
+    return any(name == m or name.startswith(m + ".") for m in registry)
+
+
 def _frozen(value: Any) -> bool:
     """Immutable *and* sent by reference or as plain data: its pickle cannot go stale."""
     cls = type(value)
@@ -181,7 +211,7 @@ class FunctionPickles:
         return True
 
     def dumps(self, fn: Callable[..., Any]) -> bytes:
-        if type(fn) is not types.FunctionType:
+        if type(fn) is not types.FunctionType or _sent_by_value(fn):
             return cloudpickle.dumps(fn, protocol=5)
         fingerprint = self._fingerprint(fn)
         if fingerprint is not None:

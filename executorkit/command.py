@@ -35,7 +35,7 @@ from typing import Any
 from executorkit.errors import ExecutorkitError
 
 __all__ = ["PREFIX_VARIABLE", "Command", "CommandCall", "CommandError", "CommandResult",
-           "label", "run_command"]
+           "label", "new_output_files", "program_stem", "run_command", "stdin_bytes"]
 
 # JSON list: the launcher prefix the executor chose for this call (empty: run it directly)
 PREFIX_VARIABLE = "EXECUTORKIT_PROGRAM_PREFIX"
@@ -60,9 +60,10 @@ class Command:
     ``<program>.<pid>.out`` / ``.err`` in the call's working directory (``<program>.<pid>-<n>``
     when an earlier call left files of that name: they are never overwritten). With
     ``resource_dict={"cores": n}`` (n > 1) the program is started as an MPI job of n ranks by
-    the executor's launcher (mpiexec, srun). ``threads_per_core``, GPUs, ``cwd``, ``env`` and
-    ``run_time_max`` apply as for functions; a cancel or a timeout kills the program's whole
-    process group.
+    the executor's launcher (mpiexec, srun; on FluxJobExecutor the program is itself a Flux
+    job of n tasks, and its files are named after the driver's pid). ``threads_per_core``,
+    GPUs, ``cwd``, ``env`` and ``run_time_max`` apply as for functions; a cancel or a timeout
+    kills the program's whole process group (on Flux: its job).
     """
 
     argv: tuple[Any, ...] | str
@@ -224,11 +225,8 @@ def run_command(call: CommandCall) -> CommandResult:
     cmd = call.command
     cwd = os.getcwd()
     argv = _launch_prefix() + cmd.resolved_argv()
-    words = cmd.resolved_argv()[-1].split() if cmd.shell else cmd.resolved_argv()[:1]
-    stem = os.path.basename(words[0]) if words else "cmd"
-    data = cmd.stdin.stdout if isinstance(cmd.stdin, CommandResult) else cmd.stdin
-    data = data.encode() if isinstance(data, str) else data
-    out, out_path = _new_output_file(os.path.join(cwd, f"{stem}.{os.getpid()}"))
+    data = stdin_bytes(cmd)
+    out, out_path = _new_output_file(os.path.join(cwd, f"{program_stem(cmd)}.{os.getpid()}"))
     err_path = out_path[:-len(".out")] + ".err"
     flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
@@ -248,6 +246,28 @@ def run_command(call: CommandCall) -> CommandResult:
         outputs=tuple(os.path.join(cwd, p) for p in cmd.outputs))
     result.check_returncode()
     return result
+
+
+def program_stem(cmd: Command) -> str:
+    """The name of a program's output files: its base name (``sim`` for ``./bin/sim``)."""
+    words = cmd.resolved_argv()[-1].split() if cmd.shell else cmd.resolved_argv()[:1]
+    return os.path.basename(words[0]) if words else "cmd"
+
+
+def stdin_bytes(cmd: Command) -> bytes | None:
+    """What is fed to the program (an upstream Command's result pipes in its stdout)."""
+    data = cmd.stdin.stdout if isinstance(cmd.stdin, CommandResult) else cmd.stdin
+    return data.encode() if isinstance(data, str) else data
+
+
+def new_output_files(base: str) -> tuple[str, str]:
+    """Create ``<base>.out`` (or ``<base>-<n>.out``, never an existing file) and its
+    ``.err`` sibling, empty: for launchers whose program writes them itself (Flux)."""
+    out, out_path = _new_output_file(base)
+    os.close(out)
+    err_path = out_path[:-len(".out")] + ".err"
+    os.close(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
+    return out_path, err_path
 
 
 def _new_output_file(base: str) -> tuple[int, str]:

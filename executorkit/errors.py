@@ -152,6 +152,8 @@ def dependency_error(dependent: str, upstream: str, cause: BaseException, *,
     else:
         message = f"{dependent}: input {upstream} failed because {root_task} {what}"
     root_type = None if isinstance(root, (CancelledError, DependencyError)) else type(root)
+    if isinstance(root, TaskExitError):
+        root_type = WorkerDiedError  # only the call that exited is reported as a SystemExit
     err = _new_dependency_error(root_type, message)
     err.upstream = future
     err.root = root
@@ -178,6 +180,28 @@ class SerializationError(ExecutorkitError, TypeError):
     """A function, an argument or a result could not be pickled or unpickled."""
 
 
+class WorkerImportError(SerializationError):
+    """A worker cannot import a module the call needs (to unpickle its function, arguments
+    or result): the module exists only where the driver runs.
+
+    ``module`` is the module's name, ``worker_path`` the worker's ``sys.path`` at the time.
+    """
+
+    def __init__(self, message: str, *, module: str | None = None,
+                 worker_path: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.module = module
+        self.worker_path = worker_path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuild_import_error, (str(self), self.module, self.worker_path)
+
+
+def _rebuild_import_error(message: str, module: str | None,
+                          worker_path: tuple[str, ...]) -> WorkerImportError:
+    return WorkerImportError(message, module=module, worker_path=worker_path)
+
+
 class TaskTimeoutError(ExecutorkitError, TimeoutError):
     """A task ran longer than its ``run_time_max`` and was stopped."""
 
@@ -201,21 +225,38 @@ class WorkerDiedError(ExecutorkitError, RuntimeError):
         self.pid = pid
 
 
+class TaskExitError(WorkerDiedError, SystemExit):
+    """A task called ``sys.exit()``: its process ended without a result.
+
+    Both a :class:`WorkerDiedError` (a ``RuntimeError``, what executorlib users catch) and a
+    ``SystemExit`` (what ``ProcessPoolExecutor.result()`` re-raises), so code written for
+    either library keeps working. Left uncaught in the driver it ends the script like
+    ``sys.exit(message)`` does: the message is printed and the exit status is 1, never a
+    silent exit.
+    """
+
+    def __init__(self, message: str, **context: Any):
+        super().__init__(message, **context)
+        self.code = message  # what the interpreter prints if this ends the driver
+
+
 def task_exception(exc: BaseException, name: str) -> BaseException:
     """What ``result()`` raises for an exception a task raised.
 
     An ``Exception`` is itself. ``SystemExit`` (the task called ``sys.exit()``),
     ``KeyboardInterrupt`` and other ``BaseException``s would end or interrupt the *driver*
     when re-raised there, silently for ``SystemExit``: they become a
-    :class:`WorkerDiedError` naming what happened, the original as its ``__context__``.
+    :class:`WorkerDiedError` naming what happened (:class:`TaskExitError` for
+    ``sys.exit()``), the original as its ``__context__``.
     """
     if isinstance(exc, Exception):
         return exc
     if isinstance(exc, SystemExit):
         code = exc.code
         exitcode = code if isinstance(code, int) else (0 if code is None else 1)
-        err = WorkerDiedError(f"{name} called sys.exit({'' if code is None else repr(code)}),"
-                              f" which ends its process: no result", exitcode=exitcode)
+        err: WorkerDiedError = TaskExitError(
+            f"{name} called sys.exit({'' if code is None else repr(code)}), which ends its "
+            f"process: no result", exitcode=exitcode)
     else:
         err = WorkerDiedError(f"{name} raised {type(exc).__name__}, which would stop the "
                               f"driver if raised there: no result")

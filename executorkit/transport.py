@@ -96,6 +96,7 @@ class RunTask(_Message):
     args: bytes
     setup: TaskSetup | None = None
     cache: CacheSpec | None = None
+    path: tuple[str, ...] | None = None  # the driver's sys.path, when the worker's is older
     queued: bool = False
     overrun_after: float = 0.0
 
@@ -188,6 +189,11 @@ class Spawn(_Message):
     res: Any = None  # the Resources of the call (launchers that ask a scheduler need them)
     spare: bool = False  # a warm per-task worker that gets its call later
     program: bool = False  # the call runs a program (executorkit.command), see Engine
+    path: tuple[str, ...] | None = None  # the driver's sys.path (see executorkit._syspath)
+    # launchers that run programs themselves (``runs_programs``): the call's CommandCall and
+    # task id; such a worker is the program, never a Python process (stays in the driver)
+    call: Any = None
+    task_id: int = 0
 
 
 @dataclass(slots=True)
@@ -219,6 +225,9 @@ class Exited(_Message):
     pid: int
     status: int
     reason: str | None = None  # the launcher's account of an abnormal end (Flux's reason)
+    # a program the launcher ran itself (Spawn.call) ended on its own: its outcome, as a
+    # worker would have sent it (driver side only, never on a wire)
+    done: TaskDone | None = None
 
 
 @dataclass(slots=True)
@@ -328,4 +337,10 @@ class BlockingChannel:
 def connect(address: tuple[str, int], secret: bytes) -> BlockingChannel:
     sock = socket.create_connection(address)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A driver whose node is lost sends no FIN: keep-alive probes find out in ~2 minutes.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, option):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     return BlockingChannel(sock, secret)

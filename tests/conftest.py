@@ -41,11 +41,13 @@ def flux_missing() -> str | None:
 
 
 # The modules of the shared behaviour suite that also run on FluxJobExecutor (the flux
-# modes of ``mode``). The fault-injection, stdlib-parity, retry and Command suites probe
-# SingleNodeExecutor's own machinery (fork server, mpiexec, thousands of calls): their
-# flux-mode items are left out rather than run against Flux.
+# modes of ``mode``; test_command: a Command is a Flux job of the program itself). The
+# fault-injection, stdlib-parity and retry suites probe SingleNodeExecutor's own machinery
+# (fork server, thousands of calls): their flux-mode items are left out rather than run
+# against Flux.
 FLUX_SUITE = {"test_executor", "test_dependencies", "test_cancel", "test_task_resources",
-              "test_cache_executor", "test_mpi", "test_notebooks"}
+              "test_cache_executor", "test_mpi", "test_notebooks", "test_syspath",
+              "test_command"}
 
 
 def _flux_mode_elsewhere(item) -> bool:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 
@@ -156,5 +158,91 @@ def commands() -> dict:
     return out
 
 
+def _steps() -> set[str]:
+    """Step ids of this allocation that Slurm still lists."""
+    out = subprocess.run(["squeue", "-h", "-s", "-j", os.environ["SLURM_JOB_ID"], "-o", "%i"],
+                         capture_output=True, text=True, timeout=60).stdout
+    return {line.split(".", 1)[1] for line in out.split() if "." in line}
+
+
+def _boot_files(directory: str) -> list[str]:
+    return [os.path.join(root, f) for root, _, files in os.walk(directory)
+            for f in files if f == "boot.pkl"]
+
+
+def orphan_driver(directory: str) -> None:
+    """A driver with a running per-task step and a busy block-allocation step; it waits
+    until it is killed."""
+    per_task = SlurmJobExecutor(max_workers=1)
+    block = SlurmJobExecutor(max_workers=1, block_allocation=True)
+    calls = [per_task.submit(tf.gate_env, directory, "p", "SLURM_STEP_ID"),
+             block.submit(tf.gate_env, directory, "b", "SLURM_STEP_ID")]
+    for call in calls:
+        call.result(timeout=3600)
+
+
+def _driver_killed(signum: int) -> dict:
+    from conftest import wait_until
+
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as runs:
+        env = {**os.environ, "EXECUTORKIT_TMPDIR": runs}
+        driver = subprocess.Popen([sys.executable, os.path.abspath(__file__), "orphan_driver",
+                                   d], env=env)
+        try:
+            wait_until(lambda: tf.started(d, "p") and tf.started(d, "b"), timeout=120)
+            pids = [int(tf.read(os.path.join(d, f"{n}.started"))) for n in ("p", "b")]
+            steps = {tf.read(os.path.join(d, f"{n}.env")) for n in ("p", "b")}
+            running = steps <= _steps()
+            driver.send_signal(signum)
+            driver.wait(timeout=120)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), timeout=120)
+        wait_until(lambda: not steps & _steps(), timeout=120)
+        # (this scenario, still inside the allocation, goes on to print its result)
+        return {"status": driver.returncode, "steps_were_running": running,
+                "boot_files": _boot_files(runs), "run_dirs": os.listdir(runs)}
+
+
+def driver_sigkilled() -> dict:
+    return _driver_killed(signal.SIGKILL)
+
+
+def driver_sigterm() -> dict:
+    return _driver_killed(signal.SIGTERM)
+
+
+def boot_files_after_exit() -> dict:
+    with tempfile.TemporaryDirectory() as runs:
+        os.environ["EXECUTORKIT_TMPDIR"] = runs
+        with SlurmJobExecutor(max_workers=2) as exe:
+            assert exe.submit(tf.inc, 1).result(timeout=T) == 2
+            during = _boot_files(runs)  # the worker removed its own once it had read it
+        return {"during": during, "after": os.listdir(runs)}
+
+
+def syspath() -> dict:
+    """Functions of a module found only through a path added at run time, in steps."""
+    out = {}
+    with tempfile.TemporaryDirectory() as d, SlurmJobExecutor(max_workers=2) as per_task, \
+                SlurmJobExecutor(max_workers=1, block_allocation=True) as block:
+        out["warm"] = block.submit(tf.inc, 1).result(timeout=T)  # worker already up
+        name = f"light_{os.getpid()}"
+        with open(os.path.join(d, f"{name}.py"), "w") as fh:
+            fh.write("def spin(x):\n    return x * 2\n")
+        sys.path.insert(0, d)
+        light = __import__(name)
+        out["per_task"] = per_task.submit(light.spin, 1).result(timeout=T)
+        out["block"] = block.submit(light.spin, 2).result(timeout=T)
+        out["mpi"] = per_task.submit(light.spin, 3,
+                                     resource_dict={"cores": 2}).result(timeout=T)
+    return out
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "orphan_driver":
+        orphan_driver(sys.argv[2])
+        sys.exit(0)
     print("RESULT " + json.dumps(globals()[sys.argv[1]]()), flush=True)

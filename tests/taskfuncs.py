@@ -287,3 +287,28 @@ def mpi_listening_addresses():
     own = listening(me) - listening(me.parent())
     MPI.COMM_WORLD.Barrier()
     return sorted(addr.ip for addr in own)
+
+
+class Thing:
+    """An object whose bound method (or itself, as a callable) is submitted."""
+
+    def method(self):
+        return "method"
+
+    def __call__(self):
+        return "called"
+
+
+class Dummy:
+    """A result that supports weak references."""
+
+    def __init__(self, x):
+        self.x = x
+
+
+def make_dummy(x):
+    return Dummy(x)
+
+
+def size_of(data):
+    return len(data)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 
 import capabilities
 import pytest
@@ -421,3 +423,31 @@ def test_rerun_does_not_attach_to_a_job_that_has_ended(tmp_path, state, attached
         assert exe._attach("k") == attached
     finally:
         exe.shutdown(wait=True)
+
+
+def test_sys_exit_in_a_task_is_also_the_stdlib_pool_s_system_exit(tmp_path):
+    # ProcessPoolExecutor re-raises SystemExit; executorlib users catch RuntimeError: both work.
+    from executorkit.errors import TaskExitError
+
+    with executorlib.SingleNodeExecutor(max_workers=1) as exe:
+        fut = exe.submit(calls_exit, 3)
+        with pytest.raises(SystemExit) as info:
+            fut.result(timeout=T)
+        assert isinstance(info.value, RuntimeError) and isinstance(info.value, TaskExitError)
+        dependent = exe.submit(str, fut)
+        with pytest.raises(RuntimeError) as dep_info:
+            dependent.result(timeout=T)
+        assert not isinstance(dep_info.value, SystemExit)  # only the call that exited
+    # Left uncaught, it ends a script loudly (message printed, exit status 1), not silently.
+    script = tmp_path / "exits.py"
+    script.write_text(
+        "import sys\nfrom executorkit import SingleNodeExecutor\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_dropin import calls_exit\n"
+        "if __name__ == '__main__':\n"
+        "    with SingleNodeExecutor(max_workers=1) as exe:\n"
+        "        exe.submit(calls_exit, 0).result(timeout=60)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "calls_exit called sys.exit(0)" in proc.stderr

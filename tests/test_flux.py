@@ -376,7 +376,177 @@ class TestFourNodes:
             exe.submit(tf.inc, 1, resource_dict={"num_nodes": NODES + 1,
                                                  "cores": NODES + 1})
 
+    def test_command_ranks_run_on_the_nodes_asked_for(self, exe_factory, tmp_path):
+        from executorkit import Command
+
+        exe = exe_factory()
+        fut = exe.submit(Command(["flux", "getattr", "rank"]),
+                         resource_dict={"cores": 2, "num_nodes": 2, "cwd": str(tmp_path)})
+        assert len(set(fut.result(timeout=T).stdout.split())) == 2  # one task on each broker
+
     def test_many_calls_use_every_broker(self, exe_factory):
         exe = exe_factory()
         futs = [exe.submit(ff.where) for _ in range(4 * NODES)]
         assert len({f.result(timeout=T)[0] for f in futs}) > 1
+
+
+# ------------------------------------------------------------- Commands: the program is the job
+STUBBORN = 'trap "" TERM; echo $FLUX_JOB_ID > {d}/jobid; echo $$ > {d}/pid.$FLUX_TASK_RANK; ' \
+           'while true; do sleep 0.05; done'
+
+
+def _jobspec(jobid):
+    import json
+
+    return json.loads(_flux("job", "info", jobid, "jobspec"))
+
+
+def _pid_gone(path):
+    try:
+        os.kill(int(_read(path)), 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_command_is_a_job_of_the_program_itself(exe_factory, tmp_path):
+    from executorkit import Command
+
+    exe = exe_factory()
+    work = tmp_path / "new" / "work"  # created for the call
+    argv = ["sh", "-c", 'echo job $FLUX_JOB_ID $MY_VAR $OMP_NUM_THREADS; pwd; cat; echo e >&2']
+    result = exe.submit(Command(argv, stdin="fed in\n"), resource_dict={
+        "cwd": str(work), "env": {"MY_VAR": "v"}, "threads_per_core": 2}).result(timeout=T)
+    words, where, fed = result.stdout.splitlines()
+    assert words.split()[2:] == ["v", "2"] and where == str(work) and fed == "fed in"
+    assert result.returncode == 0 and result.stderr == "e\n" and result.cwd == str(work)
+    assert result.args == argv
+    # the job shell wrote the files in the call's cwd; the result was read back from them
+    assert os.path.dirname(result.stdout_file) == str(work)
+    assert _read(result.stdout_file) == result.stdout and _read(result.stderr_file) == "e\n"
+    # no Python in between: the job's one task is the program, with the call's two cores
+    spec = _jobspec(words.split()[1])
+    assert spec["tasks"][0]["command"] == argv
+    assert _flux("jobs", "-n", "-o", "{ntasks} {ncores}", words.split()[1]).split() == ["1", "2"]
+
+
+def test_futures_in_a_commands_argv_and_stdin_are_dependencies(exe_factory, tmp_path):
+    from executorkit import Command
+
+    exe = exe_factory()
+    word = exe.submit(Command(["echo", "upstream"]), resource_dict={"cwd": str(tmp_path)})
+    number = exe.submit(tf.inc, 41)
+    down = exe.submit(Command(["sh", "-c", 'echo "$0 $1 $(cat)"', word, number],
+                              stdin=exe.submit(Command(["echo", "piped"]))),
+                      resource_dict={"cwd": str(tmp_path)})
+    assert down.result(timeout=T).stdout == "upstream 42 piped\n"
+
+
+def test_mpi_command_is_a_job_of_that_many_tasks(exe_factory, tmp_path):
+    import sys
+
+    from executorkit import Command
+
+    exe = exe_factory()
+    code = ("import os; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+            "print(c.Get_rank(), c.Get_size(), os.environ['FLUX_JOB_ID'])")
+    argv = [sys.executable, "-c", code]
+    result = exe.submit(Command(argv), resource_dict={"cores": 2, "cwd": str(tmp_path)}).result(
+        timeout=T)
+    lines = sorted(result.stdout.splitlines())
+    assert [line.split()[:2] for line in lines] == [["0", "2"], ["1", "2"]]
+    jobid = lines[0].split()[2]
+    assert {line.split()[2] for line in lines} == {jobid}  # one job holds both ranks
+    assert _jobspec(jobid)["tasks"][0]["command"] == argv  # the program, not a worker
+    assert _flux("jobs", "-n", "-o", "{ntasks}", jobid).strip() == "2"
+
+
+def test_mpi_command_whose_rank_fails(exe_factory, tmp_path):
+    from executorkit import Command, CommandError
+
+    exe = exe_factory()
+    script = 'if [ "$PMI_RANK" = 1 ]; then echo rank one failed >&2; exit 4; fi; echo ok'
+    fut = exe.submit(Command(["sh", "-c", script]), resource_dict={"cores": 2,
+                                                                     "cwd": str(tmp_path)})
+    with pytest.raises(CommandError, match="rank one failed") as info:
+        fut.result(timeout=T)
+    assert info.value.returncode == 4 and "exited with code 4" in str(info.value)
+    assert info.value.result.stdout == "ok\n"  # rank 0 ran to its end
+    assert exe.submit(Command(["true"])).result(timeout=T).returncode == 0
+
+
+def test_command_killed_by_a_signal_is_a_command_error(exe_factory, tmp_path):
+    from executorkit import Command, CommandError
+
+    exe = exe_factory()
+    with pytest.raises(CommandError) as info:
+        exe.submit(Command(["sh", "-c", "kill -SEGV $$"]),
+                   resource_dict={"cwd": str(tmp_path)}).result(timeout=T)
+    assert info.value.returncode == -11
+
+
+def test_command_ignoring_sigterm_is_killed_at_run_time_max(exe_factory, tmp_path):
+    from executorkit import Command
+
+    exe = exe_factory()
+    fut = exe.submit(Command(["sh", "-c", STUBBORN.format(d=tmp_path)]),
+                     resource_dict={"cores": 2, "run_time_max": 2, "cwd": str(tmp_path)})
+    with pytest.raises(TaskTimeoutError, match="run_time_max=2"):
+        fut.result(timeout=T)
+    pids = [str(tmp_path / f"pid.{rank}") for rank in (0, 1)]
+    wait_until(lambda: all(os.path.exists(p) and _read(p).strip() for p in pids), timeout=T)
+    wait_until(lambda: all(_pid_gone(p) for p in pids), timeout=T)
+    jobid = _read(str(tmp_path / "jobid")).strip()
+    wait_until(lambda: _job_state(jobid)[0] == "INACTIVE", timeout=T)
+
+
+def test_cancel_of_a_running_command_cancels_its_job(exe_factory, tmp_path):
+    from executorkit import Command
+
+    exe = exe_factory()
+    fut = exe.submit(Command(["sh", "-c", STUBBORN.format(d=tmp_path)]),
+                     resource_dict={"threads_per_core": CORES, "cwd": str(tmp_path)})
+    pid = str(tmp_path / "pid.0")
+    wait_until(lambda: os.path.exists(pid) and _read(pid).strip(), timeout=T)
+    assert fut.running() and fut.cancel()
+    jobid = _read(str(tmp_path / "jobid")).strip()
+    wait_until(lambda: _job_state(jobid) == ["INACTIVE", "CANCELED"], timeout=T)
+    wait_until(lambda: _pid_gone(pid), timeout=T)
+    # it held every core of the instance: this runs only once they came back
+    assert exe.submit(Command(["true"]), resource_dict={"threads_per_core": CORES}).result(
+        timeout=T).returncode == 0
+
+
+@pytest.mark.skipif(CORES < 2, reason="needs an instance of two cores")
+def test_command_retry_succeeds_only_after_escalation(exe_factory, tmp_path):
+    from executorkit import Command, get_cache_data
+
+    cache = str(tmp_path / "cache")
+    exe = exe_factory(cache_directory=cache)
+    # killed unless its job has two cores (Flux binds a task to its cores): needs escalation
+    script = 'test "$(nproc)" = 2 || kill -9 $$; echo fine'
+    fut = exe.submit(Command(["sh", "-c", script]), resource_dict={
+        "max_retries": 1, "retry_escalation": {"threads_per_core": 2}, "cwd": str(tmp_path)})
+    assert fut.result(timeout=T).stdout == "fine\n"
+    frame = get_cache_data(cache)
+    assert sorted(frame["status"]) == ["done", "failed"]  # the final run and attempt 1
+    assert sorted(r.get("threads_per_core", 1) for r in frame["resource_dict"]) == [1, 2]
+
+
+def test_command_results_are_cached_by_the_driver(exe_factory, tmp_path):
+    from executorkit import Command, CommandError, get_cache_data
+
+    cache, work = str(tmp_path / "cache"), tmp_path / "work"
+    exe = exe_factory(cache_directory=cache)
+    make = Command(["sh", "-c", "echo made > out.txt; echo $FLUX_JOB_ID"], outputs=["out.txt"])
+    first = exe.submit(make, resource_dict={"cwd": str(work)}).result(timeout=T)
+    again = exe.submit(make, resource_dict={"cwd": str(work)}).result(timeout=T)
+    assert again == first  # a hit: no second job
+    os.remove(work / "out.txt")  # a declared output is gone: it runs again
+    third = exe.submit(make, resource_dict={"cwd": str(work)}).result(timeout=T)
+    assert third.stdout != first.stdout and (work / "out.txt").exists()
+    with pytest.raises(CommandError):
+        exe.submit(Command(["false"]), resource_dict={"cwd": str(work)}).result(timeout=T)
+    frame = get_cache_data(cache)
+    assert sorted(frame["status"]) == ["done", "failed"]
+    assert isinstance(frame[frame["status"] == "failed"]["error"].iloc[0], CommandError)

@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("executorkit.cache",),
     ("executorkit.transport", "executorkit.scheduler", "executorkit.estimator",
      "executorkit.graph", "executorkit.command"),
-    ("executorkit.errors", "executorkit._pickling", "executorkit._sources", "executorkit._version"),
+    ("executorkit.errors", "executorkit._pickling", "executorkit._sources", "executorkit._syspath",
+     "executorkit._version"),
 )
 
 

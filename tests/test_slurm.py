@@ -228,3 +228,32 @@ def _listed(job: str) -> bool:
     out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
                          text=True, timeout=60)
     return bool(out.stdout.strip())
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+@pytest.mark.parametrize("how", ["driver_sigkilled", "driver_sigterm"])
+def test_steps_end_when_their_driver_is_killed(how):
+    """The driver dies inside the allocation while a per-task step and a block-allocation
+    step are busy: their workers notice and exit, the steps end, the allocation goes on,
+    and no boot file (it holds the secret) is left."""
+    out = run_scenario(how)
+    assert out["steps_were_running"] is True
+    assert out["boot_files"] == []
+    if how == "driver_sigterm":
+        assert out["status"] == -15  # still dies of SIGTERM, after removing its files
+        assert out["run_dirs"] == []
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+def test_boot_files_are_removed():
+    out = run_scenario("boot_files_after_exit")
+    assert out == {"during": [], "after": []}
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(NO_SLURM is not None, reason=str(NO_SLURM))
+def test_steps_import_from_a_path_added_at_run_time():
+    out = run_scenario("syspath")
+    assert out == {"warm": 2, "per_task": 2, "block": 4, "mpi": [6, 6]}

@@ -171,3 +171,12 @@ def test_env_names_a_batch_script_cannot_export_are_refused(tmp_path):
     script = job_script(parse({"env": {"OK_1": "v"}}), input_file="/in",
                         env=[("X;touch pwned;Y", "1")])
     assert "export 'X;touch pwned;Y'=1" in script  # quoted: bash refuses it, runs nothing
+
+
+@needs_slurm
+def test_batch_jobs_import_from_a_path_added_at_run_time(tmp_path):
+    from test_syspath import module_on_new_path
+
+    with SlurmClusterExecutor(cache_directory=str(tmp_path / "cache"), poll_interval=0.2) as exe, \
+            module_on_new_path(str(tmp_path / "project")) as light:
+        assert exe.submit(light.spin, 21).result(timeout=T) == 42

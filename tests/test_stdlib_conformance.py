@@ -114,13 +114,7 @@ SERIALIZATION_NOT_BROKEN = {
 }
 
 # name (or "Mode:name") -> the defect; being fixed in executorkit/engine/ right now
-XFAIL: dict[str, str] = {
-    "test_no_stale_references": "engine defect: the engine keeps finished futures (and so "
-                                "the submitted callable's self) alive",
-    "PerTask:test_free_reference": "engine defect (per-task mode): the engine keeps "
-                                   "finished futures (and so their results) alive after "
-                                   "map() yielded them",
-}
+XFAIL: dict[str, str] = {}
 
 # (ProcessPoolExecutorTest and ProcessPoolShutdownTest include ExecutorTest and
 # ExecutorShutdownTest)

@@ -26,7 +26,7 @@ import cloudpickle
 
 from executorkit.cache._keys import compute_key
 from executorkit.errors import TaskTimeoutError, WorkerDiedError
-from executorkit.transport import CacheSpec
+from executorkit.transport import CacheSpec, RunTask, TaskDone
 
 if TYPE_CHECKING:
     from executorkit.cache._store import CacheStore
@@ -115,6 +115,17 @@ class CacheHook:
         if task.cache_spec is not None:
             _Attempts.ended(self._store(task.cache_spec.directory), task, exc, final=final)
 
+    def record_outcome(self, spec: CacheSpec, run: RunTask, done: TaskDone) -> None:
+        """Record a call whose outcome the launcher produced itself (a program it ran
+        directly, with no worker to record it), exactly as a worker records its call."""
+        from executorkit.cache._writer import record_call
+
+        try:
+            record_call(spec, run, done)
+        except Exception as err:  # the result still reaches its future; only the entry is lost
+            log.warning("could not record task %d in the cache %s: %s", run.task_id,
+                        spec.directory, err)
+
     def _lookup(self, task: _Call, directory: str, key: str) -> bool:
         task.key = key
         hit, value = self._store(directory).lookup(key)
@@ -176,7 +187,11 @@ def _rename_entry(store: CacheStore, key: str, target: str) -> None:
 def _driver_record(key: str, spec: CacheSpec, task: Any, exc: BaseException) -> Any:
     from executorkit.cache._store import CacheRecord
 
-    fn_blob, args_blob = task.payload or (b"", pickle.dumps(((), {})))
+    payload = task.payload
+    if payload is None and task.fn is not None:  # the call's bytes went with its frame
+        with contextlib.suppress(Exception):
+            payload = cloudpickle.dumps(task.fn), cloudpickle.dumps((task.args, task.kwargs))
+    fn_blob, args_blob = payload or (b"", pickle.dumps(((), {})))
     try:
         args, kwargs = pickle.loads(args_blob)
         args_bytes, kwargs_bytes = cloudpickle.dumps(args), cloudpickle.dumps(kwargs)

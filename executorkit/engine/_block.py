@@ -11,8 +11,12 @@ gives the queued calls back, to be placed again.
 
 from __future__ import annotations
 
+import functools
+import types
+from collections.abc import Hashable
 from concurrent.futures import CancelledError
 from dataclasses import replace
+from typing import Any
 
 import cloudpickle
 
@@ -22,11 +26,34 @@ from executorkit.engine._records import RUNNING, SENT, WAITING, _Task, _Worker
 from executorkit.errors import ExecutorBrokenError
 from executorkit.estimator import DEPTH, RuntimeEstimator
 from executorkit.scheduler import Start
-from executorkit.transport import Cancel, Dropped, ErrorInfo, GaveBack, Spawn, Stop, TaskSetup
+from executorkit.transport import (
+    Cancel,
+    Dropped,
+    ErrorInfo,
+    GaveBack,
+    Spawn,
+    Stop,
+    TaskDone,
+    TaskSetup,
+)
 
 OVERRUN = 0.01  # seconds: a call expected tiny that runs longer gives back its followers
 
 __all__ = ["DEPTH", "_BlockPool"]
+
+
+def runtime_key(fn: Any) -> Hashable:
+    """What names ``fn`` in the runtime table without keeping it alive: its code object
+    (a bound method's instance, a partial's arguments or a closure's cells are not kept),
+    else the names of its module and type."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)  # a bound method: the function, not the instance
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):
+        return code
+    return (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None),
+            type(fn).__module__, type(fn).__qualname__)
 
 
 class _BlockPool:
@@ -92,7 +119,7 @@ class _BlockPool:
         spawn = Spawn(w.id, env, self.cfg.worker_res.cwd, self._pin(cpus), persistent=True,
                       init_payload=init, res=self.cfg.worker_res)
         self._mpi(w, spawn, self.cfg.worker_res.cores)
-        self._spawn(spawn)
+        self._spawn(spawn, w)
 
 
     def _run_on_block_worker(self, task: _Task) -> None:
@@ -116,15 +143,21 @@ class _BlockPool:
             names = {k for k, _ in task.res.env}
             unset = tuple(k for k, _ in base.env if k not in names)
             setup = TaskSetup(task.res.cwd, task.res.env, unset)
-        run = self._run_message(task, setup)
+        run = self._run_message(w, task, setup)
         run.queued = queued
         # Calls may be queued behind a call expected tiny: if it is not, they come back.
         run.overrun_after = 0.0 if task.slow or self.estimator.max_depth == 1 else OVERRUN
         self._send(w, run)
 
 
-    def _known_tiny(self, fn: object) -> bool:
-        return self.estimator.is_tiny(fn)
+    def _known_tiny(self, fn: Any) -> bool:
+        return self.estimator.is_tiny(runtime_key(fn))
+
+
+    def _observe_runtime(self, task: _Task, done: TaskDone) -> None:
+        """Learn the call's own duration (the worker's, else the whole run's)."""
+        own = done.elapsed if done.elapsed >= 0 else done.finished - done.started
+        self.estimator.observe(runtime_key(task.fn), own)
 
 
     def _set_depth(self) -> None:
@@ -176,7 +209,7 @@ class _BlockPool:
             return
         running = w.tasks.get(msg.running)
         if running is not None:
-            self.estimator.observe(running.fn, msg.elapsed)
+            self.estimator.observe(runtime_key(running.fn), msg.elapsed)
             self._mark_slow(running)
         back = [t for t in (w.tasks.pop(i, None) for i in msg.task_ids) if t is not None]
         if self._retired:

@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import pickle
+import sys
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 
 from executorkit._sources import fill_source_lines
-from executorkit.errors import RemoteError, RemoteTraceback, SerializationError, task_exception
+from executorkit.errors import (
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerImportError,
+    task_exception,
+)
 from executorkit.transport import ErrorInfo
 
 if TYPE_CHECKING:
@@ -48,8 +55,12 @@ def _error_from_info(info: ErrorInfo, name: str, fn: Any = None) -> BaseExceptio
     if info.exc is not None:
         with contextlib.suppress(Exception):
             exc = pickle.loads(info.exc)
-    if info.kind == "serialization":
-        err: BaseException = SerializationError(f"{name}: {info.type_name}: {info.message}")
+    if isinstance(exc, WorkerImportError):
+        err: BaseException = WorkerImportError(
+            f"{name}: {exc}{_found_in_driver(exc.module)}", module=exc.module,
+            worker_path=exc.worker_path)
+    elif info.kind == "serialization":
+        err = SerializationError(f"{name}: {info.type_name}: {info.message}")
         if exc is not None:
             err.__context__ = exc
     elif exc is None:
@@ -58,6 +69,12 @@ def _error_from_info(info: ErrorInfo, name: str, fn: Any = None) -> BaseExceptio
         err = task_exception(exc, name)
     err.__cause__ = RemoteTraceback(fill_source_lines(info.traceback, fn))
     return err
+
+
+
+def _found_in_driver(module: str | None) -> str:
+    found = getattr(sys.modules.get(module or ""), "__file__", None)
+    return f" (the driver imported it from {found})" if found else ""
 
 
 def _rebuild_error(payload: bytes, task: _Task) -> BaseException:

@@ -78,6 +78,10 @@ class _Loop:
         self.thread.start()
         self._ident = self.thread.ident
 
+    def on_engine_thread(self) -> bool:
+        """True in the engine's own thread (where done-callbacks of its futures run)."""
+        return threading.get_ident() == self._ident
+
     def post(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` on the engine thread (thread-safe, never blocks)."""
         self.inbox.append((fn, args))
@@ -117,9 +121,11 @@ class _Loop:
         select = self.selector.select
         inbox = self.inbox
         while True:
-            while inbox:
-                fn, args = inbox.popleft()
-                fn(*args)
+            if inbox:
+                while inbox:
+                    fn, args = inbox.popleft()
+                    fn(*args)
+                del fn, args  # the last task must not live on while the loop waits
             if self._closing and not self.tasks and self._close_ready():
                 self._flush()
                 return

@@ -23,7 +23,7 @@ class _EngineSide(Protocol):
 
     def post(self, fn: Callable[..., None], *args: Any) -> None: ...
     def dep_done(self, task: _Task, fut: Future) -> None: ...
-    def cancelled(self, task: _Task) -> None: ...
+    def cancelled(self, task: _Task, future: Future) -> None: ...
 
 
 class TaskFuture(Future):
@@ -43,7 +43,9 @@ class TaskFuture(Future):
             return False
         task = self._task
         if task is not None:
-            task.engine.post(task.engine.cancelled, task)
+            # (the future goes along: by the time the engine sees this, the task may be
+            # finished and have let go of it)
+            task.engine.post(task.engine.cancelled, task, self)
         return True
 
     def running(self) -> bool:
@@ -54,8 +56,8 @@ class TaskFuture(Future):
 class _Task:
     __slots__ = (
         "args", "cache_spec", "cancel_seen", "deadline", "deps", "deps_left", "engine",
-        "failures", "fn", "future", "id", "key", "kwargs", "payload", "res", "slow", "started",
-        "state", "timed_out", "worker",
+        "failures", "fn", "future", "id", "key", "kwargs", "label", "outcome_", "path_version",
+        "payload", "res", "slow", "started", "state", "timed_out", "worker",
     )
 
     def __init__(self, engine: _EngineSide, task_id: int, fn: Callable[..., Any],
@@ -66,8 +68,11 @@ class _Task:
         self.args = args
         self.kwargs = kwargs
         self.res = res
-        self.future = TaskFuture()
+        self.future: TaskFuture | None = TaskFuture()
         self.future._task = self
+        self.label: str | None = None  # the name, kept once ``fn`` is released
+        self.outcome_: tuple[str, BaseException | None] = ("", None)  # kept at release
+        self.path_version = 0  # the driver's sys.path as of submit (see _tasks.py)
         self.state = WAITING
         self.deps: list[Future] | None = None
         self.deps_left = 0
@@ -87,11 +92,33 @@ class _Task:
         self.engine.post(self.engine.dep_done, self, fut)
 
     def name(self) -> str:
+        if self.label is not None:
+            return self.label
         return getattr(self.fn, "__qualname__", None) or repr(self.fn)
 
+    def outcome(self) -> tuple[str, BaseException | None]:
+        """Of a finished task: "done", "failed" or "cancelled", and the exception."""
+        fut = self.future
+        if fut is None or not fut.done():
+            return self.outcome_
+        if fut.cancelled():
+            return "cancelled", None
+        exc = fut.exception(timeout=0)
+        return ("failed" if exc is not None else "done"), exc
+
     def release(self) -> None:
-        """Drop references to arguments once finished (the user may keep the future)."""
+        """Forget everything but the name and the cache key once finished.
+
+        The future keeps its task (a later call may pass it as an argument: the cache key
+        and the name in a DependencyError come from here), so the task must not keep the
+        future: without that cycle a dropped future and its result are freed at once, not
+        at the next full garbage collection. Nor may it keep the function (a bound method
+        would keep its instance alive as long as the future) or the arguments.
+        """
+        self.label = self.name()
+        self.outcome_ = self.outcome()
         self.args = self.kwargs = self.payload = self.deps = None  # type: ignore[assignment]
+        self.fn = self.future = self.worker = None  # type: ignore[assignment]
 
 
 class _Worker:
@@ -100,8 +127,8 @@ class _Worker:
     allocation, tiny calls only) are SENT and wait in the worker's own queue."""
 
     __slots__ = (
-        "chan", "conn", "eof", "errdir", "exit_status", "held", "host", "id", "out",
-        "persistent", "pid", "slot", "spare", "stopping", "tasks", "writing",
+        "chan", "conn", "direct", "eof", "errdir", "exit_status", "held", "host", "id", "out",
+        "path_version", "persistent", "pid", "slot", "spare", "stopping", "tasks", "writing",
     )
 
     def __init__(self, worker_id: int, *, persistent: bool, slot: int | None = None) -> None:
@@ -120,8 +147,10 @@ class _Worker:
         self.stopping = False  # killed on purpose (cancel, timeout, shutdown)
         self.errdir: str | None = None  # MPI workers: where a failing rank reports
         self.spare = False  # a warm per-task worker that has no call yet
+        self.direct = False  # a program the launcher runs itself: running from its spawn
         self.conn: _Conn | None = None
         self.writing = False  # output left over: the selector also waits for writability
+        self.path_version = 0  # the driver's sys.path this worker has (see _syspath)
 
 
 @dataclass

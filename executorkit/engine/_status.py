@@ -198,19 +198,12 @@ def _call(task: _Task, finished: float | None) -> dict[str, Any]:
 def _state(task: _Task) -> str:
     if task.state != FINISHED:
         return _STATES[task.state]
-    fut = task.future
-    if fut.cancelled():
-        return "cancelled"
-    return "failed" if fut.exception(timeout=0) is not None else "done"
+    return task.outcome()[0]
 
 
 def _failed(task: _Task) -> bool:
-    fut = task.future
-    return fut.done() and not fut.cancelled() and fut.exception(timeout=0) is not None
+    return task.outcome()[0] == "failed"
 
 
 def _exception(task: _Task) -> BaseException | None:
-    fut = task.future
-    if not fut.done() or fut.cancelled():
-        return None
-    return fut.exception(timeout=0)
+    return task.outcome()[1]

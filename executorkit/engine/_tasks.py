@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from executorkit import graph, retry
 from executorkit._pickling import FunctionPickles, dumps_args
+from executorkit._syspath import PathTracker
 from executorkit.cache._hook import CacheHook
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._failures import _describe_unpicklable, _log_failure, _rebuild_error
@@ -51,6 +52,7 @@ class _TaskFlow:
         self._running = 0
         self.progress = config.progress
         self._pickles = FunctionPickles()
+        self._paths = PathTracker()
         self.cache = CacheHook(config.init_function)
         # retries: the resources each retried task was first submitted with, and the most
         # one attempt can be granted (escalation is capped there)
@@ -67,19 +69,25 @@ class _TaskFlow:
             raise ExecutorBrokenError(f"the executor is broken: {self.broken}") from self.broken
         self._submitted += 1
         task = _Task(self, next(self._ids), fn, args, kwargs, res)
+        task.path_version = self._paths.current()
         deps = graph.find_futures(args, kwargs)
         if deps and self.cfg.disable_dependencies:
             raise ValueError(
                 "a Future was passed as an argument but the executor was created with "
                 "disable_dependencies=True; pass the result instead, or enable dependencies"
             )
+        future = task.future
+        assert future is not None
         try:
             if not self.cache.prepare(task, deps):
-                return task.future  # answered from the cache: no process at all
+                task.state = FINISHED  # answered from the cache: no process at all
+                task.release()
+                return future
         except SerializationError as exc:
+            future.set_exception(exc)
             task.state = FINISHED
-            task.future.set_exception(exc)
-            return task.future
+            task.release()
+            return future
         self.tasks[task.id] = task
         if deps:
             task.deps = deps
@@ -87,31 +95,56 @@ class _TaskFlow:
             for dep in deps:
                 dep.add_done_callback(task.input_done)
         else:
-            try:
-                task.payload = self._dumps_call(fn, args, kwargs)
-            except SerializationError as exc:
-                self.tasks.pop(task.id, None)
-                task.state = FINISHED
-                task.future.set_exception(exc)
-                return task.future
+            # Pickled when it starts, not now: a waiting call holds its arguments (often
+            # one object shared by many calls), never bytes of its own.
             self.post(self._enqueue, task)
-        return task.future
+        return future
 
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        if wait and self.on_engine_thread():
+            raise RuntimeError(
+                "shutdown(wait=True) was called on the executor's engine thread (from a "
+                "future's done-callback?) and would wait for itself: use "
+                "shutdown(wait=False) there, or shut down from another thread")
         if cancel_futures:
             # On the engine thread, after the submits already in the inbox: a call submitted
             # while a slot was free starts (as with the stdlib pools), the rest is cancelled.
             self.post(self._cancel_not_running)
         self.post(self._begin_close)
         if wait:
-            self._stopped.wait()
+            try:
+                self._stopped.wait()
+            except KeyboardInterrupt:  # Ctrl-C while waiting for running calls: stop them
+                self.terminate()
+                raise
             self.thread.join()
+
+    def terminate(self, timeout: float = 30.0) -> None:
+        """Stop now (Ctrl-C): cancel every call, kill the running ones and every worker,
+        and wait up to ``timeout`` seconds for the engine to be done with them."""
+        self.post(self._terminate)
+        if self.on_engine_thread():
+            return
+        try:
+            self._stopped.wait(timeout)
+        except KeyboardInterrupt:
+            pass  # pressed again: the processes are being killed anyway, return at once
+
+    def _terminate(self) -> None:
+        self._closing = True
+        for task in list(self.tasks.values()):
+            if task.future is not None:
+                task.future.cancel()
+            self._finish(task, exc=CancelledError())
+        for w in list(self.workers.values()):
+            if not w.stopping:
+                self._stop_worker(w)
 
 
     def _cancel_not_running(self) -> None:
         for task in list(self.tasks.values()):
-            if task.state in (WAITING, QUEUED, SENT):  # SENT: queued inside a worker
+            if task.state in (WAITING, QUEUED, SENT) and task.future is not None:
                 task.future.cancel()
 
 
@@ -135,7 +168,7 @@ class _TaskFlow:
 
 
     def dep_done(self, task: _Task, fut: Future) -> None:
-        if task.state != WAITING or task.future.done():
+        if task.state != WAITING or task.future is None or task.future.done():
             return  # already failed, or cancelled by the user meanwhile
         if fut.cancelled():
             self._fail_dependency(task, fut, CancelledError("input future was cancelled"))
@@ -159,11 +192,7 @@ class _TaskFlow:
         if answered:
             self.tasks.pop(task.id, None)
             task.state = FINISHED
-            return
-        try:
-            task.payload = self._dumps_call(task.fn, args, kwargs)
-        except SerializationError as exc2:
-            self._finish(task, exc=exc2)
+            task.release()
             return
         self._enqueue(task)
 
@@ -199,10 +228,19 @@ class _TaskFlow:
 
 
     def _starts(self, starts: list[Start]) -> None:
-        for start in starts:
+        starts = list(starts)
+        while starts:
+            start = starts.pop(0)
             task = self.tasks.get(cast(int, start.task))
             if task is None:
                 continue
+            if task.payload is None:
+                try:
+                    task.payload = self._dumps_call(task.fn, task.args, task.kwargs)
+                except SerializationError as exc:
+                    self._finish(task, exc=exc)  # it never started: its slot goes on
+                    starts += self.sched.finish(task.id)
+                    continue
             if task.cache_spec is not None and start.cpus:  # where it ran, for reports
                 slot = start.cpus[0]  # (block allocation: slot s is worker s % workers)
                 workers = self.cfg.block_workers
@@ -240,8 +278,7 @@ class _TaskFlow:
             w.held = None
             self._starts(self.sched.finish(task.id))
         elif w is not None and w.persistent:
-            own = msg.elapsed if msg.elapsed >= 0 else msg.finished - msg.started
-            self.estimator.observe(task.fn, own)
+            self._observe_runtime(task, msg)
             if msg.next_task:
                 self._queued_started(w, msg.next_task)
             self._starts(self.sched.finish(task.id))
@@ -333,14 +370,14 @@ class _TaskFlow:
         self.post(self._enqueue, task)
         return True
 
-    def cancelled(self, task: _Task) -> None:
+    def cancelled(self, task: _Task, future: Future) -> None:
         """The user cancelled the task's future (it is already CANCELLED)."""
         if task.cancel_seen:
             return  # cancel() called again: nothing more to do
         task.cancel_seen = True
         # Only this moves CANCELLED to CANCELLED_AND_NOTIFIED and wakes the stdlib's
         # wait() and as_completed(), which otherwise never count the future as done.
-        task.future.set_running_or_notify_cancel()
+        future.set_running_or_notify_cancel()
         self._counts["cancelled"] += 1
         state = task.state
         if state in (WAITING, QUEUED):
@@ -358,7 +395,8 @@ class _TaskFlow:
             w = task.worker
             if task.state not in (RUNNING, SENT) or w is None or task.deadline != deadline:
                 continue  # finished, or an old entry of a call that was queued again
-            if task.state == SENT or w.chan is None:
+            if task.state == SENT or (w.chan is None and not w.direct) \
+                    or next(iter(w.tasks), None) != task.id:
                 # not started yet (worker still starting, or earlier calls ahead of it)
                 task.deadline = now + (task.res.run_time_max or 0.0)
                 heapq.heappush(self._timers, (task.deadline, task.id, task))

@@ -15,7 +15,7 @@ import time
 from collections import deque
 
 from executorkit._pickling import imports_of
-from executorkit.command import PREFIX_VARIABLE
+from executorkit.command import PREFIX_VARIABLE, CommandCall
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._failures import _error_from_info
 from executorkit.engine._records import RUNNING, _Task, _Worker
@@ -70,7 +70,13 @@ class _WorkerLife:
         self._imports_seen: set[object] = set()  # code objects whose imports were learned
         self._thread_env_fixed = False  # a Preload fixed the fork server's thread variables
 
-    def _spawn(self, spawn: Spawn) -> None:
+    def _spawn(self, spawn: Spawn, w: _Worker) -> None:
+        """Start ``w``. A launcher that hands ``spawn.path`` to its workers says so
+        (``carries_path``): its workers start with the driver's sys.path as it is now;
+        with any other, ``w`` gets the path with its first call."""
+        version, spawn.path = self._paths.state
+        if getattr(self.launcher, "carries_path", False):
+            w.path_version = version
         if self._preload_queue:
             self._send_preload(keep=spawn.worker_id)
         self.launcher.spawn(spawn)
@@ -128,6 +134,10 @@ class _WorkerLife:
         # A program (executorkit.command) runs in one worker holding all its CPUs and is
         # itself started as the MPI job, through the launcher's prefix: no Python ranks.
         program = getattr(task.fn, "__executorkit_program__", False)
+        if (program and getattr(self.launcher, "runs_programs", False)
+                and isinstance(task.args[0], CommandCall)):
+            self._spawn_program(task, env, cpus)
+            return
         ranks = 1 if program else task.res.cores
         if program:
             prefix_of = getattr(self.launcher, "program_prefix", None)
@@ -143,7 +153,7 @@ class _WorkerLife:
             names = {k for k, _ in env}
             unset = tuple(k for k in base if k not in names)
             setup = TaskSetup(task.res.cwd, changed, unset, cpus)
-            self._assign(w, task, self._run_message(task, setup))
+            self._assign(w, task, self._run_message(w, task, setup))
             # The call goes out first; forking its replacement would compete with its start
             # for the CPUs, so that waits a moment while another spare is still ready.
             self._flush()
@@ -155,19 +165,37 @@ class _WorkerLife:
             return
         w = _Worker(next(self._worker_ids), persistent=False)
         self.workers[w.id] = w
-        self._assign(w, task, self._run_message(task, None))
         spawn = Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res,
                       program=program)
         self._mpi(w, spawn, ranks)
-        self._spawn(spawn)
+        self._spawn(spawn, w)  # (before the call: the worker starts with the current path)
+        self._assign(w, task, self._run_message(w, task, None))
         self._replenish()
 
 
-    @staticmethod
-    def _run_message(task: _Task, setup: TaskSetup | None) -> RunTask:
+    def _spawn_program(self, task: _Task, env: tuple, cpus: tuple[int, ...] | None) -> None:
+        """The launcher runs the program itself (Flux: a job of the program, its ranks
+        its tasks): no Python worker, no connection; its outcome comes with its exit."""
+        w = _Worker(next(self._worker_ids), persistent=False)
+        w.direct = True
+        self.workers[w.id] = w
+        w.tasks[task.id] = task
+        w.held = task.id
+        task.worker = w
+        self._spawn(Spawn(w.id, env, task.res.cwd, cpus, persistent=False, res=task.res,
+                          program=True, call=task.args[0], task_id=task.id), w)
+
+    def _run_message(self, w: _Worker, task: _Task, setup: TaskSetup | None) -> RunTask:
+        """The call for worker ``w``, with the driver's sys.path if ``w``'s is older. The
+        task lets go of its bytes: the frame holds them until sent (a call queued again
+        after its worker died is pickled again)."""
         assert task.payload is not None, "a task is serialized before it starts"
         fn_blob, args_blob = task.payload
-        return RunTask(task.id, fn_blob, args_blob, setup, task.cache_spec)
+        task.payload = None
+        path = None
+        if w.path_version < task.path_version:
+            w.path_version, path = self._paths.state
+        return RunTask(task.id, fn_blob, args_blob, setup, task.cache_spec, path)
 
 
     def _assign(self, w: _Worker, task: _Task, run: RunTask) -> None:
@@ -188,7 +216,7 @@ class _WorkerLife:
             self.workers[w.id] = w
             self._spares_coming += 1
             self._spawn(Spawn(w.id, tuple(self._spare_env.items()), None, None,
-                              persistent=False, spare=True))
+                              persistent=False, spare=True), w)
 
 
     def _mpi(self, w: _Worker, spawn: Spawn, cores: int) -> None:
@@ -239,6 +267,14 @@ class _WorkerLife:
             return
         w.exit_status = msg.status
         w.pid = w.pid or msg.pid
+        if msg.done is not None and msg.done.task_id in w.tasks:  # a program run directly
+            task = w.tasks[msg.done.task_id]
+            if task.cache_spec is not None and task.payload is not None:
+                # recorded here, as its worker would have (the call was never sent: its
+                # bytes are still the task's)
+                run = RunTask(task.id, *task.payload, None, task.cache_spec)
+                self.cache.record_outcome(task.cache_spec, run, msg.done)
+            self._task_done(w, msg.done)
         self._maybe_finalize(w, reason=msg.reason)
 
     def _spawn_failed(self, msg: SpawnFailed) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -44,12 +45,26 @@ getattr(threading, "_register_atexit", atexit.register)(_mark_interpreter_exitin
 
 @atexit.register
 def _shutdown_at_exit() -> None:
-    # Like the stdlib pools: a script that forgot shutdown() still gets its results.
+    # Like the stdlib pools: a script that forgot shutdown() still gets its results, unless
+    # it is ending because of Ctrl-C: then the running calls are stopped, not waited for.
+    interrupted = _ended_by_ctrl_c()
     for engine in list(_live_engines):
         try:
-            engine.shutdown(wait=True, cancel_futures=False)
+            if interrupted:
+                engine.terminate()
+            else:
+                engine.shutdown(wait=True, cancel_futures=False)
+        except KeyboardInterrupt:  # Ctrl-C while waiting here: stop the rest, quietly
+            interrupted = True
+            engine.terminate()
         except Exception:  # pragma: no cover - best effort at interpreter exit
             pass
+
+
+def _ended_by_ctrl_c() -> bool:
+    """The script is exiting because of an uncaught KeyboardInterrupt."""
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    return isinstance(last, KeyboardInterrupt)
 
 
 class BaseExecutor(ExecutorkitExecutor):
@@ -219,7 +234,9 @@ class BaseExecutor(ExecutorkitExecutor):
                 "a Command cannot run in block-allocation workers of several MPI ranks "
                 "(each rank would start the program); use per-task mode (the default) and "
                 "resource_dict={'cores': n}", key="cores", allowed="block workers of cores=1")
-        if res.cores > 1 and not hasattr(self._engine.launcher, "program_prefix"):
+        launcher = self._engine.launcher
+        if res.cores > 1 and not (hasattr(launcher, "program_prefix")
+                                  or getattr(launcher, "runs_programs", False)):
             raise ResourceError(
                 f"{self._backend} cannot yet start a Command as an MPI job of "
                 f"cores={res.cores}", key="cores", allowed="cores=1 for a Command here")
@@ -235,6 +252,11 @@ class BaseExecutor(ExecutorkitExecutor):
         """Stop accepting work; ``cancel_futures`` cancels everything not yet running
         (also tasks waiting for their inputs); ``wait`` blocks until all is finished and
         every worker process has exited."""
+        if wait and self._engine.on_engine_thread():
+            raise RuntimeError(
+                "shutdown(wait=True) was called from a done-callback, which runs on the "
+                "executor's engine thread, and would wait for itself: call "
+                "shutdown(wait=False) there, or shut down from another thread")
         with self._shutdown_lock:
             first = not self._shutdown
             self._shutdown = True
@@ -255,8 +277,22 @@ class BaseExecutor(ExecutorkitExecutor):
             if self._plot_filename is None:
                 _display(image)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.terminate()  # Ctrl-C: stop everything now and let it propagate
+            return
         self.shutdown(wait=self._wait_on_exit)
+
+    def terminate(self) -> None:
+        """Stop at once: cancel every call, kill the running ones and every worker process.
+
+        What leaving a ``with`` block by Ctrl-C (``KeyboardInterrupt``) does; the executor
+        takes no new calls afterwards.
+        """
+        with self._shutdown_lock:
+            self._shutdown = True
+        self._engine.terminate()
+        _live_engines.discard(self._engine)
 
     @property
     def max_cores(self) -> int:

@@ -36,6 +36,7 @@ import cloudpickle
 
 from executorkit import graph
 from executorkit._pickling import dumps_args
+from executorkit._syspath import snapshot
 from executorkit.cache._hook import _name
 from executorkit.cache._keys import compute_key
 from executorkit.command import Command, CommandCall, run_command
@@ -275,7 +276,8 @@ class BatchExecutor(ExecutorkitExecutor):
         m_args, m_kwargs = graph.substitute_call(args, kwargs, marker)
         spec = {"key": job.key, "cache_directory": self._dir, "cores": job.res.cores,
                 "fn": cloudpickle.dumps(fn), "args": dumps_args(m_args, m_kwargs),
-                "function_name": _name(fn), "resource_dict": job.res.as_dict()}
+                "function_name": _name(fn), "resource_dict": job.res.as_dict(),
+                "sys_path": snapshot()}  # (the job imports through the driver's path)
         if job.res.cwd:
             os.makedirs(job.res.cwd, exist_ok=True)  # queue systems do not create it
         path = self.input_file(job.key)

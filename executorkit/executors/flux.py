@@ -69,6 +69,11 @@ class FluxJobExecutor(BaseExecutor):
     Flux job of its own without waiting for the job to start. An idle warm job gives its
     core back after 2 s, and warm jobs are cancelled when a call Flux must place arrives.
 
+    A :class:`~executorkit.Command` (per-call mode) is a Flux job of the program itself, no
+    Python in between: ``cores`` tasks of it (an MPI program), its stdout/stderr written by
+    the job shell into the call's cwd and read back by the driver into the
+    ``CommandResult``.
+
     Block allocation runs each persistent worker as one long-running job sized by the
     executor-level resource_dict. ``cancel()`` of a running call cancels its job, which
     frees its resources.

@@ -95,6 +95,16 @@ class SingleNodeExecutor(BaseExecutor):
         Accepted for compatibility. Local work always listens on 127.0.0.1, nothing polls,
         and there is no MPI launch yet.
 
+    Done-callbacks run on the executor's engine thread (the one that starts calls and
+    completes futures): while one runs, nothing else happens, so keep them short; there,
+    ``shutdown(wait=True)`` raises ``RuntimeError`` (it would wait for itself).
+
+    Ctrl-C: leaving the ``with`` block by ``KeyboardInterrupt`` (or pressing Ctrl-C while
+    ``shutdown`` waits) kills the running calls, cancels the rest and lets the interrupt
+    through; ``terminate()`` does the same on demand. Workers import through the driver's
+    ``sys.path`` as it is at submit (see ``executorkit.pickle_by_value`` for modules only
+    the driver has).
+
     Cancelling: ``future.cancel()`` also works on a *running* call (its process is killed,
     its resources freed, and calls depending on it fail with ``DependencyError``); this is
     an intentional extension of the ``concurrent.futures`` contract.

@@ -41,6 +41,13 @@ from executorkit.errors import ResourceError, describe_exit
 
 # one way to find the bindings, one error for a missing Flux (shared with FluxClusterExecutor)
 from executorkit.launchers.flux_batch import FluxUnavailableError, import_flux
+from executorkit.launchers.flux_program import (
+    ProgramRun,
+    io_options,
+    prepare_program,
+    program_outcome,
+    start_failure,
+)
 from executorkit.resources import Resources
 from executorkit.transport import (
     BlockingChannel,
@@ -202,6 +209,9 @@ class _Job:
     sock: Any = None  # a warm job's connection while it waits for its call
     due: Spawn | None = None  # the call's identity, sent when the warm job says hello
     timer: Any = None  # a warm job's idle timer
+    program: ProgramRun | None = None  # a program run as the job itself (no worker)
+    task_id: int = 0  # the program's call
+    times: tuple[float, float] = (0.0, 0.0)  # the "start" and "finish" events' timestamps
 
 
 class FluxLauncher:
@@ -214,6 +224,7 @@ class FluxLauncher:
 
     name = "flux"
     chan = None  # no fork server
+    runs_programs = True  # a Command's program is the job itself (Spawn.call)
     stdout_fd: int | None = None
     stderr_fd: int | None = None
     GRACE = 10.0  # seconds stop() waits for cancelled jobs to end
@@ -255,11 +266,18 @@ class FluxLauncher:
                                        secret=self._boot["secret"],  # type: ignore[arg-type]
                                        near=self._boot["address"])  # type: ignore[arg-type]
             self._thread.start()
+        if spawn.call is not None:
+            self._submit_built(spawn, self._program_job)
+            return
         if self._warm and self._plain_call(spawn):
             self._thread.request(("assign", (spawn, self._worker_spawn(spawn))))
             return
+        self._submit_built(spawn, self._job)
+
+    def _submit_built(self, spawn: Spawn, build: Callable[[Spawn], _Job]) -> None:
+        assert self._thread is not None
         try:
-            job = self._job(spawn)
+            job = build(spawn)
         except Exception as exc:  # never let a bad request break the engine thread
             if self.on_exit is not None:
                 self.on_exit(Exited(spawn.worker_id, 0, 1,
@@ -336,6 +354,22 @@ class FluxLauncher:
         return _Job(spawn.worker_id, spec, urgency(res.priority, owner=self._pool.owner),
                     files, keep_files=self._log_dir is not None)
 
+    def _program_job(self, spawn: Spawn) -> _Job:
+        """A job whose tasks are the program itself: ``cores`` tasks (MPI ranks through
+        the job shell's PMI), ``threads_per_core`` cores each, its files in the call's cwd."""
+        assert self._dir is not None
+        res: Resources = spawn.res or Resources()
+        run = prepare_program(spawn.call, spawn.cwd or os.getcwd(), self._dir)
+        options = io_options(run)
+        if self._pmi_mode:
+            options["pmi"] = self._pmi_mode
+        if any(k in dict(res.env) for k in GPU_VARIABLES):
+            options["gpu-affinity"] = "off"  # the user pinned GPUs explicitly
+        spec = jobspec_for(res, run.argv, cwd=run.cwd, env=self._environment(spawn),
+                           options=options, cores_per_node=self._pool.cores_per_node)
+        return _Job(spawn.worker_id, spec, urgency(res.priority, owner=self._pool.owner),
+                    run.files, keep_files=True, program=run, task_id=spawn.task_id)
+
     def _environment(self, spawn: Spawn) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -351,6 +385,9 @@ class FluxLauncher:
 
     def _ended(self, job: _Job) -> None:
         """On the flux thread: the job is over; tell the engine how it ended."""
+        if job.program is not None:
+            self._program_ended(job, job.program)
+            return
         stdout, stderr = _read(job.files[0]), _read(job.files[1])
         _forward(stdout, sys.stdout)
         _forward(stderr, sys.stderr)
@@ -370,6 +407,30 @@ class FluxLauncher:
         exit_status = status if status is not None else -signal.SIGKILL
         if self.on_exit is not None:
             self.on_exit(Exited(job.worker_id, 0, exit_status, reason))
+
+    def _program_ended(self, job: _Job, run: ProgramRun) -> None:
+        """A program's job is over: its outcome if it ran to its end, else (cancelled,
+        timed out, never started) how the job ended, as for a worker."""
+        if run.stdin is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(run.stdin)
+        status = wait_status(job.status) if job.status is not None else None
+        stopped = job.kill is not None or (job.exception is not None
+                                          and job.exception[0] in ("cancel", "timeout"))
+        if status is None or stopped:
+            jobid = _plain(job.jobid) if job.jobid is not None else "(not submitted)"
+            reason = job_failure(jobid, status, job.exception, _read(run.files[1]))
+            exited = Exited(job.worker_id, 0, -signal.SIGKILL if status is None else status,
+                            reason)
+        elif job.exception is not None and job.exception[0] == "exec":  # never started
+            done = start_failure(run, job.task_id, job.exception[1], job.times[1])
+            exited = Exited(job.worker_id, 0, status, None, done)
+        else:
+            started, finished = job.times
+            done = program_outcome(run, job.task_id, status, started or finished, finished)
+            exited = Exited(job.worker_id, 0, status, None, done)
+        if self.on_exit is not None:
+            self.on_exit(exited)
 
     def kill(self, worker_id: int, signum: int = 9) -> None:
         if self._thread is not None:
@@ -655,8 +716,10 @@ class _FluxThread(threading.Thread):
                                               str(event.context.get("note", "")))
         elif event.name == "start":
             job.started = True
+            job.times = (event.timestamp, job.times[1])
         elif event.name == "finish":
             job.status = int(event.context.get("status", 0))
+            job.times = (job.times[0], event.timestamp)
         elif event.name == "clean":
             self._end(job)
 

@@ -84,6 +84,7 @@ class LocalLauncher:
     """Owns the fork server process; requests made before it connects are queued."""
 
     name = "local"
+    carries_path = True  # Spawn.path reaches the worker (see Engine._spawn)
 
     def __init__(self, *, forward_output: bool, preload: tuple[str, ...] = (),
                  mpiexec: tuple[str, ...] = ()) -> None:

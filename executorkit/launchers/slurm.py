@@ -17,11 +17,13 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 from executorkit.errors import ResourceError
@@ -119,6 +121,7 @@ class SrunLauncher:
     """Runs workers as job steps. ``spawn``/``kill`` are called on the engine thread."""
 
     name = "srun"
+    carries_path = True  # Spawn.path reaches the worker (see Engine._spawn)
     chan = None  # no fork server: there is nothing to attach
     stdout_fd: int | None = None
     stderr_fd: int | None = None
@@ -143,6 +146,20 @@ class SrunLauncher:
 
     def start(self, address: tuple[str, int], secret: bytes) -> None:
         self._boot = {"address": address, "secret": secret}
+        _live.add(self)
+        _clean_up_on_sigterm()
+
+    def abandon(self) -> None:
+        """The driver is being killed (SIGTERM): end every step and remove the boot files
+        now, without waiting (a step's worker also exits by itself once the driver's
+        connection closes)."""
+        with self._lock:
+            procs = list(self._procs.values())
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def attach(self, chan: object) -> None:  # pragma: no cover - never called for srun
         raise AssertionError("srun workers have no fork server")
@@ -160,7 +177,8 @@ class SrunLauncher:
 
             setup = TaskSetup(cwd=spawn.cwd)
         boot = {**self._boot, "worker_id": spawn.worker_id, "persistent": spawn.persistent,
-                "init_payload": spawn.init_payload, "errdir": errdir, "setup": setup}
+                "init_payload": spawn.init_payload, "errdir": errdir, "setup": setup,
+                "path": spawn.path}
         fd = os.open(bootfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             pickle.dump(boot, fh)
@@ -237,9 +255,34 @@ class SrunLauncher:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
         if self._dir is not None:
-            import shutil
-
             shutil.rmtree(self._dir, ignore_errors=True)
+        _live.discard(self)
+
+
+_live: weakref.WeakSet[SrunLauncher] = weakref.WeakSet()
+
+
+def _clean_up_on_sigterm() -> None:
+    """Remove the boot files (they hold the secret) when the driver is killed by SIGTERM.
+
+    Only where nobody else handles SIGTERM (the default action, in the main thread): the
+    handler cleans up, restores the default and sends the signal again, so the driver
+    still dies of SIGTERM as it would have. A normal exit, Ctrl-C and a program's own
+    SIGTERM handler that exits through Python clean up through shutdown instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    for launcher in list(_live):
+        with contextlib.suppress(Exception):
+            launcher.abandon()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:

@@ -14,7 +14,9 @@ from typing import Any
 
 import cloudpickle
 
+from executorkit import _syspath
 from executorkit._pickling import FunctionCache
+from executorkit.errors import WorkerImportError
 from executorkit.transport import ErrorInfo, RunTask, TaskDone, TaskSetup
 
 _functions = FunctionCache()
@@ -97,6 +99,33 @@ def inject(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
         if (names is None or k in names) and k not in kwargs and k not in bound
     }
     return {**kwargs, **extra} if extra else kwargs
+
+
+def unpickle(blob: bytes, loads: Callable[[bytes], Any] = pickle.loads) -> Any:
+    """``loads(blob)``; a module missing here becomes a :class:`WorkerImportError` that says
+    which module, where this worker looked, and the two ways out."""
+    try:
+        return loads(blob)
+    except ModuleNotFoundError as exc:
+        name = exc.name or str(exc)
+        path = tuple(p for p in sys.path if isinstance(p, str))
+        raise WorkerImportError(
+            f"the worker cannot import module {name!r}, which the call needs ({exc}). "
+            f"The worker's sys.path is {list(path)}. Either install the module or put it "
+            f"in a directory every worker can read (workers get the driver's sys.path as "
+            f"it is at submit), or send it with the call: "
+            f"executorkit.pickle_by_value({name.partition('.')[0]!r}) "
+            f"(cloudpickle.register_pickle_by_value)", module=name, worker_path=path,
+        ) from exc
+
+
+def load_call(msg: RunTask) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """The function and arguments of ``msg``, imported through the driver's path."""
+    if msg.path is not None:
+        _syspath.merge(msg.path)
+    fn = unpickle(msg.fn, _functions.loads)
+    args, kwargs = unpickle(msg.args)
+    return fn, args, kwargs
 
 
 # Names under which a function receives the id of the worker running it (executorlib's, and
@@ -237,8 +266,7 @@ def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
     try:
         with _Setup(msg.setup), _KeepOutput(msg):
             try:
-                fn = _functions.loads(msg.fn)
-                args, kwargs = pickle.loads(msg.args)
+                fn, args, kwargs = load_call(msg)
             except BaseException as exc:
                 return _failed(msg, started, error_info(exc, kind="serialization"))
             if init_values:

@@ -23,9 +23,10 @@ from typing import Any
 
 import cloudpickle
 
+from executorkit import _syspath
 from executorkit.errors import DependencyError
 from executorkit.transport import Upstream
-from executorkit.worker._call import error_info
+from executorkit.worker._call import error_info, unpickle
 
 
 def _resolve(value: Any, store: Any) -> Any:
@@ -68,18 +69,22 @@ def main(path: str) -> int:
 
     with open(path, "rb") as fh:
         spec = pickle.load(fh)
+    if spec.get("sys_path"):
+        _syspath.merge(spec["sys_path"])
     store = CacheStore(spec["cache_directory"])
     rank, size, comm = _mpi(spec["cores"])
     started = time.time()
     output = error = text = None
-    raw_args, raw_kwargs = pickle.loads(spec["args"])
+    raw_args: tuple[Any, ...] = ()
+    raw_kwargs: dict[str, Any] = {}
     try:
+        raw_args, raw_kwargs = unpickle(spec["args"])
         if size != spec["cores"]:
             raise RuntimeError(
                 f"the call asked for {spec['cores']} MPI ranks but runs in a world of {size}: "
                 f"srun did not start an MPI job (set pmi_mode to the cluster's PMI, e.g. "
                 f"'pmi2' or 'pmix')")
-        fn = pickle.loads(spec["fn"])
+        fn = unpickle(spec["fn"])
         args = tuple(_substitute(a, store) for a in raw_args)
         kwargs = {k: _substitute(v, store) for k, v in raw_kwargs.items()}
         result = fn(*args, **kwargs)

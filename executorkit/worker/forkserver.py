@@ -36,6 +36,7 @@ import cloudpickle
 # Programs (Command) run through subprocess: importing it (and json, shlex,
 # concurrent.futures) in every child cost ~50 ms per call on a busy machine.
 import executorkit.command  # noqa: F401
+from executorkit import _syspath
 from executorkit.transport import (
     Exited,
     FrameReader,
@@ -123,6 +124,8 @@ class ForkServer:
         gc.freeze()  # the new objects too: children's collections must not copy their pages
 
     def _spawn(self, msg: Spawn) -> None:
+        if msg.path:
+            _syspath.merge(msg.path)  # here, so later spares inherit it too
         try:
             pid = os.fork()
         except OSError as exc:
@@ -175,7 +178,7 @@ class ForkServer:
         assert msg.errdir is not None
         boot = {"address": self.address, "secret": self.secret, "worker_id": msg.worker_id,
                 "persistent": msg.persistent, "init_payload": msg.init_payload,
-                "errdir": msg.errdir, "setup": setup}
+                "errdir": msg.errdir, "setup": setup, "path": msg.path}
         path = os.path.join(msg.errdir, "boot.pkl")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -188,7 +191,7 @@ class ForkServer:
         path = os.path.join(directory, "boot.pkl")
         boot = {"address": self.address, "secret": self.secret, "worker_id": msg.worker_id,
                 "persistent": msg.persistent, "init_payload": msg.init_payload,
-                "setup": setup, "remove": True}
+                "setup": setup, "path": msg.path, "remove": True}
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             pickle.dump(boot, fh)

@@ -7,6 +7,7 @@ goes away.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import select
@@ -18,6 +19,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from executorkit import _syspath
 from executorkit.transport import (
     Cancel,
     Dropped,
@@ -36,11 +38,35 @@ from executorkit.worker import _call
 
 WATCH_PERIOD = 0.005  # seconds between two looks of the overrun watch at the running call
 
+DRIVER_GONE = 75  # exit code of a worker whose driver went away (EX_TEMPFAIL)
+
+
+def exit_without_driver(sock: socket.socket) -> None:
+    """Exit at once, even in the middle of a call, when the driver's end of ``sock`` closes.
+
+    A worker busy with a call does not read its socket, so it would not notice a driver
+    that was killed: its Slurm step (or Flux job) would run on until the allocation ends.
+    A thread waits for the hang-up instead (the kernel closes the driver's sockets however
+    it dies; TCP keep-alive covers a lost node). The exit code is non-zero, so srun and
+    mpiexec stop the other ranks too.
+    """
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(sock, getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR)
+        with contextlib.suppress(OSError, ValueError):
+            while not poller.poll():
+                pass
+        _call._flush()
+        os._exit(DRIVER_GONE)
+
+    threading.Thread(target=watch, name="executorkit-driver-watch", daemon=True).start()
+
 
 def serve(address: tuple[str, int], secret: bytes, worker_id: int, *, persistent: bool,
           init_payload: bytes | None = None, setup: _call.TaskSetup | None = None) -> int:
     """Serve calls; returns the process exit code."""
     chan = connect(address, secret)
+    exit_without_driver(chan.sock)
     init_values: Mapping[str, Any] | None = None
     if init_payload is not None:
         # Hello only once init_function is done: the engine starts a call's clock (and
@@ -215,14 +241,23 @@ class _Server:
 
 def _main(bootfile: str) -> None:
     """Entry point of launchers that start a fresh interpreter (srun): a private boot file."""
-    with open(bootfile, "rb") as fh:
-        boot = pickle.load(fh)
-    if boot.get("remove"):  # a private file of the fork server: nobody else reads it
-        os.remove(bootfile)
-        os.rmdir(os.path.dirname(bootfile))
+    boot = read_boot(bootfile)
+    with contextlib.suppress(OSError):
+        os.remove(bootfile)  # it holds the secret: gone as soon as it has been read
+        if boot.get("remove"):  # the fork server's private directory for it
+            os.rmdir(os.path.dirname(bootfile))
     sys.exit(serve(boot["address"], boot["secret"], boot["worker_id"],
                    persistent=boot["persistent"], init_payload=boot.get("init_payload"),
                    setup=boot.get("setup")))
+
+
+def read_boot(bootfile: str) -> dict[str, Any]:
+    """The boot file of a worker started as a fresh interpreter; its path applied."""
+    with open(bootfile, "rb") as fh:
+        boot: dict[str, Any] = pickle.load(fh)
+    if boot.get("path"):
+        _syspath.merge(boot["path"])
+    return boot
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ fails the future with the rank's own traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
@@ -23,7 +24,7 @@ from typing import Any
 import cloudpickle
 
 from executorkit.transport import ErrorInfo, Hello, InitFailed, RunTask, Stop, TaskDone, connect
-from executorkit.worker import _call
+from executorkit.worker import _call, loop
 
 
 def error_file(errdir: str, task_id: int, rank: int) -> str:
@@ -47,8 +48,7 @@ def _fail(comm: Any, errdir: str, task_id: int, info: ErrorInfo) -> None:
 def _run(comm: Any, msg: RunTask, errdir: str, init_values: Any) -> bytes:
     """This rank's share of one call: its pickled result, or abort the whole job."""
     try:
-        fn = _call._functions.loads(msg.fn)
-        args, kwargs = pickle.loads(msg.args)
+        fn, args, kwargs = _call.load_call(msg)
     except BaseException as exc:
         _fail(comm, errdir, msg.task_id, _call.error_info(exc, kind="serialization"))
     try:
@@ -74,13 +74,13 @@ def main(bootfile: str) -> int:
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    with open(bootfile, "rb") as fh:
-        boot = pickle.load(fh)
+    boot = loop.read_boot(bootfile)
     errdir = boot["errdir"]
     default_setup = boot.get("setup")
     chan = None
     if rank == 0:
         chan = connect(boot["address"], boot["secret"])
+        loop.exit_without_driver(chan.sock)
     init_values = None
     if boot.get("init_payload") is not None:
         try:
@@ -91,6 +91,8 @@ def main(bootfile: str) -> int:
             comm.Abort(3)
     comm.barrier()  # every rank is initialised: now rank 0 says hello
     if chan is not None:
+        with contextlib.suppress(OSError):
+            os.remove(bootfile)  # every rank has read it; it holds the secret
         chan.send(Hello(boot["worker_id"], os.getpid(), socket.gethostname()))
     while True:
         msg: object = None
