@@ -63,10 +63,13 @@ def exit_without_driver(sock: socket.socket) -> None:
 
 
 def serve(address: tuple[str, int], secret: bytes, worker_id: int, *, persistent: bool,
-          init_payload: bytes | None = None, setup: _call.TaskSetup | None = None) -> int:
-    """Serve calls; returns the process exit code."""
+          init_payload: bytes | None = None, setup: _call.TaskSetup | None = None,
+          watch_driver: bool = True) -> int:
+    """Serve calls; returns the process exit code. ``watch_driver=False`` where a parent
+    already ends the worker when the driver goes away (the local fork server)."""
     chan = connect(address, secret)
-    exit_without_driver(chan.sock)
+    if watch_driver:
+        exit_without_driver(chan.sock)
     init_values: Mapping[str, Any] | None = None
     if init_payload is not None:
         # Hello only once init_function is done: the engine starts a call's clock (and
