@@ -303,12 +303,8 @@ class _TaskFlow:
         was_queued = task.state == QUEUED
         if task.state == RUNNING:
             self._running -= 1
-        if task.slow:
-            task.slow = False
-            self._slow_active -= 1
-            if self._slow_active == 0:
-                self._set_depth()
-                self.post(self._start_more)
+        if self._no_longer_slow(task):
+            self.post(self._start_more)
         task.state = FINISHED
         self.tasks.pop(task.id, None)
         if was_queued:
@@ -337,6 +333,18 @@ class _TaskFlow:
             self.progress.update(self.counts())
 
 
+    def _no_longer_slow(self, task: _Task) -> bool:
+        """Stop counting ``task`` among the block-mode calls not known to be tiny; True
+        when that was the last one (workers may queue calls again)."""
+        if not task.slow:
+            return False
+        task.slow = False
+        self._slow_active -= 1
+        if self._slow_active:
+            return False
+        self._set_depth()
+        return True
+
     def _retry(self, task: _Task, exc: BaseException) -> bool:
         """A running attempt failed: queue it again with escalated resources (True), or
         let it fail with every attempt's reason (False). See executorkit.retry."""
@@ -354,11 +362,7 @@ class _TaskFlow:
         self._first_res.setdefault(task.id, first)
         log.info("task %d (%s): %s", task.id, task.name(), decision.reason)
         self._running -= 1
-        if task.slow:
-            task.slow = False
-            self._slow_active -= 1
-            if self._slow_active == 0:
-                self._set_depth()
+        self._no_longer_slow(task)
         task.state, task.res, task.worker = WAITING, decision.res, None
         if task.cache_spec is not None:  # the record says what the attempt ran with
             task.cache_spec = dataclasses.replace(task.cache_spec,

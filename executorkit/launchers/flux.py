@@ -46,6 +46,7 @@ from executorkit.launchers.flux_program import (
     io_options,
     prepare_program,
     program_outcome,
+    read_output,
     start_failure,
 )
 from executorkit.resources import Resources
@@ -388,7 +389,7 @@ class FluxLauncher:
         if job.program is not None:
             self._program_ended(job, job.program)
             return
-        stdout, stderr = _read(job.files[0]), _read(job.files[1])
+        stdout, stderr = read_output(job.files[0]), read_output(job.files[1])
         _forward(stdout, sys.stdout)
         _forward(stderr, sys.stderr)
         for path in job.files:
@@ -419,7 +420,7 @@ class FluxLauncher:
                                           and job.exception[0] in ("cancel", "timeout"))
         if status is None or stopped:
             jobid = _plain(job.jobid) if job.jobid is not None else "(not submitted)"
-            reason = job_failure(jobid, status, job.exception, _read(run.files[1]))
+            reason = job_failure(jobid, status, job.exception, read_output(run.files[1]))
             exited = Exited(job.worker_id, 0, -signal.SIGKILL if status is None else status,
                             reason)
         elif job.exception is not None and job.exception[0] == "exec":  # never started
@@ -451,14 +452,6 @@ def _plain(jobid: Any) -> str:
         return str(jobid.f58plain)
     except AttributeError:
         return str(jobid)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, errors="replace") as fh:
-            return fh.read()
-    except OSError:
-        return ""
 
 
 def _forward(text: str, stream: Any) -> None:

@@ -80,8 +80,8 @@ def program_outcome(run: ProgramRun, task_id: int, returncode: int, started: flo
                     finished: float) -> TaskDone:
     """The call's outcome from the finished job: its result, or its CommandError."""
     result = CommandResult(
-        args=list(run.argv), returncode=returncode, stdout=_read(run.files[0]),
-        stderr=_read(run.files[1]), cwd=run.cwd, runtime=max(0.0, finished - started),
+        args=list(run.argv), returncode=returncode, stdout=read_output(run.files[0]),
+        stderr=read_output(run.files[1]), cwd=run.cwd, runtime=max(0.0, finished - started),
         stdout_file=run.files[0], stderr_file=run.files[1], outputs=run.outputs)
     if returncode == 0:
         return TaskDone(task_id, True, cloudpickle.dumps(result), started, finished)
@@ -104,7 +104,8 @@ _ERRNO_OF = {os.strerror(e): e for e in (errno.ENOENT, errno.EACCES, errno.ENOEX
                                          errno.ENOTDIR, errno.ELOOP, errno.E2BIG)}
 
 
-def _read(path: str) -> str:
+def read_output(path: str) -> str:
+    """The text of a job's output file (empty when there is none)."""
     try:
         with open(path, errors="replace") as fh:
             return fh.read()
