@@ -54,6 +54,16 @@ def _state(fut):
     return None if task is None else task.state
 
 
+def running_and_queued(exe, d):
+    """Call ``a`` running (blocked on its gate) in the only worker, ``b`` sent behind it."""
+    learn_tiny(exe, d)
+    a = exe.submit(taskfuncs.gate, d, "a", "A")
+    wait_until(lambda: taskfuncs.started(d, "a"))
+    b = exe.submit(taskfuncs.gate, d, "b", "B")
+    wait_until(lambda: _state(b) == SENT)
+    return a, b
+
+
 def test_queued_call_is_not_running_and_cancel_drops_it(tmp_path, keep_queued):
     d = str(tmp_path)
     with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
@@ -78,11 +88,7 @@ def test_queued_call_is_not_running_and_cancel_drops_it(tmp_path, keep_queued):
 def test_queued_call_reports_running_once_it_starts(tmp_path, keep_queued):
     d = str(tmp_path)
     with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
-        learn_tiny(exe, d)
-        a = exe.submit(taskfuncs.gate, d, "a", "A")
-        wait_until(lambda: taskfuncs.started(d, "a"))
-        b = exe.submit(taskfuncs.gate, d, "b", "B")
-        wait_until(lambda: _state(b) == SENT)
+        a, b = running_and_queued(exe, d)
         assert not b.running()
         taskfuncs.release(d, "a")
         assert a.result(timeout=60) == "A"
@@ -141,11 +147,7 @@ def test_cancel_of_a_queued_call_that_has_just_started_stops_it(tmp_path, keep_q
     # started) or running, the call is stopped like any cancelled running call.
     d = str(tmp_path)
     with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
-        learn_tiny(exe, d)
-        a = exe.submit(taskfuncs.gate, d, "a", "A")
-        wait_until(lambda: taskfuncs.started(d, "a"))
-        b = exe.submit(taskfuncs.gate, d, "b", "B")
-        wait_until(lambda: _state(b) == SENT)
+        a, b = running_and_queued(exe, d)
         taskfuncs.release(d, "a")
         wait_until(lambda: taskfuncs.started(d, "b"))
         assert b.cancel()
