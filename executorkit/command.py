@@ -13,7 +13,9 @@ environment and directory it runs in, so that
 
 In the worker the program runs in the worker's own process group (the worker is its
 group's leader): a cancel or a ``run_time_max`` kills that whole group with SIGKILL, so the
-program dies with its worker even if it ignores SIGTERM. For ``cores > 1`` the executor puts
+program dies with its worker even if it ignores SIGTERM. Per-task calls on this machine need
+no worker: the fork server starts the program itself, as the leader of its own process group
+(executorkit.worker.program). For ``cores > 1`` the executor puts
 its MPI launcher prefix (``mpiexec -n 4``, ``srun --ntasks 4 ...``) into the variable
 :data:`PREFIX_VARIABLE`; the program itself becomes the MPI job, with no Python ranks.
 Launchers that can run a program directly (Flux) read :attr:`Command.argv` and friends.

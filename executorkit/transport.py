@@ -28,8 +28,8 @@ from typing import Any
 
 __all__ = [
     "AuthenticationError", "BlockingChannel", "Cancel", "Dropped", "Exited", "FrameReader",
-    "GaveBack", "Hello", "Kill", "Preload", "RunTask", "Spawn", "Started", "Stop", "TaskDone",
-    "encode",
+    "GaveBack", "Hello", "Kill", "Preload", "ProgramEnd", "RunProgram", "RunTask", "Spawn",
+    "Started", "Stop", "TaskDone", "encode",
 ]
 
 _HEADER = struct.Struct("!Q32s")
@@ -197,6 +197,45 @@ class Spawn(_Message):
 
 
 @dataclass(slots=True)
+class RunProgram(_Message):
+    """Fork-server request: start a Command's program itself, as worker ``worker_id``, with
+    no Python worker in between (see executorkit.worker.program).
+
+    ``argv`` is final (any MPI launcher prefix included) and is looked up on the ``PATH`` of
+    the call's environment. The program gets ``env`` on top of the fork server's
+    environment, ``cwd`` (created if missing; the fork server's own if None), the CPUs
+    ``cpus`` (None: inherit), its own process group, ``stdin`` (None: /dev/null), and new
+    files ``<stem>.<pid>.out``/``.err`` in ``cwd`` as its stdout and stderr.
+    """
+
+    worker_id: int
+    task_id: int
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str | None
+    cpus: tuple[int, ...] | None
+    stem: str
+    stdin: bytes | None = None
+    outputs: tuple[str, ...] = ()  # files it promises to write (relative to cwd)
+
+
+@dataclass(slots=True)
+class ProgramEnd(_Message):
+    """In the :class:`Exited` of a :class:`RunProgram`'s program that ran to its own end
+    (or never started): what the driver builds the call's outcome from. ``error``: why it
+    could not be started (the ``OSError`` a worker would have raised)."""
+
+    task_id: int
+    argv: tuple[str, ...]
+    cwd: str
+    files: tuple[str, str]  # stdout, stderr
+    outputs: tuple[str, ...]  # absolute
+    started: float
+    finished: float
+    error: ErrorInfo | None = None
+
+
+@dataclass(slots=True)
 class Preload(_Message):
     """Fork-server request: import ``modules`` now, so the workers forked from here on
     start with them. ``env`` (the thread variables of a default call) is set first, as
@@ -228,6 +267,9 @@ class Exited(_Message):
     # a program the launcher ran itself (Spawn.call) ended on its own: its outcome, as a
     # worker would have sent it (driver side only, never on a wire)
     done: TaskDone | None = None
+    # the fork server's report of such a program (RunProgram); the driver reads its
+    # outcome from it (so the fork server never holds a program's output)
+    program: ProgramEnd | None = None
 
 
 @dataclass(slots=True)

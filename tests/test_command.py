@@ -215,3 +215,114 @@ def test_cache_key_covers_declared_outputs(tmp_path):
         b = exe.submit(cmd_b, resource_dict={"cwd": str(tmp_path)}).result(timeout=60)
     assert a.outputs != b.outputs
     assert b.outputs == (str(tmp_path / "b.txt"),)
+
+
+# --- per-task mode on this machine: the fork server starts the program itself -------------
+
+def _allowed_cpus(text):
+    """The CPU ids of a ``Cpus_allowed_list`` line ("0-2,5")."""
+    cpus = set()
+    for part in text.split(":")[1].strip().split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def test_program_is_started_by_the_fork_server_and_named_after_its_pid(tmp_path):
+    # No Python worker in between: the program's parent is the fork server, and its output
+    # files carry its own pid.
+    with SingleNodeExecutor(max_workers=1) as exe:
+        result = exe.submit(Command(["sh", "-c", "echo $$ $PPID"]),
+                            resource_dict={"cwd": str(tmp_path)}).result(timeout=60)
+        forkserver = exe._engine.launcher.process.pid
+    pid, parent = map(int, result.stdout.split())
+    assert parent == forkserver
+    assert os.path.basename(result.stdout_file) == f"sh.{pid}.out"
+    assert os.path.basename(result.stderr_file) == f"sh.{pid}.err"
+    assert sorted(os.listdir(tmp_path)) == [f"sh.{pid}.err", f"sh.{pid}.out"]  # no leftovers
+
+
+def test_program_gets_the_call_cpus_and_the_fork_server_keeps_its_own():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to observe pinning")
+    show = ["grep", "Cpus_allowed_list", "/proc/self/status"]
+    with SingleNodeExecutor(max_cores=2) as exe:
+        one = exe.submit(Command(show)).result(timeout=60)
+        forkserver = f"/proc/{exe._engine.launcher.process.pid}/status"
+        both = exe.submit(Command(show), resource_dict={"threads_per_core": 2})
+        both = both.result(timeout=60)
+        with open(forkserver) as fh:
+            own = next(line for line in fh if line.startswith("Cpus_allowed_list"))
+    pool = set(sorted(os.sched_getaffinity(0))[:2])
+    assert len(_allowed_cpus(one.stdout)) == 1 and _allowed_cpus(one.stdout) <= pool
+    assert _allowed_cpus(both.stdout) == pool
+    assert _allowed_cpus(own) == set(os.sched_getaffinity(0))  # restored after each start
+
+
+def test_program_that_cannot_be_prepared_fails_only_its_call(monkeypatch):
+    # cores=2 without an mpiexec: the call fails with the reason; the executor goes on.
+    from executorkit.errors import ResourceError
+
+    with SingleNodeExecutor(max_cores=2) as exe:
+        monkeypatch.setattr(exe._engine.launcher, "mpiexec", ())
+        fut = exe.submit(Command(["true"]), resource_dict={"cores": 2})
+        with pytest.raises(ResourceError, match="mpiexec"):
+            fut.result(timeout=60)
+        assert exe.submit(Command(["echo", "on"])).result(timeout=60).stdout == "on\n"
+
+
+def test_program_files_never_overwrite_earlier_ones(tmp_path):
+    # pids are reused: a program whose <stem>.<pid> files exist gets <stem>.<pid>-2 files.
+    from executorkit.transport import RunProgram
+    from executorkit.worker import program
+
+    msg = RunProgram(1, 7, ("sh", "-c", "echo new"), (), str(tmp_path), None, "sh")
+    private = os.path.join(tmp_path, ".private")
+    for ext in (".out", ".err"):
+        (tmp_path / f"private{ext}").write_text("")
+        os.rename(tmp_path / f"private{ext}", private + ext)
+    (tmp_path / "sh.99.out").write_text("earlier\n")
+    files = program._publish(private, os.path.join(tmp_path, "sh.99"))
+    assert files == (str(tmp_path / "sh.99-2.out"), str(tmp_path / "sh.99-2.err"))
+    assert (tmp_path / "sh.99.out").read_text() == "earlier\n"
+    assert not os.path.exists(private + ".out")
+    # started for real, the files are there and the private ones are gone
+    running = program.start(msg, None)
+    assert running.proc.wait(timeout=60) == 0
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+    with open(running.end.files[0]) as fh:
+        assert fh.read() == "new\n"
+
+
+def test_program_files_keep_their_private_names_without_hard_links(tmp_path, monkeypatch):
+    from executorkit.transport import RunProgram
+    from executorkit.worker import program
+
+    def no_links(*_):
+        raise PermissionError("operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    msg = RunProgram(1, 7, ("sh", "-c", "echo out; echo err >&2"), (), str(tmp_path), None,
+                     "sh")
+    running = program.start(msg, None)
+    assert running.proc.wait(timeout=60) == 0
+    out, err = running.end.files
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (out, err))
+    with open(out) as fh_out, open(err) as fh_err:
+        assert (fh_out.read(), fh_err.read()) == ("out\n", "err\n")
+
+
+def test_program_input_and_missing_program_in_the_fork_server(tmp_path):
+    from executorkit.transport import RunProgram
+    from executorkit.worker import program
+
+    msg = RunProgram(1, 7, ("tr", "a-z", "A-Z"), (), str(tmp_path / "new"), None, "tr",
+                     stdin=b"abc" * 100_000)
+    running = program.start(msg, None)
+    assert running.proc.wait(timeout=60) == 0
+    with open(running.end.files[0]) as fh:
+        assert fh.read() == "ABC" * 100_000
+    missing = RunProgram(2, 8, ("no-such-program-xyz",), (), str(tmp_path), None, "x")
+    with pytest.raises(FileNotFoundError):
+        program.start(missing, None)
+    assert os.listdir(tmp_path) == ["new"]  # nothing left of the failed start

@@ -25,7 +25,7 @@ from executorkit.errors import (
     WorkerDiedError,
     describe_exit,
 )
-from executorkit.launchers.local import LocalLauncher
+from executorkit.launchers.local import LocalLauncher, program_outcome
 from executorkit.resources import Resources
 from executorkit.scheduler import Start
 from executorkit.transport import (
@@ -267,6 +267,8 @@ class _WorkerLife:
             return
         w.exit_status = msg.status
         w.pid = w.pid or msg.pid
+        if msg.program is not None:  # a program the fork server ran: read its outcome here
+            msg.done = program_outcome(msg.program, msg.status)
         if msg.done is not None and msg.done.task_id in w.tasks:  # a program run directly
             task = w.tasks[msg.done.task_id]
             if task.cache_spec is not None and task.payload is not None:

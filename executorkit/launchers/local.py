@@ -2,7 +2,9 @@
 
 The launcher starts one fork server per executor (a fresh interpreter, once) and afterwards
 only sends it small :class:`~executorkit.transport.Spawn` / ``Kill`` requests over the
-authenticated channel the fork server opens back to the engine.
+authenticated channel the fork server opens back to the engine. A Command's program is
+started by the fork server itself (:class:`~executorkit.transport.RunProgram`), and its
+outcome read back here (:func:`program_outcome`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,26 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
+from executorkit.command import CommandCall, program_stem, stdin_bytes
+from executorkit.launchers.flux_program import ProgramRun
+from executorkit.launchers.flux_program import program_outcome as _outcome
 from executorkit.launchers.pythonpath import worker_environment
 from executorkit.resources import Resources
-from executorkit.transport import BlockingChannel, Kill, Preload, Spawn, Stop
+from executorkit.transport import (
+    BlockingChannel,
+    Exited,
+    Kill,
+    Preload,
+    ProgramEnd,
+    RunProgram,
+    Spawn,
+    Stop,
+    TaskDone,
+)
 
 
 @functools.cache
@@ -85,6 +101,7 @@ class LocalLauncher:
 
     name = "local"
     carries_path = True  # Spawn.path reaches the worker (see Engine._spawn)
+    runs_programs = True  # the fork server starts a Command's program itself (Spawn.call)
 
     def __init__(self, *, forward_output: bool, preload: tuple[str, ...] = (),
                  mpiexec: tuple[str, ...] = ()) -> None:
@@ -96,6 +113,7 @@ class LocalLauncher:
         self._queued: deque[object] = deque()
         self._boot: dict[str, object] = {}
         self.on_dead: Callable[[int], None] | None = None
+        self.on_exit: Callable[[Exited], None] | None = None  # (a program that cannot start)
         self.stdout_fd: int | None = None
         self.stderr_fd: int | None = None
 
@@ -162,7 +180,31 @@ class LocalLauncher:
             self.chan.send(msg)
 
     def spawn(self, spawn: Spawn) -> None:
-        self._send(spawn)
+        if spawn.call is None:
+            self._send(spawn)
+            return
+        try:
+            request = self._program(spawn)
+        except Exception as exc:  # (no mpiexec for cores > 1): the call fails, not the engine
+            from executorkit.worker._call import error_info
+
+            now = time.time()
+            end = ProgramEnd(spawn.task_id, (), spawn.cwd or "", ("", ""), (), now, now,
+                             error_info(exc))
+            if self.on_exit is not None:
+                self.on_exit(Exited(spawn.worker_id, 0, 0, program=end))
+            return
+        self._send(request)
+
+    def _program(self, spawn: Spawn) -> RunProgram:
+        """The fork server's request for the program of ``spawn.call`` (plain data only: the
+        Command's argv may hold objects the fork server could not unpickle)."""
+        call: CommandCall = spawn.call
+        cmd = call.command
+        res: Resources = spawn.res or Resources()
+        argv = (*self.program_prefix(res), *cmd.resolved_argv())
+        return RunProgram(spawn.worker_id, spawn.task_id, argv, spawn.env, spawn.cwd,
+                          spawn.cpus, program_stem(cmd), stdin_bytes(cmd), cmd.outputs)
 
     def program_prefix(self, res: Resources) -> tuple[str, ...]:
         """How a program (executorkit.command) of ``res.cores`` ranks is started."""
@@ -190,3 +232,13 @@ class LocalLauncher:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def program_outcome(end: ProgramEnd, status: int) -> TaskDone:
+    """The outcome of a program the fork server ran (:class:`RunProgram`), as a worker
+    would have sent it: its CommandResult, its CommandError, or why it could not start."""
+    if end.error is not None:
+        return TaskDone(end.task_id, False, pickle.dumps(end.error, protocol=5), end.started,
+                        end.finished)
+    run = ProgramRun(list(end.argv), end.cwd, end.files, end.outputs, None)
+    return _outcome(run, end.task_id, status, end.started, end.finished)

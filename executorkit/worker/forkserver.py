@@ -8,11 +8,15 @@ pre-imported process costs about a millisecond, where a fresh interpreter costs 
 It is also the parent of every worker, so it is the one that learns how each ended: it reaps
 children on SIGCHLD and reports an :class:`Exited` with the status. When the driver goes
 away (EOF), it kills every worker's process group and exits, so nothing is left behind.
+A Command's program (:class:`RunProgram`) it starts itself, with no worker in between (see
+executorkit.worker.program).
 
 Data flow::
 
     driver --Spawn/Kill/Stop--> fork server --fork()--> worker --Hello/TaskDone--> driver
     driver <-------------------- Exited(status) ------- fork server (waitpid)
+    driver --RunProgram-------> fork server --vfork+exec--> program
+    driver <-------- Exited(status, ProgramEnd) ------- fork server (waitpid)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import traceback
 from typing import Any
 
@@ -43,12 +48,14 @@ from executorkit.transport import (
     Hello,
     Kill,
     Preload,
+    ProgramEnd,
+    RunProgram,
     Spawn,
     SpawnFailed,
     Stop,
     connect,
 )
-from executorkit.worker import _call, loop
+from executorkit.worker import _call, loop, program
 
 _PR_SET_PDEATHSIG = 1
 
@@ -73,6 +80,8 @@ class ForkServer:
         # thread variables set when modules were preloaded (their pools are sized so)
         self.thread_env: dict[str, str] = {}
         self.pids: dict[int, int] = {}  # worker_id -> pid
+        self.programs: dict[int, program.Running] = {}  # pid -> a program started here
+        self.cpus = tuple(os.sched_getaffinity(0))
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
@@ -103,6 +112,8 @@ class ForkServer:
         for msg in messages:
             if isinstance(msg, Spawn):
                 self._spawn(msg)
+            elif isinstance(msg, RunProgram):
+                self._run_program(msg)
             elif isinstance(msg, Kill):
                 self._kill(msg.worker_id, msg.signum)
             elif isinstance(msg, Preload):
@@ -144,6 +155,18 @@ class ForkServer:
             os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
         self.children[pid] = msg.worker_id
         self.pids[msg.worker_id] = pid
+
+    def _run_program(self, msg: RunProgram) -> None:
+        try:
+            running = program.start(msg, self.cpus)
+        except Exception as exc:  # it never started: the call fails with this error
+            end = program.failed(msg, _call.error_info(exc))
+            self.chan.send(Exited(msg.worker_id, 0, 0, program=end))
+            return
+        pid = running.proc.pid
+        self.children[pid] = msg.worker_id
+        self.pids[msg.worker_id] = pid
+        self.programs[pid] = running
 
     def _child(self, msg: Spawn) -> int:
         signal.set_wakeup_fd(-1)
@@ -203,6 +226,8 @@ class ForkServer:
         pid = self.pids.get(worker_id)
         if pid is None:
             return  # already reaped: never signal a pid that may have been reused
+        if pid in self.programs:
+            self.programs[pid].killed = True
         try:
             os.killpg(pid, signum)
         except ProcessLookupError:
@@ -225,7 +250,18 @@ class ForkServer:
             # The worker's own children (e.g. mpiexec ranks) die with its group.
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
-            self.chan.send(Exited(worker_id, pid, code))
+            self.chan.send(Exited(worker_id, pid, code, program=self._program_end(pid, code)))
+
+    def _program_end(self, pid: int, code: int) -> ProgramEnd | None:
+        """A program's report, unless it was not one or it was stopped on request."""
+        running = self.programs.pop(pid, None)
+        if running is None:
+            return None
+        running.proc.returncode = code  # reaped: subprocess must never wait for it itself
+        if running.killed:
+            return None  # the driver fails the call as cancelled or timed out
+        running.end.finished = time.time()
+        return running.end
 
     def _kill_all(self) -> None:
         for pid in list(self.children):
