@@ -54,6 +54,14 @@ def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     return cloudpickle.dumps(data, protocol=5)
 
 
+def dumps_result(value: Any) -> bytes:
+    """A call's result as bytes: builtin data through the C pickler, anything else through
+    cloudpickle (a class or a lambda defined in ``__main__``)."""
+    if _plain(value):
+        return pickle.dumps(value, protocol=5)
+    return cloudpickle.dumps(value, protocol=5)
+
+
 def _global_names(code: types.CodeType) -> tuple[str, ...]:
     names = set(code.co_names)
     for const in code.co_consts:

@@ -54,6 +54,15 @@ def pid():
     return os.getpid()
 
 
+def death_signal():
+    """The signal this process gets when its parent dies (prctl PR_GET_PDEATHSIG)."""
+    import ctypes
+
+    value = ctypes.c_int(-1)
+    ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(value), 0, 0, 0)
+    return value.value
+
+
 def mark(directory, name, value=None):
     """Record that this call ran (one file per run) and return ``value``."""
     os.makedirs(directory, exist_ok=True)

@@ -451,3 +451,26 @@ def test_sys_exit_in_a_task_is_also_the_stdlib_pool_s_system_exit(tmp_path):
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 1
     assert "calls_exit called sys.exit(0)" in proc.stderr
+
+
+def _wrapping(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def test_worker_id_reaches_wrapped_functions_and_only_those_that_name_it():
+    # The worker decides from a plain function's code whether it names the parameter; a
+    # wrapper (functools.wraps) has its wrapped function's signature, so it is asked too.
+    from executorkit.worker._call import _may_take_worker_id
+
+    wrapped = _wrapping(get_worker_id)
+    assert _may_take_worker_id(get_worker_id) and _may_take_worker_id(wrapped)
+    assert not _may_take_worker_id(tf.inc) and not _may_take_worker_id(tf.add)
+    with executorlib.SingleNodeExecutor(max_cores=1) as exe:
+        assert exe.submit(wrapped).result(timeout=T) == 0
+        assert exe.submit(tf.add, 1, 2).result(timeout=T) == 3

@@ -462,3 +462,13 @@ def test_function_cache_is_lru() -> None:
     cache.loads(c_blob)  # evicts b, not a
     assert cache.loads(a_blob) is a
     assert cache.loads(b_blob) is not b
+
+
+def test_results_of_builtin_data_take_the_c_pickler_and_others_cloudpickle():
+    plain = [1, 2.5, "s", b"b", None, (1, [2, {"k": {3}}]), frozenset({1}), range(3)]
+    for value in plain:
+        assert _pickling.dumps_result(value) == pickle.dumps(value, protocol=5)
+        assert pickle.loads(_pickling.dumps_result(value)) == value
+    local = lambda x: x * 3  # noqa: E731  (only cloudpickle can send it)
+    assert pickle.loads(_pickling.dumps_result(local))(2) == 6
+    assert pickle.loads(_pickling.dumps_result([local]))[0](3) == 9

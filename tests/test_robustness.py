@@ -53,6 +53,15 @@ def test_fork_server_death_fails_futures_and_shutdown_returns(tmp_path):
     exe.shutdown(wait=True)  # must return
 
 
+def test_forked_workers_die_with_the_fork_server():
+    # PR_SET_PDEATHSIG, set in every forked child (spares and workers forked for a call).
+    import signal
+
+    with SingleNodeExecutor(max_workers=2) as exe:
+        seen = [exe.submit(tf.death_signal) for _ in range(4)]
+        assert [f.result(timeout=T) for f in seen] == [signal.SIGKILL] * 4
+
+
 def test_run_time_max_counts_from_a_ready_worker():
     with SingleNodeExecutor(max_workers=1, block_allocation=True,
                             init_function=tf.slow_init) as exe:

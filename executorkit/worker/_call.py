@@ -9,13 +9,14 @@ import pickle
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import cloudpickle
 
 from executorkit import _syspath
-from executorkit._pickling import FunctionCache
+from executorkit._pickling import FunctionCache, dumps_result
 from executorkit.errors import WorkerImportError
 from executorkit.transport import ErrorInfo, RunTask, TaskDone, TaskSetup
 
@@ -137,6 +138,8 @@ def inject_worker_id(fn: Callable[..., Any], args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> dict[str, Any]:
     """Pass ``EXECUTORKIT_WORKER_ID`` (block allocation: the worker's index; per-task: the
     call's lowest CPU slot) to a parameter of ``fn`` named in :data:`WORKER_ID_NAMES`."""
+    if not _may_take_worker_id(fn):
+        return kwargs
     names = _parameters(fn)
     if not names or names.isdisjoint(WORKER_ID_NAMES):
         return kwargs
@@ -144,6 +147,18 @@ def inject_worker_id(fn: Callable[..., Any], args: tuple[Any, ...],
     if value is None:
         return kwargs
     return inject(fn, args, kwargs, dict.fromkeys(WORKER_ID_NAMES, int(value)))
+
+
+def _may_take_worker_id(fn: Callable[..., Any]) -> bool:
+    """False if ``fn`` is a plain function that names no worker-id parameter: decided from
+    its code alone, without ``inspect.signature`` (whose first use costs a fresh per-task
+    worker a good part of a millisecond)."""
+    if type(fn) is not types.FunctionType or "__wrapped__" in fn.__dict__ \
+            or "__signature__" in fn.__dict__:
+        return True  # (a wrapper's signature may be another function's)
+    code = fn.__code__
+    names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    return any(name in names for name in WORKER_ID_NAMES)
 
 
 class _Setup:
@@ -285,7 +300,7 @@ def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
         _flush()
     if ok:
         try:
-            payload = cloudpickle.dumps(result)
+            payload = dumps_result(result)
         except BaseException as exc:
             info = error_info(exc, kind="serialization")
             info.message = (f"the result of {_name(fn)} (a {type(result).__qualname__}) "
