@@ -9,6 +9,7 @@ import signal
 
 import capabilities
 import pytest
+import taskfuncs as tf
 
 from executorkit import Command, CommandError, CommandResult, SingleNodeExecutor
 from executorkit.errors import TaskTimeoutError
@@ -326,3 +327,28 @@ def test_program_input_and_missing_program_in_the_fork_server(tmp_path):
     with pytest.raises(FileNotFoundError):
         program.start(missing, None)
     assert os.listdir(tmp_path) == ["new"]  # nothing left of the failed start
+
+
+def test_spare_variables_do_not_reach_calls_whose_env_does_not_name_them(tmp_path):
+    # The executor-level env (A) is what idle per-task workers have; a call with an env of
+    # its own (B only) sees no A, whether a worker or the fork server itself starts it.
+    show = ["sh", "-c", "echo ${A-unset} ${B-unset} ${LD_BIND_NOW-unset}"]
+    with SingleNodeExecutor(max_workers=2, resource_dict={"env": {"A": "1"}}) as exe:
+        assert exe.submit(tf.env, "A").result(timeout=60) == {"A": "1"}  # spares forked
+        assert exe.submit(Command(show)).result(timeout=60).stdout == "1 unset unset\n"
+        own = {"env": {"B": "2"}}
+        assert exe.submit(Command(show), resource_dict=own).result(timeout=60).stdout == \
+            "unset 2 unset\n"
+        assert exe.submit(tf.env, "A", "B", "LD_BIND_NOW", resource_dict=own).result(
+            timeout=60) == {"A": None, "B": "2", "LD_BIND_NOW": None}
+
+
+def test_apply_env_puts_the_spare_variables_back():
+    from executorkit.worker.forkserver import apply_env
+
+    environ = {"A": "spare", "B": "spare", "KEEP": "k"}
+    apply_env(environ, (("B", "call"), ("C", "call")), {"A": None, "B": "before"})
+    assert environ == {"B": "call", "C": "call", "KEEP": "k"}
+    environ = {"A": "spare"}
+    apply_env(environ, (), {"A": "before"})
+    assert environ == {"A": "before"}

@@ -105,3 +105,18 @@ def test_bad_preload_is_refused(bad):
     with pytest.raises(ResourceError, match="preload") as info:
         SingleNodeExecutor(max_workers=1, preload=bad)
     assert info.value.key == "preload"
+
+
+def test_numpy_random_state_is_fresh_in_every_worker():
+    # numpy, imported once in the fork server, seeded its global random state there: every
+    # worker forked from it must draw its own numbers, as a new process would.
+    pytest.importorskip("numpy")
+    with SingleNodeExecutor(max_workers=2, preload=["numpy"]) as exe:
+        draws = [exe.submit(_numpy_draw).result(timeout=T) for _ in range(4)]
+    assert len(set(draws)) == 4
+
+
+def _numpy_draw():
+    import numpy as np
+
+    return float(np.random.random())

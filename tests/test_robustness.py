@@ -156,3 +156,10 @@ def test_submit_after_interpreter_shutdown_raises_the_stdlib_error(tmp_path, blo
     assert ("RAISED RuntimeError cannot schedule new futures after interpreter shutdown"
             in proc.stdout), proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr
+
+
+def test_fork_server_binds_its_libraries_at_start_and_workers_do_not_inherit_it():
+    with SingleNodeExecutor(max_workers=1) as exe:
+        assert exe.submit(tf.env, "LD_BIND_NOW").result(timeout=T) == {"LD_BIND_NOW": None}
+        with open(f"/proc/{exe._engine.launcher.process.pid}/environ", "rb") as fh:
+            assert b"LD_BIND_NOW=1" in fh.read().split(b"\0")  # as it started

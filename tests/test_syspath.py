@@ -135,3 +135,20 @@ def test_snapshot_and_merge():
         assert sys.path == ["/new", "/shared", "/mine"]
     finally:
         sys.path[:] = saved
+
+
+def test_the_fork_server_is_sent_the_path_only_when_it_changed():
+    # It keeps (and merges) the path it was sent; a Spawn with the same path leaves it out,
+    # and the call's Resources (which only schedulers need) never travel to it.
+    from executorkit.launchers.local import LocalLauncher
+    from executorkit.resources import Resources
+    from executorkit.transport import Spawn
+
+    launcher = LocalLauncher(forward_output=False)
+    first = ("/a", "/b")
+    spawn = Spawn(1, (), None, None, False, path=first, res=Resources())
+    sent = launcher._plain(spawn)
+    assert sent.path == first and sent.res is None
+    assert launcher._plain(Spawn(2, (), None, None, False, path=first)).path is None
+    changed = launcher._plain(Spawn(3, (), None, None, False, path=("/c", *first)))
+    assert changed.path == ("/c", *first)

@@ -10,6 +10,7 @@ outcome read back here (:func:`program_outcome`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import pickle
@@ -114,6 +115,7 @@ class LocalLauncher:
         self._boot: dict[str, object] = {}
         self.on_dead: Callable[[int], None] | None = None
         self.on_exit: Callable[[Exited], None] | None = None  # (a program that cannot start)
+        self._path: tuple[str, ...] | None = None  # the driver's sys.path, as last sent
         self.stdout_fd: int | None = None
         self.stderr_fd: int | None = None
 
@@ -135,6 +137,12 @@ class LocalLauncher:
             self.stderr_fd, err = os.pipe()
         env = worker_environment()
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Bind every symbol of the fork server's libraries at its start (extension modules
+        # are, by Python's dlopen flags), so that its forked workers never do; the fork
+        # server removes the variable again, for its workers and programs.
+        bind_now = "LD_BIND_NOW" not in env
+        if bind_now:
+            env["LD_BIND_NOW"] = "1"
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "executorkit.worker.forkserver"],
@@ -152,7 +160,7 @@ class LocalLauncher:
         import multiprocessing.process  # (12 ms: only when a fork server starts)
 
         authkey = bytes(multiprocessing.process.current_process().authkey)
-        boot = {**self._boot, "authkey": authkey}
+        boot = {**self._boot, "authkey": authkey, "bind_now": bind_now}
         self.process.stdin.write(pickle.dumps(boot))
         self.process.stdin.close()
         # Nothing else would notice a fork server that dies before it connects (or later
@@ -181,7 +189,7 @@ class LocalLauncher:
 
     def spawn(self, spawn: Spawn) -> None:
         if spawn.call is None:
-            self._send(spawn)
+            self._send(self._plain(spawn))
             return
         try:
             request = self._program(spawn)
@@ -195,6 +203,18 @@ class LocalLauncher:
                 self.on_exit(Exited(spawn.worker_id, 0, 0, program=end))
             return
         self._send(request)
+
+    def _plain(self, spawn: Spawn) -> Spawn:
+        """``spawn`` without what the fork server has or needs not: the driver's sys.path
+        as last sent (the fork server keeps it), the call's Resources."""
+        path = spawn.path
+        if path is not None and path == self._path:
+            path = None
+        elif path is not None:
+            self._path = path
+        if path is spawn.path and spawn.res is None:
+            return spawn
+        return dataclasses.replace(spawn, path=path, res=None)
 
     def _program(self, spawn: Spawn) -> RunProgram:
         """The fork server's request for the program of ``spawn.call`` (plain data only: the

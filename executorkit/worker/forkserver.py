@@ -21,6 +21,7 @@ Data flow::
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import ctypes
 import functools
@@ -31,9 +32,9 @@ import select
 import signal
 import socket
 import sys
-import tempfile
 import time
 import traceback
+from collections.abc import MutableMapping
 from typing import Any
 
 # Pre-import what every worker needs, so a forked child starts warm.
@@ -90,6 +91,9 @@ class ForkServer:
         # thread variables set when modules were preloaded (their pools are sized so)
         self.thread_env: dict[str, str] = {}
         self.pids: dict[int, int] = {}  # worker_id -> pid
+        # variables set here for the spares (all alike): their values before (None: unset)
+        self.base_env: dict[str, str | None] = {}
+        self.path: tuple[str, ...] | None = None  # the driver's sys.path, as last sent
         self.programs: dict[int, program.Running] = {}  # pid -> a program started here
         self.cpus = tuple(os.sched_getaffinity(0))
         self.wake_r, wake_w = os.pipe()
@@ -146,7 +150,10 @@ class ForkServer:
 
     def _spawn(self, msg: Spawn) -> None:
         if msg.path:
+            self.path = msg.path  # (sent only when it changed)
             _syspath.merge(msg.path)  # here, so later spares inherit it too
+        if msg.spare:
+            self._adopt(msg.env)
         try:
             pid = os.fork()
         except OSError as exc:
@@ -166,9 +173,19 @@ class ForkServer:
         self.children[pid] = msg.worker_id
         self.pids[msg.worker_id] = pid
 
+    def _adopt(self, env: tuple[tuple[str, str], ...]) -> None:
+        """Set a spare's variables here (once: they are the same for every spare), so the
+        spares inherit them instead of each setting them (some 50 page faults a worker)."""
+        for key, value in env:
+            if os.environ.get(key) != value:
+                self.base_env.setdefault(key, os.environ.get(key))
+                os.environ[key] = value
+
     def _run_program(self, msg: RunProgram) -> None:
+        env = dict(os.environ)
+        apply_env(env, msg.env, self.base_env)
         try:
-            running = program.start(msg, self.cpus)
+            running = program.start(msg, self.cpus, env)
         except Exception as exc:  # it never started: the call fails with this error
             end = program.failed(msg, _call.error_info(exc))
             self.chan.send(Exited(msg.worker_id, 0, 0, program=end))
@@ -179,16 +196,20 @@ class ForkServer:
         self.programs[pid] = running
 
     def _child(self, msg: Spawn) -> int:
+        # Every object touched here costs a forked worker a copied page: the plain C calls.
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # (signal.signal would turn the old handler, a lambda, into an enum: a ValueError
+        # raised and formatted inside, 0.3 ms and some 50 page faults)
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
         os.close(self.wake_r)
         os.close(self.wake_w)
-        self.chan.close()
+        os.close(self.chan.sock.detach())
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
         _die_with_parent()
-        for key, value in msg.env:
-            os.environ[key] = value
+        if not msg.spare:  # (a spare's variables are this process's already: see _adopt)
+            apply_env(os.environ, msg.env, self.base_env)
+        _fresh_numpy_random()
         if msg.cpus:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, msg.cpus)
@@ -213,7 +234,7 @@ class ForkServer:
         assert msg.errdir is not None
         boot = {"address": self.address, "secret": self.secret, "worker_id": msg.worker_id,
                 "persistent": msg.persistent, "init_payload": msg.init_payload,
-                "errdir": msg.errdir, "setup": setup, "path": msg.path}
+                "errdir": msg.errdir, "setup": setup, "path": self.path}
         path = os.path.join(msg.errdir, "boot.pkl")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -222,11 +243,15 @@ class ForkServer:
 
     def _exec_fresh(self, msg: Spawn, setup: _call.TaskSetup | None) -> None:
         """Become a fresh worker interpreter; it reads (and removes) a private boot file."""
+        # (imported here: tempfile imports random, whose at-fork hook would reseed it in
+        # every forked worker, at some 40 page faults each)
+        import tempfile
+
         directory = tempfile.mkdtemp(prefix="executorkit-worker-")  # mode 0o700
         path = os.path.join(directory, "boot.pkl")
         boot = {"address": self.address, "secret": self.secret, "worker_id": msg.worker_id,
                 "persistent": msg.persistent, "init_payload": msg.init_payload,
-                "setup": setup, "path": msg.path, "remove": True}
+                "setup": setup, "path": self.path, "remove": True}
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             pickle.dump(boot, fh)
@@ -284,6 +309,34 @@ class ForkServer:
                 os.waitpid(pid, 0)
 
 
+def apply_env(environ: MutableMapping[str, str], env: tuple[tuple[str, str], ...],
+              base: dict[str, str | None]) -> None:
+    """``env`` over ``environ``; the spares' variables (``base``) that ``env`` does not name
+    go back to what they were."""
+    for key, value in env:
+        if environ.get(key) != value:
+            environ[key] = value
+    if base:
+        named = {key for key, _ in env}
+        for key, before in base.items():
+            if key in named:
+                continue
+            if before is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = before
+
+
+def _fresh_numpy_random() -> None:
+    """New entropy for numpy's global random state, as the stdlib's ``random`` gets after a
+    fork: numpy was imported here once for every worker, and a per-task call must not draw
+    the numbers every other call draws."""
+    seed = getattr(sys.modules.get("numpy.random"), "seed", None)
+    if seed is not None:
+        with contextlib.suppress(Exception):
+            seed()
+
+
 def _import(module: str) -> None:
     """Import ``module`` if it can be; a worker that needs it reports the failure itself."""
     if module == "__main__":
@@ -330,6 +383,10 @@ def _warm_up() -> None:
 def main() -> None:
     boot = pickle.loads(sys.stdin.buffer.read())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    if boot.get("bind_now"):
+        # Set for this process only (see LocalLauncher): its libraries were bound when it
+        # started, so no forked worker resolves a symbol (writing the page that holds it).
+        os.environ.pop("LD_BIND_NOW", None)
     if boot.get("authkey"):
         # Every forked worker inherits it: the driver's Manager proxies authenticate.
         import multiprocessing.process

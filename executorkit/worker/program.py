@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import secrets
 import subprocess
 import time
 from dataclasses import dataclass
@@ -40,15 +39,18 @@ class Running:
     killed: bool = False  # stopped on request (cancel, timeout): no outcome of its own
 
 
-def start(msg: RunProgram, own_cpus: tuple[int, ...] | None) -> Running:
+def start(msg: RunProgram, own_cpus: tuple[int, ...] | None,
+          env: dict[str, str] | None = None) -> Running:
     """Start ``msg``'s program; raises ``OSError`` (with the files removed) if it cannot.
 
     ``own_cpus``: the fork server's CPUs, restored after a start that pins the program.
+    ``env``: its whole environment (default: this process's with ``msg.env`` over it).
     """
     cwd = os.path.realpath(msg.cwd or os.getcwd())
     os.makedirs(cwd, exist_ok=True)
-    # (random: no earlier file can have this name, whatever pids were reused)
-    private = os.path.join(cwd, f".{msg.stem}.{os.getpid()}-{secrets.token_hex(6)}")
+    # (random: no earlier file can have this name, whatever pids were reused; os.urandom,
+    # as importing secrets or random here would reseed them in every forked worker)
+    private = os.path.join(cwd, f".{msg.stem}.{os.getpid()}-{os.urandom(6).hex()}")
     out = os.open(f"{private}.out", _FLAGS, 0o644)
     try:
         err = os.open(f"{private}.err", _FLAGS, 0o644)
@@ -58,7 +60,7 @@ def start(msg: RunProgram, own_cpus: tuple[int, ...] | None) -> Running:
         raise
     started = time.time()
     try:
-        proc = _spawn(msg, cwd, out, err, own_cpus)
+        proc = _spawn(msg, cwd, out, err, own_cpus, env)
     except BaseException:
         _remove(f"{private}.out", f"{private}.err")
         raise
@@ -77,10 +79,10 @@ def failed(msg: RunProgram, error: ErrorInfo) -> ProgramEnd:
     return ProgramEnd(msg.task_id, msg.argv, cwd, ("", ""), (), now, now, error)
 
 
-def _spawn(msg: RunProgram, cwd: str, out: int, err: int,
-           own_cpus: tuple[int, ...] | None) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.update(msg.env)
+def _spawn(msg: RunProgram, cwd: str, out: int, err: int, own_cpus: tuple[int, ...] | None,
+           env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+    if env is None:
+        env = {**os.environ, **dict(msg.env)}
     stdin = _stdin(msg.stdin)
     pinned = msg.cpus is not None and own_cpus is not None
     try:
