@@ -163,3 +163,26 @@ def test_fork_server_binds_its_libraries_at_start_and_workers_do_not_inherit_it(
         assert exe.submit(tf.env, "LD_BIND_NOW").result(timeout=T) == {"LD_BIND_NOW": None}
         with open(f"/proc/{exe._engine.launcher.process.pid}/environ", "rb") as fh:
             assert b"LD_BIND_NOW=1" in fh.read().split(b"\0")  # as it started
+
+
+def test_a_worker_steps_aside_for_its_exit():
+    # After its reply a forked worker lowers its priority, so that tearing it down never
+    # delays the next call on its CPU.
+    from executorkit.worker import forkserver
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            before = os.nice(0)
+            forkserver._step_aside()
+            os.write(write, f"{before} {os.nice(0)}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        before, after = map(int, os.read(read, 100).split())
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert after == min(19, before + forkserver.EXIT_NICENESS)

