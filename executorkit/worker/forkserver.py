@@ -154,6 +154,7 @@ class ForkServer:
             _syspath.merge(msg.path)  # here, so later spares inherit it too
         if msg.spare:
             self._adopt(msg.env)
+        _fresh_numpy_random()  # (here, for the child: reseeding costs a child 100 faults)
         try:
             pid = os.fork()
         except OSError as exc:
@@ -210,7 +211,6 @@ class ForkServer:
         _die_with_parent()
         if not msg.spare:  # (a spare's variables are this process's already: see _adopt)
             apply_env(os.environ, msg.env, self.base_env)
-        _fresh_numpy_random()
         if msg.cpus:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, msg.cpus)
@@ -341,13 +341,16 @@ def _step_aside() -> None:
 
 
 def _fresh_numpy_random() -> None:
-    """New entropy for numpy's global random state, as the stdlib's ``random`` gets after a
-    fork: numpy was imported here once for every worker, and a per-task call must not draw
-    the numbers every other call draws."""
-    seed = getattr(sys.modules.get("numpy.random"), "seed", None)
-    if seed is not None:
-        with contextlib.suppress(Exception):
-            seed()
+    """New entropy for numpy's global random state before each fork, as the stdlib's
+    ``random`` gets after one: numpy was imported here once for every worker, and a
+    per-task call must draw its own numbers, as in a new process, not those every other
+    call draws (a call that seeds it itself is unaffected)."""
+    numpy, random = sys.modules.get("numpy"), sys.modules.get("numpy.random")
+    if numpy is None or random is None:
+        return
+    with contextlib.suppress(Exception):
+        key = numpy.frombuffer(os.urandom(624 * 4), dtype=numpy.uint32)
+        random.set_state(("MT19937", key, 624))  # all 19937 bits of state drawn anew
 
 
 def _import(module: str) -> None:
