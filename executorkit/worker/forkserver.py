@@ -93,6 +93,7 @@ class ForkServer:
         self.pids: dict[int, int] = {}  # worker_id -> pid
         # variables set here for the spares (all alike): their values before (None: unset)
         self.base_env: dict[str, str | None] = {}
+        self.adopted: tuple[tuple[str, str], ...] | None = None  # the spares' env, as set
         self.path: tuple[str, ...] | None = None  # the driver's sys.path, as last sent
         self.programs: dict[int, program.Running] = {}  # pid -> a program started here
         self.cpus = tuple(os.sched_getaffinity(0))
@@ -143,6 +144,7 @@ class ForkServer:
         for key, value in msg.env:
             os.environ[key] = value
         self.thread_env.update(msg.env)
+        self.adopted = None  # (the spares' variables are looked at again)
         for module in msg.modules:
             _import(module)
         gc.collect()
@@ -178,10 +180,13 @@ class ForkServer:
     def _adopt(self, env: tuple[tuple[str, str], ...]) -> None:
         """Set a spare's variables here (once: they are the same for every spare), so the
         spares inherit them instead of each setting them (some 50 page faults a worker)."""
+        if env == self.adopted:
+            return  # (the same tuple every time: no look at the environment)
         for key, value in env:
             if os.environ.get(key) != value:
                 self.base_env.setdefault(key, os.environ.get(key))
                 os.environ[key] = value
+        self.adopted = env
 
     def _run_program(self, msg: RunProgram) -> None:
         env = dict(os.environ)
