@@ -84,7 +84,8 @@ class SingleNodeExecutor(BaseExecutor):
         after its first call; ``preload`` also spares that first call. Modules are imported
         with the thread variables of a default call (``threads_per_core`` of the executor's
         ``resource_dict``); a call asking for other thread counts then starts in a fresh
-        interpreter, so that libraries size their thread pools for it.
+        interpreter, so that libraries size their thread pools for it. numpy's global random
+        state is drawn anew for every worker, as in a new process.
     plot_dependency_graph, plot_dependency_graph_filename, export_workflow_filename
         A dry run: nothing runs; at shutdown the graph of the submitted calls is drawn
         (inline in Jupyter, or a ``.png``/``.svg`` file) and/or written as Python Workflow
