@@ -3,10 +3,12 @@
 Wire format of one frame::
 
     +----------------+-----------------------------+------------------+
-    | length (8 B BE)| HMAC-SHA256(secret, body)   | body (pickle)    |
+    | length (8 B BE)| BLAKE2b-256(key=secret,body)| body (pickle)    |
     +----------------+-----------------------------+------------------+
 
-Every executor draws a fresh 32-byte secret. A frame whose MAC does not verify is dropped
+Every executor draws a fresh 32-byte secret. The MAC is BLAKE2b in its keyed mode (a MAC
+by design, like HMAC-SHA256, and four times cheaper per frame here: OpenSSL's one-shot HMAC
+costs about 4 us, which every call paid four times). A frame whose MAC does not verify is dropped
 together with its connection *before* the body is unpickled, so nobody else on a shared
 node can make the driver or a worker unpickle (that is, run) anything. Bodies are pickles of
 the small message classes below; user objects inside them are already ``bytes`` produced by
@@ -19,6 +21,7 @@ standard input (never on a command line, where ``ps`` would show it with the sec
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import pickle
 import socket
@@ -249,11 +252,15 @@ class Upstream:
 def encode(message: object, secret: bytes) -> tuple[bytes, bytes]:
     """Header and body of one frame (kept apart so large bodies are never copied)."""
     body = pickle.dumps(message, protocol=5)
-    return _HEADER.pack(len(body), hmac.digest(secret, body, "sha256")), body
+    return _HEADER.pack(len(body), _mac(secret, body)), body
+
+
+def _mac(secret: bytes, body: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.blake2b(body, key=secret, digest_size=32).digest()
 
 
 def _verify(secret: bytes, mac: bytes, body: bytes | bytearray | memoryview) -> Any:
-    if not hmac.compare_digest(mac, hmac.digest(secret, body, "sha256")):
+    if not hmac.compare_digest(mac, _mac(secret, body)):
         raise AuthenticationError("frame failed authentication (wrong secret?); dropping peer")
     return pickle.loads(body)
 
