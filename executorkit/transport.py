@@ -275,7 +275,7 @@ class FrameReader:
         self._buf = bytearray()
         self.limit = limit  # the engine keeps it small until a peer has said hello
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         self._buf += data
         out = []
         buf = self._buf

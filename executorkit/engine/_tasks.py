@@ -241,6 +241,8 @@ class _TaskFlow:
                     self._finish(task, exc=exc)  # it never started: its slot goes on
                     starts += self.sched.finish(task.id)
                     continue
+                if self.cfg.block_workers:
+                    self._sized(task.payload)
             if task.cache_spec is not None and start.cpus:  # where it ran, for reports
                 slot = start.cpus[0]  # (block allocation: slot s is worker s % workers)
                 workers = self.cfg.block_workers
