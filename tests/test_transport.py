@@ -139,7 +139,9 @@ def test_encode_layout() -> None:
     # keyed BLAKE2b-256 of the body: a MAC that needs the secret
     assert mac == hashlib.blake2b(body, key=SECRET, digest_size=32).digest()
     assert mac != hashlib.blake2b(body, key=b"x" * 32, digest_size=32).digest()
-    assert pickle.loads(body) == Kill(1)
+    # the body: the message's class name and field values, as plain data
+    assert pickle.loads(body) == ("Kill", (1, 9))
+    assert FrameReader(SECRET).feed(header + body) == [Kill(1)]
 
 
 def test_messages_pickle_compactly_as_class_and_fields() -> None:
@@ -212,7 +214,7 @@ def test_wrong_secret_raises_before_unpickling(tmp_path: Path) -> None:
 
 def test_wrong_secret_no_side_effect_in_module_state() -> None:
     SIDE_EFFECTS.clear()
-    body = pickle.dumps(Records("evil"), protocol=5)
+    body = pickle.dumps((None, Records("evil")), protocol=5)  # a frame body: (None, object)
     with pytest.raises(AuthenticationError):
         FrameReader(SECRET).feed(raw_frame(body, WRONG))
     assert SIDE_EFFECTS == []
