@@ -38,6 +38,7 @@ from executorkit.transport import (
 )
 
 OVERRUN = 0.01  # seconds: a call expected tiny that runs longer gives back its followers
+QUEUE_BYTES = 16 << 20  # pickled calls one worker's queue may hold (roughly)
 
 __all__ = ["DEPTH", "_BlockPool"]
 
@@ -70,6 +71,7 @@ class _BlockPool:
         self._block_started = False  # workers start with the first call that needs one
         self.block_count = config.block_workers  # workers wanted now (max_workers)
         self._retired: set[int] = set()  # ids of workers a resize took out of the pool
+        self._call_bytes = 0.0  # smoothed size of a pickled call (bounds the queue depth)
 
     def _start_block_workers(self) -> None:
         for slot in range(self.block_count):
@@ -158,11 +160,21 @@ class _BlockPool:
         """Learn the call's own duration (the worker's, else the whole run's)."""
         own = done.elapsed if done.elapsed >= 0 else done.finished - done.started
         self.estimator.observe(runtime_key(task.fn), own)
+        if not self._slow_active:
+            self._set_depth()  # the depth follows the pace of the tiny calls
 
 
     def _set_depth(self) -> None:
-        """Several calls per worker only while every active call is known to be tiny."""
-        self.sched.max_running = self.block_count * self.estimator.depth(self._slow_active)
+        """Several calls per worker only while every active call is known to be tiny, and
+        no more than about QUEUE_BYTES of them."""
+        depth = self.estimator.depth(self._slow_active)
+        if depth > 2 and self._call_bytes * depth > QUEUE_BYTES:
+            depth = max(2, int(QUEUE_BYTES / self._call_bytes))
+        self.sched.max_running = self.block_count * depth
+
+    def _sized(self, payload: tuple[bytes, bytes]) -> None:
+        """A call was pickled: follow the size of calls (large arguments, shallow queues)."""
+        self._call_bytes += 0.1 * (len(payload[0]) + len(payload[1]) - self._call_bytes)
 
 
     def _mark_slow(self, task: _Task) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import cloudpickle
 
 from executorkit import _syspath
-from executorkit._pickling import FunctionCache
+from executorkit._pickling import FunctionCache, dumps_result
 from executorkit.errors import WorkerImportError
 from executorkit.transport import ErrorInfo, RunTask, TaskDone, TaskSetup
 
@@ -285,7 +285,7 @@ def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:
         _flush()
     if ok:
         try:
-            payload = cloudpickle.dumps(result)
+            payload = dumps_result(result)
         except BaseException as exc:
             info = error_info(exc, kind="serialization")
             info.message = (f"the result of {_name(fn)} (a {type(result).__qualname__}) "
