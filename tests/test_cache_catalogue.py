@@ -341,12 +341,18 @@ def test_temporary_files_are_never_read(store: CacheStore, reads: list[str]) -> 
     fill(store)
     get_cache_data(store.directory)
     catalogue = store.directory / CATALOGUE
-    os.replace(catalogue, store.directory / f"{CATALOGUE}.1.0123abcd.tmp")
+    leftover = store.directory / f"{CATALOGUE}.1.0123abcd.tmp"  # as a killed listing leaves it
+    os.replace(catalogue, leftover)
     (store.directory / ".k9.1.0123abcd.tmp").write_bytes(store.path("k0").read_bytes())
     reads.clear()
     frame = get_cache_data(store.directory)
     assert len(reads) == 6 and not any(path.endswith(".tmp") for path in reads)
     assert sorted(frame["cache_key"]) == ["failed", "k0", "k1", "k2", "k3", "k4"]
+    # Once stale, the catalogue's leftover goes like an entry writer's.
+    old = time.time() - 2 * 3600
+    os.utime(leftover, (old, old))
+    clear_cache(store.directory, status="failed")
+    assert not leftover.exists() and catalogue.exists()
 
 
 def test_a_directory_the_catalogue_cannot_be_written_to_still_lists(
