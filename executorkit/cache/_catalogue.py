@@ -58,6 +58,7 @@ from executorkit.cache._store import (
     file_identity,
     read_listed,
 )
+from executorkit.errors import CacheMissError
 
 __all__ = ["CATALOGUE", "Listing", "Row", "forget", "list_rows", "remove_catalogues"]
 
@@ -187,7 +188,7 @@ class _Folder:
             path = prefix + name
             try:
                 row = self._row(name, path)
-            except (FileNotFoundError, KeyError):
+            except (FileNotFoundError, CacheMissError):
                 continue  # removed since the directory was listed
             except CorruptEntryError as exc:
                 listing.unreadable.append((path, exc))
