@@ -285,13 +285,14 @@ def imports_of(fn: Any) -> tuple[str, ...]:
 
 
 # Packages never mirrored from the driver into the fork server: a notebook kernel's and a
-# test runner's own machinery (nothing a call needs), and imports that are unsafe to fork
-# after (mpi4py.MPI initialises MPI when imported; jax and tensorflow start thread pools
-# that a forked child cannot use). A worker that needs one imports it itself.
+# test runner's own machinery (nothing a call needs), plotting (pyplot picks the kernel's
+# display backend), and imports that are unsafe to fork after (mpi4py.MPI initialises MPI
+# when imported; jax and tensorflow start thread pools that a forked child cannot use).
+# A worker that needs one imports it itself.
 _NOT_MIRRORED = frozenset({
     "IPython", "ipykernel", "ipywidgets", "jupyter_client", "jupyter_core", "zmq", "tornado",
     "traitlets", "debugpy", "matplotlib_inline", "comm", "_pytest", "pytest", "pluggy",
-    "executorkit", "jax", "jaxlib", "tensorflow",
+    "executorkit", "matplotlib", "jax", "jaxlib", "tensorflow",
 })
 FORK_UNSAFE = frozenset({"mpi4py.MPI"})  # never imported in a process that forks workers
 

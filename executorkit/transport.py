@@ -27,8 +27,8 @@ import operator
 import pickle
 import socket
 import struct
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [

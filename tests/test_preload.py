@@ -188,7 +188,7 @@ def test_the_driver_scripts_imports_are_preloaded_by_default(heavy, tmp_path, bl
 
 def test_preload_none_leaves_the_first_workers_to_import(heavy, tmp_path):
     module, marker = heavy
-    server, pids, seen = _run_script(tmp_path, marker, module.__name__, True, "[]")
+    _, pids, seen = _run_script(tmp_path, marker, module.__name__, True, "[]")
     # both block workers started before the function was known: each imported it itself
     assert seen == pids and len(pids) == 2
 

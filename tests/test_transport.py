@@ -75,7 +75,8 @@ def frame(message: object, secret: bytes = SECRET) -> bytes:
 
 def raw_frame(body: bytes, key: bytes) -> bytes:
     """A frame around arbitrary ``body`` bytes, signed with ``key``."""
-    return struct.pack("!Q", len(body)) + hashlib.blake2b(body, key=key, digest_size=32).digest() + body
+    mac = hashlib.blake2b(body, key=key, digest_size=32).digest()
+    return struct.pack("!Q", len(body)) + mac + body
 
 
 class MakeDir:

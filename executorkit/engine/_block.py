@@ -22,7 +22,7 @@ import cloudpickle
 
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._failures import _error_from_info
-from executorkit.engine._records import RUNNING, SENT, WAITING, _Task, _Worker
+from executorkit.engine._records import QUEUED, RUNNING, SENT, WAITING, _Task, _Worker
 from executorkit.errors import ExecutorBrokenError
 from executorkit.estimator import DEPTH, RuntimeEstimator
 from executorkit.scheduler import Start
@@ -159,9 +159,23 @@ class _BlockPool:
     def _observe_runtime(self, task: _Task, done: TaskDone) -> None:
         """Learn the call's own duration (the worker's, else the whole run's)."""
         own = done.elapsed if done.elapsed >= 0 else done.finished - done.started
-        self.estimator.observe(runtime_key(task.fn), own)
+        key = runtime_key(task.fn)
+        was_tiny = self.estimator.is_tiny(key)
+        self.estimator.observe(key, own)
+        if not was_tiny and self._slow_active and self.estimator.is_tiny(key):
+            self._now_tiny(key)
         if not self._slow_active:
             self._set_depth()  # the depth follows the pace of the tiny calls
+
+    def _now_tiny(self, key: Hashable) -> None:
+        """``key``'s calls proved tiny: those still waiting in the engine's queue (counted
+        as not known tiny when they were submitted) no longer hold every worker to one
+        call, or a first round of thousands would run one call per round trip."""
+        for task in list(self.tasks.values()):  # (submit() adds tasks from other threads)
+            if task.slow and task.state == QUEUED and runtime_key(task.fn) == key:
+                task.slow = False
+                self._slow_active -= 1
+        self._set_depth()
 
 
     def _set_depth(self) -> None:
