@@ -55,8 +55,8 @@ def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
 
 
 def dumps_result(value: Any) -> bytes:
-    """A call's result as bytes: builtin data through the C pickler, anything else through
-    cloudpickle (a class or a lambda defined in ``__main__``)."""
+    """A call's result, with the C pickler when it is builtin data (a worker's reply to a
+    tiny call pays ~10 us for cloudpickle's pickler otherwise)."""
     if _plain(value):
         return pickle.dumps(value, protocol=5)
     return cloudpickle.dumps(value, protocol=5)
@@ -281,4 +281,47 @@ def imports_of(fn: Any) -> tuple[str, ...]:
                 add(value.__name__)
             elif isinstance(value, (types.FunctionType, type)) and _by_reference(value):
                 add(value.__module__)
+    return tuple(found)
+
+
+# Packages never mirrored from the driver into the fork server: a notebook kernel's and a
+# test runner's own machinery (nothing a call needs), plotting (pyplot picks the kernel's
+# display backend), and imports that are unsafe to fork after (mpi4py.MPI initialises MPI
+# when imported; jax and tensorflow start thread pools that a forked child cannot use).
+# A worker that needs one imports it itself.
+_NOT_MIRRORED = frozenset({
+    "IPython", "ipykernel", "ipywidgets", "jupyter_client", "jupyter_core", "zmq", "tornado",
+    "traitlets", "debugpy", "matplotlib_inline", "comm", "_pytest", "pytest", "pluggy",
+    "executorkit", "matplotlib", "jax", "jaxlib", "tensorflow",
+})
+FORK_UNSAFE = frozenset({"mpi4py.MPI"})  # never imported in a process that forks workers
+
+
+def driver_imports(main: types.ModuleType | None = None) -> tuple[str, ...]:
+    """Modules the driver script itself imported, by the names in its namespace: ``np``
+    for ``import numpy as np``, ``mymod`` for ``from mymod import simulate``. The fork
+    server imports them before it forks, as a worker forked from the driver would have them
+    (the stdlib's fork server likewise imports the main script). The script itself, the
+    standard library, modules sent by value and :data:`_NOT_MIRRORED` are left out."""
+    main = sys.modules.get("__main__") if main is None else main
+    if main is None:
+        return ()
+    by_value = _by_value_modules()
+    found: dict[str, None] = {}
+    for value in list(vars(main).values()):
+        if isinstance(value, types.ModuleType):
+            name = value.__name__
+        elif isinstance(value, (types.FunctionType, type)):
+            name = getattr(value, "__module__", None)
+        else:
+            continue
+        if not isinstance(name, str) or name in found or name in FORK_UNSAFE:
+            continue
+        top = name.partition(".")[0]
+        if (name in ("__main__", "__mp_main__") or top in _STDLIB or top in _NOT_MIRRORED
+                or top.startswith("_") or name in by_value or top in by_value):
+            continue
+        spec = getattr(sys.modules.get(name), "__spec__", None)
+        if spec is not None and spec.origin not in (None, "built-in", "frozen"):
+            found[name] = None
     return tuple(found)

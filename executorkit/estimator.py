@@ -17,6 +17,12 @@ Policy
   a call that overran (see ``executorkit.worker.loop``), and the overrun is learned here.
 * Only functions that can be keys of a dict are learned (others are never tiny); the table
   keeps the ``size`` most recently seen functions.
+* How many calls may wait in one worker (:meth:`RuntimeEstimator.depth`): enough for about
+  ``QUEUE_TIME`` of work at the recent pace of tiny calls (each counted at least
+  ``CALL_FLOOR``, the worker's own cost of a call), between 2 and ``depth``. A worker whose
+  queue holds only a millisecond of work runs dry whenever the driver's engine thread waits
+  for the GIL (a busy submitting thread holds it for up to 5 ms at a time); a deeper queue
+  of calls near ``tiny`` would leave one worker with a long tail at the end of a round.
 
 Every operation is O(1).
 """
@@ -27,10 +33,12 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-__all__ = ["DEPTH", "TINY", "RuntimeEstimator"]
+__all__ = ["CALL_FLOOR", "DEPTH", "QUEUE_TIME", "TINY", "RuntimeEstimator"]
 
 TINY = 0.002  # seconds: calls shorter than this may wait in a worker's own queue
-DEPTH = 16  # most calls sent to one worker while every active call is tiny
+DEPTH = 128  # most calls sent to one worker while every active call is tiny
+QUEUE_TIME = 0.02  # seconds of tiny calls a worker's queue may hold
+CALL_FLOOR = 100e-6  # seconds a tiny call costs its worker at least (reply, unpickling)
 
 
 @dataclass(slots=True)
@@ -51,6 +59,7 @@ class RuntimeEstimator:
         self.size = size
         self.max_depth = depth
         self._records: OrderedDict[Hashable, _Record] = OrderedDict()
+        self._pace = CALL_FLOOR  # smoothed duration of recent tiny calls, over all functions
 
     def observe(self, key: object, seconds: float) -> None:
         """A call of ``key`` took ``seconds`` (or has been running that long)."""
@@ -59,6 +68,8 @@ class RuntimeEstimator:
         except TypeError:  # an unhashable callable: never tiny
             return
         short = 0 <= seconds < self.tiny
+        if short:
+            self._pace += 0.1 * (max(seconds, CALL_FLOOR) - self._pace)
         if record is None:
             record = self._records[key] = _Record(seconds, 0)  # type: ignore[index]
             if len(self._records) > self.size:
@@ -85,6 +96,9 @@ class RuntimeEstimator:
         return None if record is None else record.mean
 
     def depth(self, slow_active: int) -> int:
-        """Calls per worker: several while every queued or running call is tiny, else one
-        (so a long call is never waited for by calls that another worker could run)."""
-        return self.max_depth if slow_active == 0 else 1
+        """Calls per worker: several while every queued or running call is tiny (about
+        ``QUEUE_TIME`` of them), else one (so a long call is never waited for by calls that
+        another worker could run)."""
+        if slow_active or self.max_depth == 1:
+            return 1
+        return max(2, min(self.max_depth, int(QUEUE_TIME / self._pace)))

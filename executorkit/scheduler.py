@@ -23,8 +23,10 @@ finding the best task that fits costs O(shapes * log n), not a scan of every wai
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
+import operator
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
@@ -97,8 +99,12 @@ class Scheduler:
     def finish(self, task: Hashable) -> list[Start]:
         """A running task ended: free its resources and start what now fits."""
         start = self._running.pop(task)
-        self._free_cpus.extend(_returned(start.cpus, self._leaving_cpus))
-        self._free_cpus.sort(reverse=True)
+        back = _returned(start.cpus, self._leaving_cpus)
+        if len(back) == 1:  # (block allocation: thousands of slots, one back per call)
+            bisect.insort(self._free_cpus, back[0], key=operator.neg)
+        else:
+            self._free_cpus.extend(back)
+            self._free_cpus.sort(reverse=True)
         if start.gpus:
             self._free_gpus.extend(_returned(start.gpus, self._leaving_gpus))
             self._free_gpus.sort(reverse=True)

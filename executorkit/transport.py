@@ -3,10 +3,12 @@
 Wire format of one frame::
 
     +----------------+-----------------------------+------------------+
-    | length (8 B BE)| HMAC-SHA256(secret, body)   | body (pickle)    |
+    | length (8 B BE)| BLAKE2b-256(key=secret,body)| body (pickle)    |
     +----------------+-----------------------------+------------------+
 
-Every executor draws a fresh 32-byte secret. A frame whose MAC does not verify is dropped
+Every executor draws a fresh 32-byte secret. The MAC is BLAKE2b in its keyed mode (a MAC
+by design, like HMAC-SHA256, and four times cheaper per frame here: OpenSSL's one-shot HMAC
+costs about 4 us, which every call paid four times). A frame whose MAC does not verify is dropped
 together with its connection *before* the body is unpickled, so nobody else on a shared
 node can make the driver or a worker unpickle (that is, run) anything. Bodies are pickles of
 the small message classes below; user objects inside them are already ``bytes`` produced by
@@ -19,11 +21,13 @@ standard input (never on a command line, where ``ps`` would show it with the sec
 from __future__ import annotations
 
 import contextlib
-import functools
+import hashlib
 import hmac
+import operator
 import pickle
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,9 +51,29 @@ class _Message:
 
     __slots__ = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # by name: ``dataclass(slots=True)`` makes a new class, which replaces the first
+        _MESSAGES[cls.__name__] = cls
+
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        names: tuple[str, ...] = type(self).__slots__
-        return type(self), tuple(getattr(self, name) for name in names)
+        cls = type(self)
+        try:
+            return cls, _FIELDS[cls](self)
+        except KeyError:
+            _FIELDS[cls] = _field_getter(cls.__slots__)
+            return cls, _FIELDS[cls](self)
+
+
+_FIELDS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+_MESSAGES: dict[str, type] = {}  # the message classes by name, for encode() and _decode()
+
+
+def _field_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """The field values of a message as a tuple, in one C call where there are several."""
+    if len(names) > 1:
+        return operator.attrgetter(*names)
+    return lambda message: tuple(getattr(message, name) for name in names)
 
 
 @dataclass(slots=True)
@@ -289,29 +313,35 @@ class Upstream:
 
 
 # --------------------------------------------------------------------------- framing
-@functools.lru_cache(maxsize=16)
-def _keyed(secret: bytes) -> hmac.HMAC:
-    return hmac.new(secret, digestmod="sha256")
+def encode(message: object, secret: bytes) -> tuple[bytes, bytes]:
+    """Header and body of one frame (kept apart so large bodies are never copied).
+
+    A message is pickled as its class name and field values, a plain tuple: pickling the
+    class itself (a global looked up by module and name on every dump) cost 3 of the 4 us
+    a reply took.
+    """
+    cls = type(message)
+    if _MESSAGES.get(cls.__name__) is cls:
+        fields = _FIELDS.get(cls) or _FIELDS.setdefault(cls, _field_getter(cls.__slots__))
+        body = pickle.dumps((cls.__name__, fields(message)), protocol=5)
+    else:
+        body = pickle.dumps((None, message), protocol=5)
+    return _HEADER.pack(len(body), _mac(secret, body)), body
+
+
+def _decode(body: bytes | bytearray | memoryview) -> Any:
+    name, value = pickle.loads(body)
+    return value if name is None else _MESSAGES[name](*value)
 
 
 def _mac(secret: bytes, body: bytes | bytearray | memoryview) -> bytes:
-    """HMAC-SHA256 of ``body``: a copy of the keyed state, a third of the cost of
-    ``hmac.digest`` (which sets the key up again for every frame)."""
-    mac = _keyed(secret).copy()
-    mac.update(body)
-    return mac.digest()
-
-
-def encode(message: object, secret: bytes) -> tuple[bytes, bytes]:
-    """Header and body of one frame (kept apart so large bodies are never copied)."""
-    body = pickle.dumps(message, protocol=5)
-    return _HEADER.pack(len(body), _mac(secret, body)), body
+    return hashlib.blake2b(body, key=secret, digest_size=32).digest()
 
 
 def _verify(secret: bytes, mac: bytes, body: bytes | bytearray | memoryview) -> Any:
     if not hmac.compare_digest(mac, _mac(secret, body)):
         raise AuthenticationError("frame failed authentication (wrong secret?); dropping peer")
-    return pickle.loads(body)
+    return _decode(body)
 
 
 class FrameReader:
@@ -324,7 +354,7 @@ class FrameReader:
         self._buf = bytearray()
         self.limit = limit  # the engine keeps it small until a peer has said hello
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         self._buf += data
         out = []
         buf = self._buf

@@ -154,3 +154,28 @@ def test_cancel_of_a_queued_call_that_has_just_started_stops_it(tmp_path, keep_q
         assert a.result(timeout=60) == "A"
         assert exe.submit(taskfuncs.identity, 7).result(timeout=60) == 7  # a new worker
     assert b.cancelled()
+
+
+def test_calls_waiting_when_their_function_proves_tiny_may_then_queue_in_workers(tmp_path):
+    # All calls of a new function are submitted while the only worker is busy, so none is
+    # known tiny when it enters the engine's queue. Once the first two have proved tiny,
+    # the rest must no longer count as "not known tiny" (which holds every worker to one
+    # call at a time): else a first round of thousands runs one call per round trip.
+    from executorkit.engine._records import QUEUED
+
+    with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
+        engine = exe._engine
+        blocker = exe.submit(taskfuncs.gate, tmp_path, "blocker", "B")
+        futures = [exe.submit(taskfuncs.inc, i) for i in range(100)]
+        seen = []
+        futures[1].add_done_callback(  # runs on the engine thread, right after the 2nd call
+            lambda _: seen.append((engine._slow_active, sum(
+                t.state == QUEUED for t in list(engine.tasks.values())))))
+        engine_turn(exe)
+        assert engine._slow_active == 101  # the blocker and every inc call: none known tiny
+        taskfuncs.release(tmp_path, "blocker")
+        assert blocker.result(timeout=60) == "B"
+        assert [f.result(timeout=60) for f in futures] == list(range(1, 101))
+    slow_active, queued = seen[0]
+    assert queued > 0  # calls were still waiting in the engine's queue then...
+    assert slow_active == 0  # ...and none of them held the workers to one call any more

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from executorkit.estimator import DEPTH, TINY, RuntimeEstimator
+from executorkit.estimator import CALL_FLOOR, DEPTH, QUEUE_TIME, TINY, RuntimeEstimator
 
 
 def short() -> None:
@@ -117,9 +117,32 @@ def test_mean_is_smoothed():
 
 def test_depth_only_while_every_active_call_is_tiny():
     est = RuntimeEstimator()
-    assert est.depth(0) == DEPTH
+    assert est.depth(0) == min(DEPTH, int(QUEUE_TIME / CALL_FLOOR))
     assert est.depth(1) == 1
     assert RuntimeEstimator(depth=1).depth(0) == 1
+
+
+def test_depth_holds_about_queue_time_of_the_recent_tiny_calls():
+    est = RuntimeEstimator(depth=1000)
+    for _ in range(100):  # calls of 1 ms: about QUEUE_TIME / 1 ms of them per worker
+        est.observe(short, 0.001)
+    assert est.depth(0) == pytest.approx(QUEUE_TIME / 0.001, abs=1)
+    for _ in range(100):  # calls of 1 us count as CALL_FLOOR: the cap, not a million
+        est.observe(short, 1e-6)
+    assert est.depth(0) == pytest.approx(QUEUE_TIME / CALL_FLOOR, abs=1)
+    assert RuntimeEstimator(depth=8).depth(0) == 8  # never past the engine's slots
+    for _ in range(100):  # calls just under TINY still queue at least two
+        est.observe(short, TINY * 0.99)
+    assert est.depth(0) >= 2
+
+
+def test_long_calls_do_not_change_the_depth_of_tiny_ones():
+    est = RuntimeEstimator(depth=1000)
+    for _ in range(50):
+        est.observe(short, 0.001)
+    before = est.depth(0)
+    est.observe(short, 5.0)  # a long call makes its function slow, not the pace
+    assert est.depth(0) == before
 
 
 @pytest.mark.parametrize("kwargs", [{"tiny": 0}, {"proof": 0}, {"size": 0}, {"depth": 0}])

@@ -100,11 +100,120 @@ def test_other_thread_counts_start_a_fresh_interpreter(heavy):
     assert default_pid != pid
 
 
-@pytest.mark.parametrize("bad", ["numpy", [""], ["__main__"], [3], 5])
+@pytest.mark.parametrize("bad", ["numpy", "", [""], ["__main__"], [3], 5])
 def test_bad_preload_is_refused(bad):
     with pytest.raises(ResourceError, match="preload") as info:
         SingleNodeExecutor(max_workers=1, preload=bad)
     assert info.value.key == "preload"
+
+
+def test_driver_imports_are_the_modules_the_script_names(heavy):
+    module, _ = heavy
+    import json
+
+    import numpy
+
+    from executorkit import _pickling
+
+    main = type(sys)("__main__")
+    namespace = {"np": numpy, "json": json, "work": module.work, "pytest": pytest,
+                 "SingleNodeExecutor": SingleNodeExecutor, "value": 3}
+    exec("def local():\n    return 1\n", main.__dict__)
+    main.__dict__.update(namespace)
+    # numpy by its alias, the heavy module through a function imported from it; not the
+    # standard library, the test runner, executorkit or the script's own functions
+    assert _pickling.driver_imports(main) == ("numpy", module.__name__)
+
+
+def test_driver_imports_leave_out_fork_unsafe_and_by_value_modules(heavy, monkeypatch):
+    import cloudpickle
+    import mpi4py
+
+    from executorkit import _pickling
+
+    module, _ = heavy
+    fake_mpi = type(sys)("mpi4py.MPI")
+    fake_mpi.__spec__ = mpi4py.__spec__  # a module with a real origin, named mpi4py.MPI
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", fake_mpi)
+    main = type(sys)("__main__")
+    main.__dict__.update({"MPI": fake_mpi, "mod": module})
+    assert _pickling.driver_imports(main) == (module.__name__,)
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        assert _pickling.driver_imports(main) == ()
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+
+
+SCRIPT = """
+import os, sys
+from {name} import work
+from executorkit import SingleNodeExecutor
+
+with SingleNodeExecutor(max_workers=2, block_allocation={block}, preload={preload}) as exe:
+    # the workers start with a call that needs nothing, before the module's function is seen
+    assert [f.result(timeout=60) for f in [exe.submit(pow, 2, 3) for _ in range(2)]] == [8, 8]
+    pids = {{f.result(timeout=60)[0] for f in [exe.submit(work, i) for i in range(8)]}}
+    server = exe._engine.launcher.process.pid
+print("PIDS", os.getpid(), server, *sorted(pids))
+"""
+
+
+def _run_script(tmp_path, marker, name: str, block: bool,
+                preload: str) -> tuple[int, set[int], set[int]]:
+    """Run a driver script; its fork server's pid, its workers' pids, and the pids other
+    than the driver's that imported the module."""
+    import subprocess
+
+    script = tmp_path / "driver.py"
+    script.write_text(SCRIPT.format(name=name, block=block, preload=preload))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("PIDS"))
+    driver, server, *pids = (int(x) for x in line.split()[1:])
+    seen = {int(p) for p in marker.read_text().split()} - {driver, os.getpid()}
+    return server, set(pids), seen
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["per-task", "block"])
+def test_the_driver_scripts_imports_are_preloaded_by_default(heavy, tmp_path, block):
+    # The script imports the module at its top: the fork server imports it before it forks
+    # anything, so no worker does, not even the first (block workers included).
+    module, marker = heavy
+    server, pids, seen = _run_script(tmp_path, marker, module.__name__, block, '"auto"')
+    assert seen == {server}
+    assert server not in pids
+
+
+def test_preload_none_leaves_the_first_workers_to_import(heavy, tmp_path):
+    module, marker = heavy
+    _, pids, seen = _run_script(tmp_path, marker, module.__name__, True, "[]")
+    # both block workers started before the function was known: each imported it itself
+    assert seen == pids and len(pids) == 2
+
+
+def test_a_module_that_imports_mpi4py_mpi_is_not_preloaded(tmp_path, monkeypatch):
+    # mpi4py.MPI initialises MPI when imported: a fork server must never do that (its
+    # children would inherit an initialised MPI), so such a module is left to the workers.
+    name = f"mpiuser_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "imports.txt"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+        import os
+        from mpi4py import MPI
+
+        with open({str(marker)!r}, "a") as fh:
+            fh.write(f"{{os.getpid()}}\\n")
+
+
+        def work(x):
+            return os.getpid(), MPI.COMM_WORLD.Get_size()
+    """))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    server, pids, seen = _run_script(tmp_path, marker, name, False, '"auto"')
+    assert server not in seen
+    assert seen and seen <= pids
 
 
 def test_numpy_random_state_is_fresh_in_every_worker():

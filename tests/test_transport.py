@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hmac
+import hashlib
 import os
 import pickle
 import socket
@@ -75,7 +75,8 @@ def frame(message: object, secret: bytes = SECRET) -> bytes:
 
 def raw_frame(body: bytes, key: bytes) -> bytes:
     """A frame around arbitrary ``body`` bytes, signed with ``key``."""
-    return struct.pack("!Q", len(body)) + hmac.digest(key, body, "sha256") + body
+    mac = hashlib.blake2b(body, key=key, digest_size=32).digest()
+    return struct.pack("!Q", len(body)) + mac + body
 
 
 class MakeDir:
@@ -136,8 +137,12 @@ def test_encode_layout() -> None:
     assert len(header) == 40
     length, mac = struct.unpack("!Q32s", header)
     assert length == len(body)
-    assert mac == hmac.digest(SECRET, body, "sha256")
-    assert pickle.loads(body) == Kill(1)
+    # keyed BLAKE2b-256 of the body: a MAC that needs the secret
+    assert mac == hashlib.blake2b(body, key=SECRET, digest_size=32).digest()
+    assert mac != hashlib.blake2b(body, key=b"x" * 32, digest_size=32).digest()
+    # the body: the message's class name and field values, as plain data
+    assert pickle.loads(body) == ("Kill", (1, 9))
+    assert FrameReader(SECRET).feed(header + body) == [Kill(1)]
 
 
 def test_messages_pickle_compactly_as_class_and_fields() -> None:
@@ -210,7 +215,7 @@ def test_wrong_secret_raises_before_unpickling(tmp_path: Path) -> None:
 
 def test_wrong_secret_no_side_effect_in_module_state() -> None:
     SIDE_EFFECTS.clear()
-    body = pickle.dumps(Records("evil"), protocol=5)
+    body = pickle.dumps((None, Records("evil")), protocol=5)  # a frame body: (None, object)
     with pytest.raises(AuthenticationError):
         FrameReader(SECRET).feed(raw_frame(body, WRONG))
     assert SIDE_EFFECTS == []

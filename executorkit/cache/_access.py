@@ -11,6 +11,7 @@ import warnings
 from concurrent.futures import Future
 from typing import Any
 
+from executorkit.cache._catalogue import Row, forget, list_rows, remove_catalogues
 from executorkit.cache._store import (
     CORRUPT_SUFFIX,
     STATUSES,
@@ -61,7 +62,7 @@ def get_future_from_cache(cache_directory: str | os.PathLike[str], cache_key: st
     return future
 
 
-def stored_exception(record: CacheRecord, path: str) -> BaseException:
+def stored_exception(record: CacheRecord | Row, path: str) -> BaseException:
     """The exception of a failed record, with the worker's traceback attached as its cause.
 
     An exception that could not be pickled by the worker is replaced by a RemoteError named
@@ -94,7 +95,8 @@ def clear_cache(
     Filters combine: ``status`` ("done" or "failed"), ``function`` (the stored function name,
     either fully qualified like ``"mymod.f"`` or its last part ``"f"``), ``before`` (entries
     that finished before this epoch time).  Without any filter every entry goes, together with
-    ``.corrupt`` files.  Temporary files left behind by killed writers go in either case
+    ``.corrupt`` files and the catalogues (see get_cache_data); filtered removals are dropped
+    from the catalogues.  Temporary files left behind by killed writers go in either case
     (not counted), once stale: untouched for a minute with their writer's pid gone from this
     host, or for an hour (their writer may be on another node).
     Unreadable entries never match a filter; they are reported with a warning.
@@ -106,30 +108,48 @@ def clear_cache(
             allowed="'done', 'failed' or None",
         )
     unfiltered = status is None and function is None and before is None
-    removed = 0
-    for path in entry_files(cache_directory):
-        if unfiltered or _matches(path, status, function, before):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed += 1
+    removed = _remove_all(cache_directory) if unfiltered else \
+        _remove_matching(cache_directory, status, function, before)
     _remove_debris(os.fspath(cache_directory), corrupt=unfiltered)
     return removed
 
 
-def _matches(path: str, status: str | None, function: str | None, before: float | None) -> bool:
-    try:
-        record = read_record(path, load_output=False, load_inputs=False)
-    except KeyError:
-        return False  # removed meanwhile
-    except CorruptEntryError as exc:
+def _remove_all(directory: str | os.PathLike[str]) -> int:
+    removed = 0
+    for path in entry_files(directory):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed += 1
+    remove_catalogues(directory)
+    return removed
+
+
+def _remove_matching(directory: str | os.PathLike[str], status: str | None,
+                     function: str | None, before: float | None) -> int:
+    """Remove the entries the filters match, found through the catalogue (metadata only),
+    and drop them from it."""
+    listing = list_rows(directory, load_outputs=False, load_inputs=False)
+    for path, exc in listing.unreadable:
         warnings.warn(f"skipping unreadable cache file {path}: {exc}", CacheCorruptionWarning,
                       stacklevel=3)
-        return False
-    name = record.function_name
+    gone: dict[str, list[str]] = {}
+    for row in listing.rows:
+        if _matches(row, status, function, before):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(row.path)
+                folder, name = os.path.split(row.path)
+                gone.setdefault(folder, []).append(name)
+    for folder, names in gone.items():
+        forget(folder, names)
+    return sum(map(len, gone.values()))
+
+
+def _matches(row: Row, status: str | None, function: str | None, before: float | None) -> bool:
+    name = row.function_name
     return (
-        (status is None or record.status == status)
+        (status is None or row.status == status)
         and (function is None or name == function or name.endswith("." + function))
-        and (before is None or record.finished < before)
+        and (before is None or row.finished < before)
     )
 
 

@@ -35,8 +35,10 @@ import pickle
 import re
 import secrets
 import struct
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ SUFFIX = ".h5"
 CORRUPT_SUFFIX = ".h5.corrupt"
 TMP_SUFFIX = ".tmp"
 STATUSES = ("done", "failed")
+ANY_SIZE = sys.maxsize
 
 # Keys from compute_key may start with "_" (private function names); a leading "." is
 # reserved for temporary files.  200 characters leave room for the suffixes in 255 bytes.
@@ -78,7 +81,7 @@ class CorruptEntryError(Exception):
     """Internal: a cache file exists but cannot be read."""
 
 
-@dataclass
+@dataclass(slots=True)
 class CacheRecord:
     """Everything stored about one finished task."""
 
@@ -101,6 +104,23 @@ class CacheRecord:
     @property
     def runtime(self) -> float:
         return self.finished - self.started
+
+
+@dataclass
+class ListedRecord:
+    """A record as a listing read it, with what lets a later listing trust it unread."""
+
+    record: CacheRecord
+    identity: tuple[int, ...] | None  # of the file read (file_identity); None: it changed meanwhile
+    places: dict[str, tuple[int, int]]  # dataset -> (offset, length) for plain reads; {}: unknown
+    output_digest: bytes | None  # blake2b-256 of the output, as the header vouches for it
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What tells one version of a file from another: entries are replaced by renaming a new
+    file into place (a new inode), and an edit in place changes the change time, which no
+    program can set back (unlike the modification time)."""
+    return stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 class CacheStore:
@@ -217,8 +237,32 @@ def read_record(
     its arguments (``b""``).  A missing file raises KeyError naming ``missing`` (the key).
     """
     path = os.fspath(path)
-    try:
+    with _read_errors(path, missing):
         return _read_record(path, load_output, load_inputs)
+
+
+def read_listed(path: str, fd: int, stat: os.stat_result, *, output_up_to: int) -> ListedRecord:
+    """Read the entry open as ``fd`` (at ``path``, ``stat`` its ``fstat``) for a listing:
+    the whole record, the output only if its pickle has at most ``output_up_to`` bytes
+    (ANY_SIZE: always); errors as :func:`read_record`."""
+    with _read_errors(path, None):
+        found = _read_open(fd, stat, output_up_to)
+        if found is not _NO_HEADER:
+            return found  # type: ignore[no-any-return]
+        # (HDF5 tells the size of the output only by reading it)
+        record = _read_record_hdf5(path, output_up_to == ANY_SIZE, True)
+        # HDF5 opened the path again: vouch for the file only if it is still the one open here
+        # (which cannot be replaced and come back while ``fd`` holds it).
+        same = file_identity(os.stat(path)) == file_identity(stat)
+        return ListedRecord(record, file_identity(stat) if same else None, {}, None)
+
+
+@contextlib.contextmanager
+def _read_errors(path: str, missing: str | None) -> Iterator[None]:
+    """Missing file -> CacheMissError; damaged contents -> CorruptEntryError; errors of the
+    environment (permissions, too many open files) pass unchanged: the file may be fine."""
+    try:
+        yield
     except FileNotFoundError:
         raise CacheMissError(f"no cache entry {missing or path!r} in "
                              f"{os.path.dirname(path)}") from None
@@ -233,20 +277,30 @@ def read_record(
 def entry_files(directory: str | os.PathLike[str]) -> list[str]:
     """Paths of the entries (``<key>.h5``) in ``directory`` and its sub-directories (keys
     with a ``/``), sorted; [] if it does not exist."""
-    found: list[str] = []
+    return sorted(os.path.join(folder, name)
+                  for folder, names in entry_folders(directory) for name in names)
+
+
+def entry_folders(directory: str | os.PathLike[str]) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, names of its entries)`` for ``directory`` and each sub-directory below it
+    (hidden ones excepted); nothing if it does not exist."""
     pending = [os.fspath(directory)]
     while pending:
         here = pending.pop()
+        names: list[str] = []
         try:
             with os.scandir(here) as scan:
                 for entry in scan:
-                    if is_entry_name(entry.name):
-                        found.append(entry.path)
-                    elif not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                    name = entry.name
+                    if name[0] == ".":
+                        continue  # temporary files, catalogues, hidden directories
+                    if name.endswith(SUFFIX):  # is_entry_name, inlined: once per entry
+                        names.append(name)
+                    elif entry.is_dir(follow_symlinks=False):
                         pending.append(entry.path)
         except (FileNotFoundError, NotADirectoryError):
             continue
-    return sorted(found)
+        yield here, names
 
 
 def is_entry_name(name: str) -> bool:
@@ -381,33 +435,48 @@ def _read_record_fast(path: str, load_output: bool, load_inputs: bool) -> Any:
     ``_NO_HEADER`` when either is absent or does not match (read through HDF5)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        stat = os.fstat(fd)
-        # Entries are small: one read of the whole file is cheaper than a read per dataset.
-        whole = stat.st_size <= _READ_WHOLE
-        data = os.read(fd, stat.st_size if whole else _HEADER.size + _LISTING.size)
-        if len(data) < _HEADER.size + _LISTING.size:
-            return _NO_HEADER
-        magic, done, offset, length, out_digest, stamp = _HEADER.unpack_from(data)
-        listing = _LISTING.unpack_from(data, _HEADER.size)
-        if magic != _MAGIC or listing[0] != _LISTING_MAGIC or stat.st_mtime_ns != stamp:
-            return _NO_HEADER
-        view = memoryview(data) if whole else None
-        blobs = _listed_blobs(fd, view, listing[1:-1], listing[-1])
-        output = None
-        if blobs is not None and done and load_output:
-            output = bytes(view[offset:offset + length]) if view else os.pread(fd, length, offset)
-            if hashlib.blake2b(output, digest_size=32).digest() != out_digest:
-                return _NO_HEADER
+        found = _read_open(fd, os.fstat(fd), ANY_SIZE if load_output else -1)
     finally:
         os.close(fd)
+    if found is _NO_HEADER:
+        return _NO_HEADER
+    record: CacheRecord = found.record
+    if not load_inputs:
+        record.function = record.args = record.kwargs = b""
+    return record
+
+
+def _read_open(fd: int, stat: os.stat_result, output_up_to: int) -> Any:
+    """:func:`_read_record_fast` on an open file whose ``fstat`` is ``stat``, reading the
+    output if it has at most ``output_up_to`` bytes: a :class:`ListedRecord` or
+    ``_NO_HEADER``."""
+    # Entries are small: one read of the whole file is cheaper than a read per dataset.
+    whole = stat.st_size <= _READ_WHOLE
+    data = os.read(fd, stat.st_size if whole else _HEADER.size + _LISTING.size)
+    if len(data) < _HEADER.size + _LISTING.size:
+        return _NO_HEADER
+    magic, done, offset, length, out_digest, stamp = _HEADER.unpack_from(data)
+    listing = _LISTING.unpack_from(data, _HEADER.size)
+    if magic != _MAGIC or listing[0] != _LISTING_MAGIC or stat.st_mtime_ns != stamp:
+        return _NO_HEADER
+    view = memoryview(data) if whole else None
+    blobs = _listed_blobs(fd, view, listing[1:-1], listing[-1])
     if blobs is None:
         return _NO_HEADER
+    output = None
+    if done and length <= output_up_to:
+        output = bytes(view[offset:offset + length]) if view else os.pread(fd, length, offset)
+        if hashlib.blake2b(output, digest_size=32).digest() != out_digest:
+            return _NO_HEADER
     meta = _checked_meta(json.loads(blobs.pop("meta") or b"null"))
     if (meta["status"] == "done") != bool(done):
         return _NO_HEADER
-    if not load_inputs:
-        blobs.update(function=b"", args=b"", kwargs=b"")
-    return CacheRecord(**meta, **blobs, output=output)
+    places = {name: (listing[1 + 2 * index], listing[2 + 2 * index] - 1)
+              for index, name in enumerate(_LISTED) if listing[2 + 2 * index]}
+    if done:
+        places["output"] = (offset, length)
+    return ListedRecord(CacheRecord(**meta, **blobs, output=output), file_identity(stat),
+                        places, out_digest if done else None)
 
 
 _READ_WHOLE = 1 << 20
@@ -487,6 +556,10 @@ def _read_record(path: str, load_output: bool, load_inputs: bool) -> CacheRecord
     record = _read_record_fast(path, load_output, load_inputs)
     if record is not _NO_HEADER:
         return record  # type: ignore[no-any-return]
+    return _read_record_hdf5(path, load_output, load_inputs)
+
+
+def _read_record_hdf5(path: str, load_output: bool, load_inputs: bool) -> CacheRecord:
     hdf5 = _hdf5()
     fid = hdf5.open(path)
     try:
@@ -574,7 +647,7 @@ def _quarantine(path: str, before: os.stat_result, exc: BaseException) -> None:
     target = path[: -len(SUFFIX)] + CORRUPT_SUFFIX
     try:
         now = os.stat(path)
-        if _identity(now) != _identity(before):
+        if file_identity(now) != file_identity(before):
             return  # a writer renamed a fresh file into place since we opened it
         os.replace(path, target)
     except FileNotFoundError:
@@ -595,5 +668,3 @@ def _quarantine(path: str, before: os.stat_result, exc: BaseException) -> None:
     )
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns

@@ -83,21 +83,18 @@ def live_table(status: dict[str, Any]) -> str:
 def cache_summary(directory: str) -> str:
     """Done and failed entries of the cache, runtimes, and each failure's first line."""
     from executorkit._report import exception_line
-    from executorkit.cache._store import CorruptEntryError, entry_files, read_record
+    from executorkit.cache._catalogue import list_rows
 
     done: list[float] = []
     failures: list[tuple[str, str, str]] = []
-    unreadable = retried = 0
-    for path in entry_files(directory):
-        try:
-            rec = read_record(path, load_output=False, load_inputs=False)
-        except (KeyError, CorruptEntryError):
-            unreadable += 1
-            continue
+    retried = 0
+    listing = list_rows(directory, load_outputs=False, load_inputs=False)
+    unreadable = len(listing.unreadable)
+    for rec in sorted(listing.rows, key=lambda row: row.path):
         if _ATTEMPT.search(rec.key):
             retried += 1  # an earlier attempt of a call that ran again: not a call
         elif rec.status == "done":
-            done.append(rec.runtime)
+            done.append(rec.finished - rec.started)
         else:
             failures.append((rec.key, rec.function_name, exception_line(rec.error_text)))
     total = len(done) + len(failures)

@@ -22,7 +22,7 @@ import cloudpickle
 
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._failures import _error_from_info
-from executorkit.engine._records import RUNNING, SENT, WAITING, _Task, _Worker
+from executorkit.engine._records import QUEUED, RUNNING, SENT, WAITING, _Task, _Worker
 from executorkit.errors import ExecutorBrokenError
 from executorkit.estimator import DEPTH, RuntimeEstimator
 from executorkit.scheduler import Start
@@ -38,6 +38,7 @@ from executorkit.transport import (
 )
 
 OVERRUN = 0.01  # seconds: a call expected tiny that runs longer gives back its followers
+QUEUE_BYTES = 16 << 20  # pickled calls one worker's queue may hold (roughly)
 
 __all__ = ["DEPTH", "_BlockPool"]
 
@@ -70,6 +71,7 @@ class _BlockPool:
         self._block_started = False  # workers start with the first call that needs one
         self.block_count = config.block_workers  # workers wanted now (max_workers)
         self._retired: set[int] = set()  # ids of workers a resize took out of the pool
+        self._call_bytes = 0.0  # smoothed size of a pickled call (bounds the queue depth)
 
     def _start_block_workers(self) -> None:
         for slot in range(self.block_count):
@@ -157,12 +159,36 @@ class _BlockPool:
     def _observe_runtime(self, task: _Task, done: TaskDone) -> None:
         """Learn the call's own duration (the worker's, else the whole run's)."""
         own = done.elapsed if done.elapsed >= 0 else done.finished - done.started
-        self.estimator.observe(runtime_key(task.fn), own)
+        key = runtime_key(task.fn)
+        was_tiny = self.estimator.is_tiny(key)
+        self.estimator.observe(key, own)
+        if not was_tiny and self._slow_active and self.estimator.is_tiny(key):
+            self._now_tiny(key)
+        if not self._slow_active:
+            self._set_depth()  # the depth follows the pace of the tiny calls
+
+    def _now_tiny(self, key: Hashable) -> None:
+        """``key``'s calls proved tiny: those still waiting in the engine's queue (counted
+        as not known tiny when they were submitted) no longer hold every worker to one
+        call, or a first round of thousands would run one call per round trip."""
+        for task in list(self.tasks.values()):  # (submit() adds tasks from other threads)
+            if task.slow and task.state == QUEUED and runtime_key(task.fn) == key:
+                task.slow = False
+                self._slow_active -= 1
+        self._set_depth()
 
 
     def _set_depth(self) -> None:
-        """Several calls per worker only while every active call is known to be tiny."""
-        self.sched.max_running = self.block_count * self.estimator.depth(self._slow_active)
+        """Several calls per worker only while every active call is known to be tiny, and
+        no more than about QUEUE_BYTES of them."""
+        depth = self.estimator.depth(self._slow_active)
+        if depth > 2 and self._call_bytes * depth > QUEUE_BYTES:
+            depth = max(2, int(QUEUE_BYTES / self._call_bytes))
+        self.sched.max_running = self.block_count * depth
+
+    def _sized(self, payload: tuple[bytes, bytes]) -> None:
+        """A call was pickled: follow the size of calls (large arguments, shallow queues)."""
+        self._call_bytes += 0.1 * (len(payload[0]) + len(payload[1]) - self._call_bytes)
 
 
     def _mark_slow(self, task: _Task) -> None:

@@ -106,7 +106,7 @@ class _Task:
         exc = fut.exception(timeout=0)
         return ("failed" if exc is not None else "done"), exc
 
-    def release(self) -> None:
+    def release(self, outcome: tuple[str, BaseException | None] | None = None) -> None:
         """Forget everything but the name and the cache key once finished.
 
         The future keeps its task (a later call may pass it as an argument: the cache key
@@ -116,7 +116,7 @@ class _Task:
         would keep its instance alive as long as the future) or the arguments.
         """
         self.label = self.name()
-        self.outcome_ = self.outcome()
+        self.outcome_ = self.outcome() if outcome is None else outcome
         self.args = self.kwargs = self.payload = self.deps = None  # type: ignore[assignment]
         self.fn = self.future = self.worker = None  # type: ignore[assignment]
 

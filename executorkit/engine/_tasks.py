@@ -241,6 +241,8 @@ class _TaskFlow:
                     self._finish(task, exc=exc)  # it never started: its slot goes on
                     starts += self.sched.finish(task.id)
                     continue
+                if self.cfg.block_workers:
+                    self._sized(task.payload)
             if task.cache_spec is not None and start.cpus:  # where it ran, for reports
                 slot = start.cpus[0]  # (block allocation: slot s is worker s % workers)
                 workers = self.cfg.block_workers
@@ -310,6 +312,7 @@ class _TaskFlow:
         if was_queued:
             self.sched.withdraw(task.id)
         fut = task.future
+        outcome = None  # (what the future says, unless it was cancelled meanwhile)
         if exc is None:
             try:
                 value = pickle.loads(payload)  # type: ignore[arg-type]
@@ -321,12 +324,13 @@ class _TaskFlow:
             else:
                 if _settle(fut.set_result, value, task):
                     self._counts["done"] += 1
+                    outcome = ("done", None)
         if exc is not None:
             if task.res.error_log_file and not fut.cancelled():
                 _log_failure(task, exc)
             if _settle(fut.set_exception, exc, task):
                 self._counts["failed"] += 1
-        task.release()
+        task.release(outcome)
         if self.status is not None:
             self.status.changed(task)
         if self.progress is not None:

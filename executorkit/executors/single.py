@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from executorkit._pickling import driver_imports
 from executorkit.engine import EngineConfig
 from executorkit.errors import ResourceError
 from executorkit.executors._base import BaseExecutor, PoolParams, gpu_pool, gpu_variable
@@ -78,14 +79,18 @@ class SingleNodeExecutor(BaseExecutor):
     log_obj_size
         Log the pickled size of every call and result (logger ``executorkit``, INFO).
     preload
-        Module names (``["numpy", "scipy.linalg"]``) the fork server imports before it forks
-        workers, so no call pays for importing them. The modules a submitted function needs
-        (its own module and the modules its code uses) are learned and preloaded anyway
-        after its first call; ``preload`` also spares that first call. Modules are imported
-        with the thread variables of a default call (``threads_per_core`` of the executor's
-        ``resource_dict``); a call asking for other thread counts then starts in a fresh
-        interpreter, so that libraries size their thread pools for it. numpy's global random
-        state is drawn anew for every worker, as in a new process.
+        Modules the fork server imports before it forks workers, so no call pays for
+        importing them. ``"auto"`` (the default): those the driver script itself imported,
+        by the names in its namespace (``import numpy as np``, ``from mymod import
+        simulate``), as workers forked from the driver would have them; the standard
+        library, the script itself, notebook and test-runner machinery and ``mpi4py.MPI``
+        are left out. A list of names (``["numpy", "scipy.linalg"]``) instead, or ``[]``
+        for none. The modules a submitted function needs (its own module and the modules
+        its code uses) are learned and imported there anyway after its first call. Modules
+        are imported with the thread variables of a default call (``threads_per_core`` of
+        the executor's ``resource_dict``); a call asking for other thread counts then starts
+        in a fresh interpreter, so that libraries size their thread pools for it. numpy's
+        global random state is drawn anew for every worker, as in a new process.
     plot_dependency_graph, plot_dependency_graph_filename, export_workflow_filename
         A dry run: nothing runs; at shutdown the graph of the submitted calls is drawn
         (inline in Jupyter, or a ``.png``/``.svg`` file) and/or written as Python Workflow
@@ -113,7 +118,7 @@ class SingleNodeExecutor(BaseExecutor):
 
     _backend = "SingleNodeExecutor"
 
-    def __init__(self, max_workers: int | None = None, *, preload: Iterable[str] = (),
+    def __init__(self, max_workers: int | None = None, *, preload: Iterable[str] | str = "auto",
                  **kwargs: Any) -> None:
         self._user_preload = _check_preload(preload)
         super().__init__(max_workers, **kwargs)
@@ -176,11 +181,14 @@ class SingleNodeExecutor(BaseExecutor):
                                  oversubscribe=oversubscribe)
 
 
-def _check_preload(preload: Iterable[str]) -> tuple[str, ...]:
-    allowed = "a list of importable module names, e.g. ['numpy', 'scipy.linalg']"
+def _check_preload(preload: Iterable[str] | str) -> tuple[str, ...]:
+    if preload == "auto":
+        return driver_imports()
+    allowed = ("'auto' (the modules the driver script imported) or a list of importable "
+               "module names, e.g. ['numpy', 'scipy.linalg']")
     if isinstance(preload, (str, bytes)) or not isinstance(preload, Iterable):
-        raise ResourceError(f"preload must be a list of module names, got {preload!r}",
-                            key="preload", allowed=allowed)
+        raise ResourceError(f"preload must be 'auto' or a list of module names, got "
+                            f"{preload!r}", key="preload", allowed=allowed)
     names = tuple(preload)
     for name in names:
         if not isinstance(name, str) or not name or name == "__main__":

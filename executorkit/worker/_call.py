@@ -264,8 +264,10 @@ class _KeepOutput:
 
 def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
+        try:  # (after every call: no context manager objects on this path)
             stream.flush()
+        except Exception:
+            pass
 
 
 def run(msg: RunTask, init_values: Mapping[str, Any] | None = None) -> TaskDone:

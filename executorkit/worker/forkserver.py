@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import functools
 import importlib
+import importlib.abc
 import os
 import pickle
 import select
@@ -44,6 +45,7 @@ import cloudpickle
 # concurrent.futures) in every child cost ~50 ms per call on a busy machine.
 import executorkit.command  # noqa: F401
 from executorkit import _syspath
+from executorkit._pickling import FORK_UNSAFE
 from executorkit.transport import (
     Exited,
     FrameReader,
@@ -358,12 +360,29 @@ def _fresh_numpy_random() -> None:
         random.set_state(("MT19937", key, 624))  # all 19937 bits of state drawn anew
 
 
+class _RefuseForkUnsafe(importlib.abc.MetaPathFinder):
+    """While preloading: a module that would import one of ``FORK_UNSAFE`` (mpi4py.MPI
+    initialises MPI, which no forked child may inherit) fails to import here; the workers
+    that need it import it themselves."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name in FORK_UNSAFE:
+            raise ImportError(f"{name} is not imported in the fork server (unsafe to fork "
+                              f"after)", name=name)
+        return None
+
+
 def _import(module: str) -> None:
     """Import ``module`` if it can be; a worker that needs it reports the failure itself."""
-    if module == "__main__":
-        return  # the driver's script: importing it here would run it
-    with contextlib.suppress(Exception, SystemExit):
-        importlib.import_module(module)
+    if module == "__main__" or module in FORK_UNSAFE:
+        return  # (the driver's script: importing it here would run it)
+    refuse = _RefuseForkUnsafe()
+    sys.meta_path.insert(0, refuse)
+    try:
+        with contextlib.suppress(Exception, SystemExit):
+            importlib.import_module(module)
+    finally:
+        sys.meta_path.remove(refuse)
 
 
 def _probe(x: int) -> int:

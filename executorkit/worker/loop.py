@@ -108,6 +108,8 @@ class _Server:
         self.init_values = init_values
         self.setup = setup
         self.reader = FrameReader(secret)
+        self.rbuf = bytearray(1 << 20)  # reused: a fresh 1 MiB bytes per recv() is an mmap
+        self.rview = memoryview(self.rbuf)
         self.poller = select.poll()  # is anything waiting? (cheaper than a failing recv)
         self.poller.register(sock, select.POLLIN)
         self.pending: deque[object] = deque()
@@ -189,15 +191,15 @@ class _Server:
         """Read what has arrived (waiting for it if ``block``); False at end of stream.
         Cancels apply at once; everything else queues up in ``pending``."""
         try:
-            data = self.sock.recv(1 << 20, 0 if block else socket.MSG_DONTWAIT)
+            n = self.sock.recv_into(self.rbuf, 0, 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
             return True
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self.eof = True
             return False
-        for msg in self.reader.feed(data):
+        for msg in self.reader.feed(self.rview[:n]):
             if isinstance(msg, Cancel):
                 self.cancelled.update(msg.task_ids)
             else:
