@@ -421,16 +421,6 @@ def test_executor_drops_unauthenticated_peer_and_stays_usable(tmp_path: Path) ->
     assert not target.exists()
 
 
-def test_frame_mac_is_hmac_sha256_of_the_body_for_any_secret() -> None:
-    # The MAC reuses a keyed state per secret: frames of two secrets never get mixed up.
-    other = b"o" * 32
-    for body in (b"", b"x", bytes(range(256)) * 1000):
-        assert transport._mac(SECRET, body) == hmac.digest(SECRET, body, "sha256")
-        assert transport._mac(other, memoryview(body)) == hmac.digest(other, body, "sha256")
-    (msg,) = FrameReader(other).feed(frame(Kill(3), other))
-    assert msg == Kill(3)
-
-
 def test_connect_by_name_keeps_the_general_path() -> None:
     # "localhost" is resolved (create_connection) and gets keep-alive; 127.x skips both.
     listener = socket.create_server(("127.0.0.1", 0))

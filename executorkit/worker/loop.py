@@ -108,7 +108,10 @@ class _Server:
         self.init_values = init_values
         self.setup = setup
         self.reader = FrameReader(secret)
-        self.rbuf = bytearray(1 << 20)  # reused: a fresh 1 MiB bytes per recv() is an mmap
+        # reused: a fresh 1 MiB bytes per recv() is an mmap. A per-task worker reads one call:
+        # bytearray() zero-fills, and each page it fills costs a forked worker a page fault
+        # (1 MiB: ~250 of them, a millisecond per call).
+        self.rbuf = bytearray(1 << 20 if persistent else 1 << 16)
         self.rview = memoryview(self.rbuf)
         self.poller = select.poll()  # is anything waiting? (cheaper than a failing recv)
         self.poller.register(sock, select.POLLIN)
