@@ -9,7 +9,7 @@ File ``<folder>/.executorkit-catalogue``, one per folder (sub-directories have t
 
 Both sections are pickles of plain data only, loaded by an unpickler that refuses every
 global (so a catalogue cannot run code). The entries section is ``{file name: entry}`` (an
-:class:`_Entry` as a tuple): the identity of the file it was read from
+:class:`~executorkit.cache._entry.Entry` as a tuple): the identity of the file it was read from
 (:func:`file_identity`: inode, device, size, modification and change times), the metadata,
 and the pickled function, args, kwargs and error; a pickled input larger than
 ``INLINE_MAX`` bytes is held only as (offset, length, digest) in the entry's own file, read
@@ -28,9 +28,11 @@ The catalogue is only a cache, never a source of entries:
   identity);
 * a catalogue that is missing, torn, of another format or fails a digest is ignored and
   rebuilt;
-* entry writers (the workers) never touch it. A listing that read anything, or found entries
-  gone, replaces it atomically (temporary file, then rename; a stale temporary is removed
-  like an entry's). Concurrent listings may each replace it: the last one wins, and entries
+* entry writers (the workers) never touch it; they append to the folder's journal
+  (:mod:`executorkit.cache._journal`), whose entries a listing takes over the catalogue's,
+  under the same identity check, and folds into the catalogue it saves. A listing that read
+  anything, took anything from the journal, or found entries gone, replaces it atomically
+  (temporary file, then rename; a stale temporary is removed like an entry's). Concurrent listings may each replace it: the last one wins, and entries
   it lacks are read again by the next listing.
 """
 

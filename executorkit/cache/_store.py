@@ -17,7 +17,9 @@ File layout (format 1)
 
 Writers fill a private temporary file in the same directory and ``os.replace`` it onto
 ``<key>.h5``, so readers see either no file or a complete one, and concurrent writers of one
-key leave exactly one valid file (the last rename wins).  The ``complete`` attribute catches
+key leave exactly one valid file (the last rename wins).  After the rename, the writer
+appends the entry a listing would read from the file to the folder's journal
+(:mod:`executorkit.cache._journal`).  The ``complete`` attribute catches
 files damaged some other way (copied partially, truncated by a full disk).
 
 Reads go through h5py's low-level API: a cache hit costs one ``stat``, one HDF5 open and
