@@ -9,8 +9,8 @@ keys (hits, including unpickling) and on absent keys (misses), and reports the m
 several rounds of the mean cost per call.  ``get_cache_data`` (``--frame`` entries) is timed
 three times: the first listing after the writes (entries come from the journal the writes
 appended to, and the directory's catalogue is written), then with and without outputs
-(unchanged entries come from the catalogue).  The page cache is warm: this measures the library, not the disk.
-Directories are created under ``--dir`` (default: a temporary directory) and removed at the
+(unchanged entries come from the catalogue).  The page cache is warm: this measures the
+library, not the disk.  Directories are created under ``--dir`` (default: a temporary directory) and removed at the
 end.
 """
 
