@@ -10,8 +10,8 @@ several rounds of the mean cost per call.  ``get_cache_data`` (``--frame`` entri
 three times: the first listing after the writes (entries come from the journal the writes
 appended to, and the directory's catalogue is written), then with and without outputs
 (unchanged entries come from the catalogue).  The page cache is warm: this measures the
-library, not the disk.  Directories are created under ``--dir`` (default: a temporary directory) and removed at the
-end.
+library, not the disk.  Directories are created under ``--dir`` (default: a temporary
+directory) and removed at the end.
 """
 
 from __future__ import annotations

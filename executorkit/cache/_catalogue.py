@@ -32,8 +32,9 @@ The catalogue is only a cache, never a source of entries:
   (:mod:`executorkit.cache._journal`), whose entries a listing takes over the catalogue's,
   under the same identity check, and folds into the catalogue it saves. A listing that read
   anything, took anything from the journal, or found entries gone, replaces it atomically
-  (temporary file, then rename; a stale temporary is removed like an entry's). Concurrent listings may each replace it: the last one wins, and entries
-  it lacks are read again by the next listing.
+  (temporary file, then rename; a stale temporary is removed like an entry's). Concurrent
+  listings may each replace it: the last one wins, and entries it lacks are read again by
+  the next listing.
 """
 
 from __future__ import annotations
