@@ -7,11 +7,11 @@ For each directory size it writes that many real entries (``CacheStore.write``, 
 ``compute_key``, a small dict as output), then times ``CacheStore.lookup`` on random stored
 keys (hits, including unpickling) and on absent keys (misses), and reports the median over
 several rounds of the mean cost per call.  ``get_cache_data`` (``--frame`` entries) is timed
-three times: the first listing after the writes (every entry is read and the directory's
-catalogue written), then with and without outputs (unchanged entries come from the
-catalogue).  The page cache is warm: this measures the library, not the disk.
-Directories are created under ``--dir`` (default: a temporary directory) and removed at the
-end.
+three times: the first listing after the writes (entries come from the journal the writes
+appended to, and the directory's catalogue is written), then with and without outputs
+(unchanged entries come from the catalogue).  The page cache is warm: this measures the
+library, not the disk.  Directories are created under ``--dir`` (default: a temporary
+directory) and removed at the end.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def bench_frame(base: str, count: int) -> None:
     fill(CacheStore(directory), count)
     import pandas  # noqa: F401  (its import is not part of any figure)
 
-    # The first listing after the entries were written reads every file (and writes the
-    # directory's catalogue); the next ones take unchanged entries from the catalogue.
+    # The first listing after the entries were written takes them from the journal (and
+    # writes the directory's catalogue); the next ones take them from the catalogue.
     time_frame(directory, count, load_outputs=False, label="first listing, ")
     for load_outputs in (True, False):
         time_frame(directory, count, load_outputs=load_outputs, label="")

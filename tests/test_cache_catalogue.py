@@ -22,6 +22,7 @@ from executorkit.cache import (
     CacheRecord,
     CacheStore,
     _catalogue,
+    _entry,
     _store,
     clear_cache,
     get_cache_data,
@@ -69,6 +70,12 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return paths
 
 
+@pytest.fixture
+def no_journal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers journal nothing: listings find entries through the catalogue alone."""
+    monkeypatch.setattr(_store, "append", lambda *args: None)
+
+
 def fill(store: CacheStore, count: int = 5) -> None:
     for index in range(count):
         store.write(record(f"k{index}", args=(float(index),), output=3.0 * index,
@@ -96,6 +103,7 @@ def stored_names(folder: pathlib.Path) -> set[str]:
 
 @pytest.mark.parametrize("load_outputs", [True, False])
 def test_a_second_listing_reads_no_entry(store: CacheStore, reads: list[str],
+                                         no_journal: None,
                                          load_outputs: bool) -> None:
     fill(store)
     first = get_cache_data(store.directory, load_outputs=load_outputs)
@@ -165,6 +173,7 @@ def test_large_inputs_and_outputs_stay_in_their_files(store: CacheStore,
 
 @pytest.mark.parametrize("load_outputs", [True, False])
 def test_a_rewritten_entry_is_read_again(store: CacheStore, reads: list[str],
+                                         no_journal: None,
                                          load_outputs: bool) -> None:
     fill(store)
     get_cache_data(store.directory, load_outputs=load_outputs)
@@ -235,7 +244,7 @@ def test_clear_cache_keeps_the_catalogue_consistent(store: CacheStore, reads: li
 
 
 def test_a_rewrite_racing_the_read_is_not_catalogued_as_the_new_version(
-    store: CacheStore, monkeypatch: pytest.MonkeyPatch
+    store: CacheStore, monkeypatch: pytest.MonkeyPatch, no_journal: None
 ) -> None:
     """A writer renames a new version into place after the listing opened the old one: the
     catalogue records the identity of the file it read, so the next listing reads the new
@@ -327,7 +336,7 @@ def test_a_catalogue_cannot_run_code(store: CacheStore, tmp_path: pathlib.Path,
     marker = tmp_path / "ran"
     table = pickle.dumps({"k0.h5": Marker(os.fspath(marker))}, protocol=5)
     held = pickle.dumps({}, protocol=5)
-    digest = _catalogue._digest
+    digest = _entry.digest
     head = _catalogue._HEAD.pack(_catalogue._MAGIC, _catalogue._FORMAT, len(table),
                                  digest(table), digest(held))
     (store.directory / CATALOGUE).write_bytes(head + table + held)

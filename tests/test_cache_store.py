@@ -33,6 +33,7 @@ from executorkit.cache import (
     get_future_from_cache,
 )
 from executorkit.cache._catalogue import CATALOGUE
+from executorkit.cache._journal import JOURNAL
 from executorkit.errors import RemoteError, RemoteTraceback, ResourceError, SerializationError
 
 SUBPROCESS_TIMEOUT = 60
@@ -83,8 +84,8 @@ def store(tmp_path: pathlib.Path) -> CacheStore:
 
 
 def names(directory: pathlib.Path) -> list[str]:
-    """The files of ``directory`` but its catalogue (tested on its own below)."""
-    return sorted(name for name in os.listdir(directory) if name != CATALOGUE)
+    """The files of ``directory`` but its catalogue and journal (tested on their own)."""
+    return sorted(name for name in os.listdir(directory) if name not in (CATALOGUE, JOURNAL))
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,13 +9,13 @@ File ``<folder>/.executorkit-catalogue``, one per folder (sub-directories have t
 
 Both sections are pickles of plain data only, loaded by an unpickler that refuses every
 global (so a catalogue cannot run code). The entries section is ``{file name: entry}`` (an
-:class:`_Entry` as a tuple): the identity of the file it was read from
+:class:`~executorkit.cache._entry.Entry` as a tuple): the identity of the file it was read from
 (:func:`file_identity`: inode, device, size, modification and change times), the metadata,
 and the pickled function, args, kwargs and error; a pickled input larger than
-``_INLINE_MAX`` bytes is held only as (offset, length, digest) in the entry's own file, read
+``INLINE_MAX`` bytes is held only as (offset, length, digest) in the entry's own file, read
 and checked when a listing needs it. Equal function pickles are one object, so the pickle
 stores them once. The outputs section, ``{file name: pickled output}``, holds the outputs
-of up to ``_INLINE_MAX`` bytes that a listing with outputs has read; a listing without
+of up to ``INLINE_MAX`` bytes that a listing with outputs has read; a listing without
 outputs does not read it.
 
 The catalogue is only a cache, never a source of entries:
@@ -28,17 +28,19 @@ The catalogue is only a cache, never a source of entries:
   identity);
 * a catalogue that is missing, torn, of another format or fails a digest is ignored and
   rebuilt;
-* entry writers (the workers) never touch it. A listing that read anything, or found entries
-  gone, replaces it atomically (temporary file, then rename; a stale temporary is removed
-  like an entry's). Concurrent listings may each replace it: the last one wins, and entries
-  it lacks are read again by the next listing.
+* entry writers (the workers) never touch it; they append to the folder's journal
+  (:mod:`executorkit.cache._journal`), whose entries a listing takes over the catalogue's,
+  under the same identity check, and folds into the catalogue it saves. A listing that read
+  anything, took anything from the journal, or found entries gone, replaces it atomically
+  (temporary file, then rename; a stale temporary is removed like an entry's). Concurrent
+  listings may each replace it: the last one wins, and entries it lacks are read again by
+  the next listing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import os
 import pickle
@@ -48,6 +50,18 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from executorkit.cache._entry import (
+    DIGEST_SIZE,
+    INLINE_MAX,
+    Place,
+    PlainUnpickler,
+    build,
+    digest,
+    entry_table,
+)
+from executorkit.cache._entry import Entry as _Entry
+from executorkit.cache._journal import Journaled, claim
+from executorkit.cache._journal import remove as remove_journal
 from executorkit.cache._store import (
     ANY_SIZE,
     TMP_SUFFIX,
@@ -65,14 +79,8 @@ __all__ = ["CATALOGUE", "Listing", "Row", "forget", "list_rows", "remove_catalog
 CATALOGUE = ".executorkit-catalogue"
 _MAGIC = b"EKITCAT"
 _FORMAT = 1
-_DIGEST_SIZE = 32
-_HEAD = struct.Struct(f"<7sBQ{_DIGEST_SIZE}s{_DIGEST_SIZE}s")
-# Pickles of a few kilobytes are the rule; a large one (an array argument or result) stays in
-# its file only, so the catalogue never grows into a second copy of the campaign's data.
-_INLINE_MAX = 8192
+_HEAD = struct.Struct(f"<7sBQ{DIGEST_SIZE}s{DIGEST_SIZE}s")
 _PLACEABLE = ("function", "args", "kwargs")
-
-Place = tuple[int, int, bytes]  # (offset, length, blake2b-256) of a field in the entry's file
 
 
 class Row(NamedTuple):
@@ -98,34 +106,14 @@ class Row(NamedTuple):
     path: str
 
 
-class _Entry(NamedTuple):
-    """A catalogued entry. Its first fields are a :class:`Row`'s, so a row is built from an
-    unchanged entry by slicing (a large listing is mostly that)."""
-
-    key: str
-    function_name: str
-    status: str
-    started: float
-    finished: float
-    hostname: str
-    pid: int
-    resource_dict: dict[str, Any]
-    error_text: str | None
-    slot: int | None
-    error: bytes | None
-    function: bytes | Place
-    args: bytes | Place
-    kwargs: bytes | Place
-    output: Place | None  # None: a failed call, or a file only HDF5 can read
-    identity: tuple[int, ...]
-
-
+# A row is built from an unchanged entry by slicing (a large listing is mostly that):
 _METADATA = Row._fields.index("function")  # rows and entries share the fields before it
 _INPUTS = Row._fields.index("output")  # ... and, for inputs held inline, the ones before this
 assert _Entry._fields[:_INPUTS] == Row._fields[:_INPUTS]
 # NamedTuple._make is a Python function around tuple.__new__; listings make one per entry.
 _as_row = functools.partial(tuple.__new__, Row)
 _as_entry = functools.partial(tuple.__new__, _Entry)
+_WIDTH = len(_Entry._fields)
 
 
 @dataclass
@@ -145,6 +133,7 @@ def list_rows(
     listing = Listing()
     for folder, names in entry_folders(directory):
         with _Stored.read(folder) as stored:
+            stored.absorb(claim(folder))
             _Folder(folder, stored, outputs=load_outputs, inputs=load_inputs).list(names, listing)
     return listing
 
@@ -162,10 +151,11 @@ def forget(folder: str, names: list[str]) -> None:
 
 
 def remove_catalogues(directory: str | os.PathLike[str]) -> None:
-    """Delete the catalogue of ``directory`` and of each sub-directory."""
+    """Delete the catalogue and the journal of ``directory`` and of each sub-directory."""
     for folder, _names in entry_folders(directory):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, CATALOGUE))
+        remove_journal(folder)
 
 
 class _Folder:
@@ -179,7 +169,7 @@ class _Folder:
         self.found: dict[str, _Entry] = {}
         # the outputs to keep: all of them with ``outputs``, else only those read here
         self.found_outputs: dict[str, bytes] = {}
-        self.changed = False
+        self.changed = stored.journaled  # what a claimed journal said is kept in no other place
         self._functions: dict[bytes, bytes] | None = None
 
     def list(self, names: list[str], listing: Listing) -> None:
@@ -215,7 +205,7 @@ class _Folder:
             # Small outputs are in the buffer read anyway: the catalogue keeps them for the
             # listings that load outputs, even when this one does not.
             listed = read_listed(path, fd, stat,
-                                 output_up_to=ANY_SIZE if self.outputs else _INLINE_MAX)
+                                 output_up_to=ANY_SIZE if self.outputs else INLINE_MAX)
         finally:
             os.close(fd)
         return self._add(name, path, listed)
@@ -243,9 +233,9 @@ class _Folder:
         for name, place in wanted.items():
             if place is None:
                 return None
-            offset, length, digest = place
+            offset, length, expected = place
             data = os.pread(fd, length, offset)
-            if len(data) != length or _digest(data) != digest:
+            if len(data) != length or digest(data) != expected:
                 return None
             fields[name] = data
         return fields
@@ -272,7 +262,7 @@ class _Folder:
         return _row_of(record, path, inputs=self.inputs, outputs=self.outputs)
 
     def _remember_output(self, name: str, output: bytes) -> None:
-        if len(output) <= _INLINE_MAX:
+        if len(output) <= INLINE_MAX:
             self.found_outputs[name] = output
             if self.known_outputs.get(name) is not output:
                 self.changed = True
@@ -284,22 +274,10 @@ class _Folder:
                 if name in self.found and self.found[name] is self.known.get(name)}
 
     def _entry(self, listed: ListedRecord) -> _Entry:
-        record, places = listed.record, listed.places
-        done_at = places.get("output")
-        output = (*done_at, listed.output_digest) if done_at and listed.output_digest else None
         assert listed.identity is not None
-        # Interned, the strings most entries share are one object each: the catalogue's
-        # pickle then stores them once.
-        return _Entry(
-            record.key, sys.intern(record.function_name), sys.intern(record.status),
-            record.started, record.finished, sys.intern(record.hostname), record.pid,
-            record.resource_dict, record.error_text, record.slot,
-            record.error, self._shared(_placed(record.function, places.get("function"))),
-            _placed(record.args, places.get("args")),
-            _placed(record.kwargs, places.get("kwargs")),
-            output,  # type: ignore[arg-type]
-            listed.identity,
-        )
+        entry = build(listed.record, listed.identity, listed.places, listed.output_digest)
+        function = self._shared(entry.function)
+        return entry if function is entry.function else entry._replace(function=function)
 
     def _shared(self, function: bytes | Place) -> bytes | Place:
         """One object per distinct function pickle, so the catalogue stores it once."""
@@ -320,23 +298,6 @@ def _row_of(record: CacheRecord, path: str, *, inputs: bool, outputs: bool) -> R
                record.output if outputs else None, path)
 
 
-def _placed(data: bytes, place: tuple[int, int] | None) -> bytes | Place:
-    if len(data) <= _INLINE_MAX or place is None:
-        return data  # a large field of a file only HDF5 can read is kept inline
-    return (*place, _digest(data))
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=_DIGEST_SIZE).digest()
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Loads plain data only: no class or function can be named, so nothing runs."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"a catalogue holds plain data, not {module}.{name}")
-
-
 class _Stored:
     """A folder's catalogue file as found: its entries, and its outputs, read on demand from
     the same open file (so they belong to these entries, whatever replaced the file since)."""
@@ -345,7 +306,31 @@ class _Stored:
                  outputs_at: int = 0, outputs_digest: bytes = b"") -> None:
         self.entries = entries
         self._fd, self._outputs_at, self._outputs_digest = fd, outputs_at, outputs_digest
-        self._outputs: dict[str, bytes] | None = None if fd is not None else {}
+        self._outputs: dict[str, bytes] | None = None
+        self._journal_outputs: dict[str, bytes] = {}
+        self._journaled_names: set[str] = set()
+
+    def absorb(self, journaled: Journaled) -> None:
+        """Take what the journal says of a file name over what the catalogue says (each entry
+        is trusted only while its file has the identity it records, like the catalogue's)."""
+        functions = {e.function: e.function for e in self.entries.values()
+                     if type(e.function) is bytes}
+        entries = {}
+        for name, record in journaled.items():
+            entry = _journaled_entry(record, functions)
+            if entry is not None:
+                entries[name] = entry
+                if record[0] is not None:
+                    self._journal_outputs[name] = record[0]
+        if entries:
+            self.entries = {**self.entries, **entries}
+            self._journaled_names = set(entries)
+            self._outputs = None
+
+    @property
+    def journaled(self) -> bool:
+        """Whether a journal said something the catalogue must now hold."""
+        return bool(self._journaled_names)
 
     @classmethod
     def read(cls, folder: str) -> _Stored:
@@ -356,27 +341,32 @@ class _Stored:
         except OSError:
             return cls({})
         try:
-            magic, version, length, digest, outputs_digest = _HEAD.unpack(
+            magic, version, length, entries_digest, outputs_digest = _HEAD.unpack(
                 os.pread(fd, _HEAD.size, 0))
             payload = os.pread(fd, length, _HEAD.size)
-            if magic != _MAGIC or version != _FORMAT or _digest(payload) != digest:
+            if magic != _MAGIC or version != _FORMAT or digest(payload) != entries_digest:
                 raise ValueError("not a catalogue of this format, or a damaged one")
-            entries = _entries(_PlainUnpickler(io.BytesIO(payload)).load())
+            entries = entry_table(PlainUnpickler(io.BytesIO(payload)).load())
         except Exception:
             os.close(fd)
             return cls({})
         return cls(entries, fd, _HEAD.size + length, outputs_digest)
 
     def outputs(self) -> dict[str, bytes]:
-        """The pickled outputs the catalogue holds, by file name; {} if they are damaged."""
+        """The pickled outputs held for the entries, by file name: the journal's, and the
+        catalogue's for the names not journaled ({} if they are damaged)."""
         if self._outputs is None:
             self._outputs = {}
-            with contextlib.suppress(Exception):
-                size = os.fstat(self._fd).st_size - self._outputs_at  # type: ignore[arg-type]
-                payload = os.pread(self._fd, size, self._outputs_at)  # type: ignore[arg-type]
-                if _digest(payload) == self._outputs_digest:
-                    self._outputs = _outputs(_PlainUnpickler(io.BytesIO(payload)).load(),
-                                             self.entries)
+            if self._fd is not None:
+                with contextlib.suppress(Exception):
+                    size = os.fstat(self._fd).st_size - self._outputs_at
+                    payload = os.pread(self._fd, size, self._outputs_at)
+                    if digest(payload) == self._outputs_digest:
+                        self._outputs = _outputs(PlainUnpickler(io.BytesIO(payload)).load(),
+                                                 self.entries)
+            if self._journaled_names:  # the catalogue's output of those is another version's
+                self._outputs = {name: data for name, data in self._outputs.items()
+                                 if name not in self._journaled_names} | self._journal_outputs
         return self._outputs
 
     def __enter__(self) -> _Stored:
@@ -388,16 +378,22 @@ class _Stored:
             self._fd = None
 
 
-def _entries(table: Any) -> dict[str, _Entry]:
-    if not isinstance(table, dict):
-        raise TypeError("the catalogue is not a table")
-    width = len(_Entry._fields)
-    entries = {}
-    for name, value in table.items():
-        if not (type(name) is str and type(value) is tuple and len(value) == width):
-            raise TypeError("the catalogue holds a malformed entry")
-        entries[name] = _as_entry(value)
-    return entries
+def _journaled_entry(record: tuple[Any, ...], functions: dict[bytes, bytes]) -> _Entry | None:
+    """The entry of a journal record ``(output, *entry)`` as the catalogue holds one: equal
+    strings and function pickles one object each, so its pickle stores them once. None if
+    malformed."""
+    if len(record) != _WIDTH + 1:
+        return None
+    (_output, key, function_name, status, started, finished, hostname, pid, resource_dict,
+     error_text, slot, error, function, args, kwargs, output, identity) = record
+    if type(function) is bytes:
+        function = functions.setdefault(function, function)
+    try:
+        return _as_entry((key, sys.intern(function_name), sys.intern(status), started,
+                          finished, sys.intern(hostname), pid, resource_dict, error_text, slot,
+                          error, function, args, kwargs, output, identity))
+    except TypeError:  # a string field that is not one
+        return None
 
 
 def _outputs(table: Any, entries: dict[str, _Entry]) -> dict[str, bytes]:
@@ -417,7 +413,7 @@ def _save(folder: str, entries: dict[str, _Entry], outputs: dict[str, bytes]) ->
         return
     table = pickle.dumps({name: tuple(entry) for name, entry in entries.items()}, protocol=5)
     held = pickle.dumps(outputs, protocol=5)
-    head = _HEAD.pack(_MAGIC, _FORMAT, len(table), _digest(table), _digest(held))
+    head = _HEAD.pack(_MAGIC, _FORMAT, len(table), digest(table), digest(held))
     tmp = f"{final}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
     try:
         with open(tmp, "xb") as fh:

@@ -17,7 +17,9 @@ File layout (format 1)
 
 Writers fill a private temporary file in the same directory and ``os.replace`` it onto
 ``<key>.h5``, so readers see either no file or a complete one, and concurrent writers of one
-key leave exactly one valid file (the last rename wins).  The ``complete`` attribute catches
+key leave exactly one valid file (the last rename wins).  After the rename, the writer
+appends the entry a listing would read from the file to the folder's journal
+(:mod:`executorkit.cache._journal`).  The ``complete`` attribute catches
 files damaged some other way (copied partially, truncated by a full disk).
 
 Reads go through h5py's low-level API: a cache hit costs one ``stat``, one HDF5 open and
@@ -43,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from executorkit.cache._entry import build
+from executorkit.cache._journal import append
 from executorkit.errors import CacheMissError, ResourceError, SerializationError
 
 __all__ = ["CacheCorruptionWarning", "CacheRecord", "CacheStore", "CorruptEntryError"]
@@ -148,12 +152,22 @@ class CacheStore:
         tmp = os.path.join(folder, name)
         os.makedirs(folder, exist_ok=True)  # the user may have removed the directory
         try:
-            _write_file(tmp, record)
-            os.replace(tmp, final)
+            written = _write_file(tmp, record)
+            # Held open across the rename: the identity journaled is that of this very file,
+            # whatever another writer renames into place meanwhile (its inode cannot be
+            # reused while open).
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.replace(tmp, final)
+                identity = file_identity(os.fstat(fd))
+            finally:
+                os.close(fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        if written is not None:
+            _journal_entry(folder, base, identity, written)
         return Path(final)
 
     def lookup(self, key: str) -> tuple[bool, Any]:
@@ -336,7 +350,9 @@ def _meta_json(record: CacheRecord) -> bytes:
     return text.encode("ascii")  # json.dumps escapes everything else
 
 
-def _write_file(path: str, record: CacheRecord) -> None:
+def _write_file(path: str, record: CacheRecord) -> _Written | None:
+    """Write ``record`` to the new file ``path``; what a listing would read of it, or None
+    for a file only HDF5 can read (no header or no listing extension)."""
     hdf5 = _hdf5()
     done = record.status == "done"
     datasets: dict[str, bytes | None] = {
@@ -357,7 +373,37 @@ def _write_file(path: str, record: CacheRecord) -> None:
                 dset = handle.create_dataset(name, data=hdf5.np.frombuffer(data, dtype="u1"))
                 offsets[name] = dset.id.get_offset()
         handle.attrs["complete"] = hdf5.np.int8(1)  # last: see the module docstring
-    _write_header(path, done, offsets, datasets)
+    output_digest = _write_header(path, done, offsets, datasets)
+    if output_digest is None:
+        return None
+    places = {name: (offset, len(datasets[name] or b"")) for name, offset in offsets.items()
+              if offset is not None}
+    return _Written(record, datasets, places, output_digest)
+
+
+@dataclass
+class _Written:
+    """What a writer knows of the file it wrote with the header and its listing extension:
+    enough to journal the entry a listing would read from it."""
+
+    record: CacheRecord
+    datasets: dict[str, bytes | None]
+    places: dict[str, tuple[int, int]]
+    output_digest: bytes
+
+
+def _journal_entry(folder: str, name: str, identity: tuple[int, ...],
+                   written: _Written) -> None:
+    """Journal the entry just renamed into place as ``name`` with ``identity``, holding what
+    a listing reads from the file: the metadata as its JSON gives it back (a tuple in the
+    resource dict is a list there, a Path a string)."""
+    fields = dict(_checked_meta(json.loads(written.datasets["meta"] or b"null")))
+    record = CacheRecord(**fields, function=written.record.function,
+                         args=written.record.args, kwargs=written.record.kwargs,
+                         output=None, error=written.datasets["error"])
+    done = record.status == "done"
+    entry = build(record, identity, written.places, written.output_digest if done else None)
+    append(folder, name, entry, written.datasets["output"])
 
 
 # The first USERBLOCK bytes of every file are HDF5's user block, which HDF5 itself ignores.
@@ -377,10 +423,12 @@ assert _HEADER.size + _LISTING.size <= USERBLOCK
 
 
 def _write_header(path: str, done: bool, offsets: dict[str, int | None],
-                  datasets: dict[str, bytes | None]) -> None:
+                  datasets: dict[str, bytes | None]) -> bytes | None:
+    """Write the header and its listing extension; the output's digest, or None without
+    the extension."""
     output = datasets["output"]
     if done and (offsets.get("output") is None or output is None):
-        return  # no contiguous output to point at: lookups use HDF5
+        return None  # no contiguous output to point at: lookups use HDF5
     digest = hashlib.blake2b(output or b"", digest_size=32).digest()
     # The header vouches for the file as completed here: it carries the modification time
     # the file is then given, so any later change to the file (an in-place edit, say)
@@ -388,9 +436,11 @@ def _write_header(path: str, done: bool, offsets: dict[str, int | None],
     stamp = time.time_ns() // 1000 * 1000  # microseconds survive every file system we know
     header = _HEADER.pack(_MAGIC, 1 if done else 0, offsets.get("output") or 0,
                           len(output or b""), digest, stamp)
+    listing = _listing(offsets, datasets)
     with open(path, "r+b") as fh:
-        fh.write(header + _listing(offsets, datasets))
+        fh.write(header + listing)
     os.utime(path, ns=(stamp, stamp))
+    return digest if listing else None
 
 
 def _listing(offsets: dict[str, int | None], datasets: dict[str, bytes | None]) -> bytes:
