@@ -373,3 +373,16 @@ def test_concurrent_appends_lose_no_record(store: CacheStore) -> None:
         if not name.startswith("shared"):
             assert _entry.Entry(*entry).identity == _store.file_identity(
                 os.stat(store.directory / name))
+
+
+def test_each_record_is_read_with_its_own_pickle_memo():
+    # Records are pickled one by one, so a repeated object inside a record is a reference
+    # into that record's memo. Read with one unpickler, a record must never resolve one to
+    # an object of the record before it (a retried call's done entry once showed the
+    # failed attempt's error text as a key of its resource_dict).
+    from executorkit.cache import _journal
+
+    first = ("a.h5", None, "failed: TimeoutError", "failed: TimeoutError", {"k": 1})
+    second = ("b.h5", None, "run_time_max", "run_time_max", {"run_time_max": 60})
+    data = b"".join(_journal._record(pickle.dumps(r, protocol=5)) for r in (first, second))
+    assert _journal.parse(data) == {"a.h5": first[1:], "b.h5": second[1:]}

@@ -98,8 +98,10 @@ def parse(data: bytes) -> Journaled:
     found: Journaled = {}
     view, size = memoryview(data), len(data)
     stream = io.BytesIO(data)
-    # One unpickler for all records: making one per record would cost as much as the load.
-    load, unpack, blake2b = PlainUnpickler(stream).load, _FRAME.unpack_from, hashlib.blake2b
+    # A fresh unpickler for each record: every record was pickled on its own, so its memo
+    # references mean that record's objects. (An unpickler kept across records resolves
+    # them into the previous record's memo, and clearing its memo does not reset its count.)
+    unpack, blake2b = _FRAME.unpack_from, hashlib.blake2b
     at = data.find(_MARK)
     while at >= 0:
         if size - at >= _FRAME.size:
@@ -109,7 +111,7 @@ def parse(data: bytes) -> Journaled:
                     blake2b(view[at + _CHECKED:end], digest_size=16).digest() == check:
                 stream.seek(at + _FRAME.size)
                 try:
-                    record = load()
+                    record = PlainUnpickler(stream).load()
                 except Exception:
                     record = None
                 if type(record) is tuple and stream.tell() == end and _plain_head(record):
