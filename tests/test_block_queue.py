@@ -179,3 +179,20 @@ def test_calls_waiting_when_their_function_proves_tiny_may_then_queue_in_workers
     slow_active, queued = seen[0]
     assert queued > 0  # calls were still waiting in the engine's queue then...
     assert slow_active == 0  # ...and none of them held the workers to one call any more
+
+
+def test_large_calls_are_not_queued_in_workers(tmp_path):
+    # A worker's queue holds about QUEUE_BYTES of pickled calls: tiny calls with small
+    # arguments queue deeply, calls as large as that run one per worker (the driver holds
+    # every queued call's bytes until the worker has read them).
+    with SingleNodeExecutor(max_workers=2, block_allocation=True) as exe:
+        engine = exe._engine
+        small = [exe.submit(len, b"x" * 100) for _ in range(20)]
+        assert [f.result(timeout=60) for f in small] == [100] * 20
+        engine_turn(exe)
+        assert engine.sched.max_running > 2 * 2  # several tiny calls per worker
+        big = bytes(_block.QUEUE_BYTES + 1)
+        large = [exe.submit(len, big) for _ in range(3)]
+        assert [f.result(timeout=60) for f in large] == [len(big)] * 3
+        engine_turn(exe)
+        assert engine.sched.max_running == 2  # one call per worker

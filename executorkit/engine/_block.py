@@ -180,15 +180,20 @@ class _BlockPool:
 
     def _set_depth(self) -> None:
         """Several calls per worker only while every active call is known to be tiny, and
-        no more than about QUEUE_BYTES of them."""
+        no more than about QUEUE_BYTES of them (one at a time when calls are that large)."""
         depth = self.estimator.depth(self._slow_active)
-        if depth > 2 and self._call_bytes * depth > QUEUE_BYTES:
-            depth = max(2, int(QUEUE_BYTES / self._call_bytes))
+        if depth > 1 and self._call_bytes * depth > QUEUE_BYTES:
+            depth = max(1, int(QUEUE_BYTES / self._call_bytes))
         self.sched.max_running = self.block_count * depth
 
     def _sized(self, payload: tuple[bytes, bytes]) -> None:
-        """A call was pickled: follow the size of calls (large arguments, shallow queues)."""
-        self._call_bytes += 0.1 * (len(payload[0]) + len(payload[1]) - self._call_bytes)
+        """A call was pickled: follow the size of calls (large arguments, shallow queues).
+        A large call counts at once; the size decays slowly after it."""
+        size = len(payload[0]) + len(payload[1])
+        grew = size > self._call_bytes
+        self._call_bytes = max(float(size), self._call_bytes + 0.1 * (size - self._call_bytes))
+        if grew and not self._slow_active:
+            self._set_depth()
 
 
     def _mark_slow(self, task: _Task) -> None:
