@@ -3,7 +3,8 @@
 With a live executor (a ``status.json`` in DIR that is not closed and whose process is
 alive), print its counts, busy fraction and one line per call that is not finished plus the
 most recent failures. Otherwise summarise the cache entries of DIR: done, failed (with the
-first line of the error) and runtimes. ``--watch`` repeats every few seconds.
+first line of the error) and runtimes, and the calls a batch executor left queued or running
+when it shut down without waiting. ``--watch`` repeats every few seconds.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def live_table(status: dict[str, Any]) -> str:
     counts = status.get("counts", {})
     pool = status.get("pool", {})
     age = time.time() - float(status.get("updated", time.time()))
+    what = "calls ask for" if pool.get("asked") else "pool"  # batch executors: see _status
     lines = [
         f"{status.get('executor')} on {status.get('host')} (pid {status.get('pid')}), "
-        f"pool {pool.get('cpus')} CPUs / {pool.get('gpus')} GPUs, updated {age:.0f} s ago",
+        f"{what} {pool.get('cpus')} CPUs / {pool.get('gpus')} GPUs, updated {age:.0f} s ago",
         "  ".join(f"{k} {counts.get(k, 0)}" for k in
                   ("submitted", "waiting", "running", "done", "failed", "cancelled")),
         f"busy now {100 * status.get('busy_now', 0):.0f}%, "
@@ -65,19 +67,39 @@ def live_table(status: dict[str, Any]) -> str:
     calls = status.get("calls", [])
     active = [c for c in calls if c.get("state") in ("running", "queued", "waiting")]
     failed = [c for c in calls if c.get("state") == "failed"][-_SHOWN:]
-    now = time.time()
-    rows = [(str(c["id"]), c["state"], c.get("function", ""), c.get("host") or "-",
-             _elapsed(c, now), _res(c.get("resources", {})), str(c.get("attempt", "")))
-            for c in active[:_SHOWN]]
-    if rows:
-        lines += ["", *_table(("id", "state", "function", "host", "for", "resources",
-                               "attempt"), rows)]
-        if len(active) > _SHOWN:
-            lines.append(f"... and {len(active) - _SHOWN} more")
+    lines += _active_rows(active)
     if failed:
         lines += ["", "recent failures:"]
         lines += [f"  {c['id']} {c.get('function', '')}: {c.get('error', '')}" for c in failed]
     return "\n".join(lines)
+
+
+def _active_rows(active: list[dict[str, Any]]) -> list[str]:
+    """The table of unfinished calls (with the batch job's id where there is one)."""
+    now = time.time()
+    jobs = any(c.get("job_id") for c in active)
+    rows = [(str(c["id"]), c["state"], c.get("function", ""), c.get("host") or "-",
+             _elapsed(c, now), _res(c.get("resources", {})), str(c.get("attempt", "")),
+             *([str(c.get("job_id") or "-")] if jobs else []))
+            for c in active[:_SHOWN]]
+    if not rows:
+        return []
+    header = ("id", "state", "function", "host", "for", "resources", "attempt",
+              *(["job"] if jobs else []))
+    more = [f"... and {len(active) - _SHOWN} more"] if len(active) > _SHOWN else []
+    return ["", *_table(header, rows), *more]
+
+
+def left_running(status: dict[str, Any]) -> str | None:
+    """A closed status whose calls were still queued or running (a batch executor shut down
+    with ``wait=False``: its jobs live on): those calls as last known, else None."""
+    active = [c for c in status.get("calls", []) if c.get("state") in ("running", "queued")]
+    if not status.get("closed") or not active:
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.get("updated", 0)))
+    return "\n".join([f"{status.get('executor')} (pid {status.get('pid')}) shut down at {when} "
+                      f"leaving {len(active)} call(s) queued or running; their jobs live on "
+                      f"(states as last known):", *_active_rows(active)])
 
 
 def cache_summary(directory: str) -> str:
@@ -124,7 +146,8 @@ def render(directory: str) -> str:
         return live_table(status)
     if os.path.isfile(directory):
         directory = os.path.dirname(directory) or "."
-    return cache_summary(directory)
+    left = left_running(status) if status is not None else None
+    return cache_summary(directory) + (f"\n\n{left}" if left else "")
 
 
 def status(directory: str, *, watch: float | None = None) -> int:

@@ -13,6 +13,10 @@ File layout (``format`` 1), one JSON object::
     counts      submitted, done, failed, cancelled, running, waiting
     busy_now    CPUs of running calls / pool CPUs, now
     busy_fraction   the same, averaged over the time since the first call started
+                (``asked=True``, the batch executors: the pool is what the unfinished calls
+                ask for, so ``pool`` is that now, ``busy_now`` the share of it the queue
+                system runs, ``busy_fraction`` running CPU-seconds / asked CPU-seconds since
+                the first call was queued: 1.0 when no job ever waited in the queue)
     calls       [{"id", "function", "state", "started", "finished", "host", "resources",
                   "attempt", "error"}], the most recent calls (a call appears once it is
                 queued; those still waiting for their inputs are only counted)
@@ -44,7 +48,8 @@ _STATES = {WAITING: "waiting", QUEUED: "queued", SENT: "queued", RUNNING: "runni
 class StatusWriter:
     """Keeps ``path`` up to date for one engine; every method runs on the engine thread."""
 
-    def __init__(self, path: str, engine: Any, *, executor: str, cpus: int, gpus: int) -> None:
+    def __init__(self, path: str, engine: Any, *, executor: str, cpus: int, gpus: int,
+                 asked: bool = False) -> None:
         self.path = os.path.abspath(path)
         self.engine = engine
         self.head = {"format": FORMAT, "executor": executor, "host": socket.gethostname(),
@@ -65,6 +70,10 @@ class StatusWriter:
         self._due = False
         self._last_write = 0.0
         self._closed = False
+        # asked: the pool is the CPUs and GPUs of the unfinished calls (queued or running)
+        self._asked: dict[int, tuple[int, int]] | None = {} if asked else None
+        self._asked_now = [0, 0]
+        self._asked_integral = 0.0  # CPU-seconds asked for
 
     # ------------------------------------------------------------ engine side, O(1)
     def changed(self, task: _Task) -> None:
@@ -86,6 +95,8 @@ class StatusWriter:
         """Integrate busy CPUs over time (the busy fraction)."""
         now = time.monotonic()
         self._busy_integral += self._busy * (now - self._last_change)
+        if self._asked is not None:
+            self._ask(task, now)
         self._last_change = now
         held = self._running.pop(task.id, 0)
         self._busy -= held
@@ -95,6 +106,15 @@ class StatusWriter:
             self._busy += cpus
             if self._first_start is None:
                 self._first_start = now
+
+    def _ask(self, task: _Task, now: float) -> None:
+        self._asked_integral += self._asked_now[0] * (now - self._last_change)
+        cpus, gpus = self._asked.pop(task.id, (0, 0))  # type: ignore[union-attr]
+        if task.state != FINISHED:
+            self._asked[task.id] = (task.res.cpus, task.res.gpus)  # type: ignore[index]
+            cpus, gpus = cpus - task.res.cpus, gpus - task.res.gpus
+        self._asked_now[0] -= cpus
+        self._asked_now[1] -= gpus
 
     def _write_due(self) -> None:
         self._due = False
@@ -121,7 +141,7 @@ class StatusWriter:
         changed, self._changed = self._changed, {}
         for task in changed.values():
             finished = self._finished_at.pop(task.id, None)
-            record = _call(task, finished)
+            record = self._record(task, finished)
             record["function"] = self._names.get(task.id) or record["function"]
             text = json.dumps(record, default=str)
             if task.state == FINISHED:
@@ -138,14 +158,26 @@ class StatusWriter:
             self._done.popitem(last=False)
             self._omitted += 1
 
+    def _record(self, task: _Task, finished: float | None) -> dict[str, Any]:
+        """The JSON record of one call (a subclass may add fields)."""
+        return _call(task, finished)
+
     def _document(self, closed: bool) -> str:
         now = time.monotonic()
         integral = self._busy_integral + self._busy * (now - self._last_change)
-        span = now - self._first_start if self._first_start is not None else 0.0
+        if self._asked is None:
+            span = now - self._first_start if self._first_start is not None else 0.0
+            busy_now, cpu_time = self._busy / self.cpus, span * self.cpus
+        else:
+            cpu_time = self._asked_integral + self._asked_now[0] * (now - self._last_change)
+            busy_now = self._busy / self._asked_now[0] if self._asked_now[0] else 0.0
         head = {**self.head, "updated": time.time(), "closed": closed,
-                "counts": self.engine.counts(), "busy_now": round(self._busy / self.cpus, 4),
-                "busy_fraction": round(integral / (span * self.cpus), 4) if span > 0 else 0.0,
+                "counts": self.engine.counts(), "busy_now": round(busy_now, 4),
+                "busy_fraction": round(integral / cpu_time, 4) if cpu_time > 0 else 0.0,
                 "calls_omitted": self._omitted}
+        if self._asked is not None:
+            head["pool"] = {"cpus": self._asked_now[0], "gpus": self._asked_now[1],
+                            "asked": True}
         text = json.dumps(head)
         calls = ",".join([*self._done.values(), *self._live.values()])
         return f'{text[:-1]}, "calls": [{calls}]}}\n'

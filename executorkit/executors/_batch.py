@@ -49,6 +49,8 @@ from executorkit.errors import (
     dependency_error,
     task_exception,
 )
+from executorkit.executors._base import _status_path
+from executorkit.executors._batch_status import BatchStatus
 from executorkit.executors._compat import ExecutorkitExecutor, check_function
 from executorkit.resources import Capabilities, Resources, merge, parse
 from executorkit.transport import Upstream
@@ -140,7 +142,8 @@ class BatchExecutor(ExecutorkitExecutor):
 
     def __init__(self, *, cache_directory: str | os.PathLike[str] | None,
                  resource_dict: Mapping[str, Any] | None, disable_dependencies: bool,
-                 wait: bool, compatible: Mapping[str, Any]) -> None:
+                 wait: bool, status_file: str | os.PathLike[str] | bool | None,
+                 compatible: Mapping[str, Any]) -> None:
         unknown = set(compatible) - self._accepted - set(self._unsupported)
         if unknown:
             raise TypeError(f"unexpected parameter(s) {sorted(unknown)}")
@@ -163,6 +166,8 @@ class BatchExecutor(ExecutorkitExecutor):
         self._live: dict[str, _Job] = {}  # key -> its job in this session
         self._pending: set[Future] = set()  # calls waiting for other executors' futures
         self._shutdown = False
+        path = _status_path(status_file, self._dir)
+        self._status = None if path is None else BatchStatus(path, executor=type(self).__name__)
 
     # ----------------------------------------------------------------- submit
     def submit(  # type: ignore[override]  # adds the resource_dict keyword
@@ -242,6 +247,8 @@ class BatchExecutor(ExecutorkitExecutor):
         hit, value = self._store.lookup(key)
         if hit:
             job.future.set_result(value)
+            if self._status is not None:
+                self._status.queued(job, fn, args)
             return job.future
         attached = self._attach(key)
         if attached is None:
@@ -262,6 +269,8 @@ class BatchExecutor(ExecutorkitExecutor):
             self._active[job.job_id] = job
             self._live[key] = job
             self._lock.notify_all()
+        if self._status is not None:
+            self._status.queued(job, fn, args)
         self._track(job)
         return job.future
 
@@ -310,6 +319,7 @@ class BatchExecutor(ExecutorkitExecutor):
         except Exception as exc:
             self._fail(job_id, job, exc)
             return
+        self._job_running(job, started=record.started, host=record.hostname)  # as it ran
         if record.status != "done":
             self._fail(job_id, job, _stored_error(record))
             return
@@ -356,6 +366,8 @@ class BatchExecutor(ExecutorkitExecutor):
             for _, job in jobs:
                 with contextlib.suppress(BaseException):
                     job.future.exception()
+        if self._status is not None:
+            self._status.close()
         self._stopped(wait)
 
     def __exit__(self, *exc: object) -> None:
@@ -412,6 +424,11 @@ class BatchExecutor(ExecutorkitExecutor):
 
     def _stopped(self, wait: bool) -> None:
         """Called at the end of shutdown (release connections)."""
+
+    def _job_running(self, job: _Job, *, started: float | None, host: str | None) -> None:
+        """The backend reports that ``job`` runs (for the status file; repeats are fine)."""
+        if self._status is not None:
+            self._status.running(job, started=started, host=host)
 
 
 def when_all_done(futures: list[Future], action: Callable[[], None]) -> None:

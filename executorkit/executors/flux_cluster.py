@@ -80,10 +80,11 @@ class FluxClusterExecutor(BatchExecutor):
                  cache_directory: str | os.PathLike[str] | None = None,
                  resource_dict: Mapping[str, Any] | None = None,
                  disable_dependencies: bool = False, wait: bool = True,
+                 status_file: str | os.PathLike[str] | bool | None = None,
                  flux_uri: str | None = None, **compatible: Any) -> None:
         super().__init__(cache_directory=cache_directory, resource_dict=resource_dict,
                          disable_dependencies=disable_dependencies, wait=wait,
-                         compatible=compatible)
+                         status_file=status_file, compatible=compatible)
         self._queue = FluxBatchQueue(flux_uri)
         try:
             self._pool = self._queue.pool()
@@ -135,7 +136,8 @@ class FluxClusterExecutor(BatchExecutor):
     def _track(self, job: _Job) -> None:
         job_id = job.job_id
         assert job_id is not None
-        self._queue.watch(job_id, lambda end: self._ended(job, end))
+        self._queue.watch(job_id, lambda end: self._ended(job, end),
+                          on_start=lambda t: self._job_running(job, started=t, host=None))
 
     def _stopped(self, wait: bool) -> None:
         with self._lock:

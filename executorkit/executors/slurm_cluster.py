@@ -65,10 +65,11 @@ class SlurmClusterExecutor(BatchExecutor):
                  cache_directory: str | os.PathLike[str] | None = None,
                  resource_dict: Mapping[str, Any] | None = None,
                  disable_dependencies: bool = False, wait: bool = True,
+                 status_file: str | os.PathLike[str] | bool | None = None,
                  poll_interval: float = 1.0, **compatible: Any) -> None:
         super().__init__(cache_directory=cache_directory, resource_dict=resource_dict,
                          disable_dependencies=disable_dependencies, wait=wait,
-                         compatible=compatible)
+                         status_file=status_file, compatible=compatible)
         self._queue = SlurmQueue()
         self._poll = poll_interval
         self._attached: dict[str, tuple[str, str, str, str]] | None = None
@@ -159,8 +160,10 @@ class SlurmClusterExecutor(BatchExecutor):
         left = {j: job for j, job in jobs.items() if not job.future.done()}
         if not left:
             return
-        for job_id, state in self._queue.states(left).items():
-            job = left[job_id]
+        for job_id, seen in self._queue.jobs(left).items():
+            job, state = left[job_id], seen.state
+            if state == "RUNNING":
+                self._job_running(job, started=seen.started, host=seen.nodes)
             if state == "UNKNOWN":
                 continue  # Slurm could not tell: ask again next time
             if state == "COMPLETED" and self._completed_grace(job):

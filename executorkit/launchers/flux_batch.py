@@ -346,10 +346,12 @@ class FluxBatchQueue:
     def started(self, job_id: str) -> bool:
         return job_id in self._started
 
-    def watch(self, job_id: str, on_end: Callable[[JobEnd], None]) -> None:
-        """Call ``on_end`` (in the reactor thread) once the job has ended."""
+    def watch(self, job_id: str, on_end: Callable[[JobEnd], None],
+              on_start: Callable[[float], None] | None = None) -> None:
+        """Call ``on_end`` (in the reactor thread) once the job has ended, and ``on_start``
+        with the time of its ``start`` event (epoch seconds) if it starts."""
         def start(h: Any) -> None:
-            watch = _Watch(JobEnd(job_id), on_end)
+            watch = _Watch(JobEnd(job_id), on_end, on_start)
             watch.future = self._flux.job.event_watch_async(h, self._flux.job.JobID(job_id))
             self._watches.add(watch)  # the Flux future must outlive this function
             watch.future.then(self._on_event, watch)
@@ -417,6 +419,11 @@ class FluxBatchQueue:
         end = watch.end
         if event.name == "start":
             self._started.add(end.job_id)
+            if watch.on_start is not None:
+                try:
+                    watch.on_start(event.timestamp)
+                except Exception:
+                    log.exception("handling the start of Flux job %s failed", end.job_id)
         elif event.name == "exception" and event.context.get("severity") == 0:
             end.exception = end.exception or (event.context.get("type", "?"),
                                               event.context.get("note", ""))
@@ -439,10 +446,12 @@ class FluxBatchQueue:
 
 
 class _Watch:
-    __slots__ = ("end", "future", "on_end", "reported")
+    __slots__ = ("end", "future", "on_end", "on_start", "reported")
 
-    def __init__(self, end: JobEnd, on_end: Callable[[JobEnd], None]) -> None:
+    def __init__(self, end: JobEnd, on_end: Callable[[JobEnd], None],
+                 on_start: Callable[[float], None] | None = None) -> None:
         self.end = end
         self.on_end = on_end
+        self.on_start = on_start
         self.future: Any = None
         self.reported = False

@@ -7,6 +7,7 @@ restarted driver finds its queued or running jobs again with one ``squeue``.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import re
@@ -14,6 +15,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from executorkit.errors import ExecutorkitError, ResourceError
@@ -94,6 +96,42 @@ def render_template(template: str, **values: Any) -> str:
     return rendered.rstrip("\n") + "\n"
 
 
+@dataclass(frozen=True)
+class JobSeen:
+    """What squeue says of a job: its state; a running job's start (epoch seconds) and
+    nodes (Slurm's node list, e.g. ``node[1-2]``)."""
+
+    state: str
+    started: float | None = None
+    nodes: str | None = None
+
+
+def parse_squeue(out: str) -> dict[str, JobSeen]:
+    """Lines of ``squeue -o "%i|%T|%S|%N|%r"`` by job id (the start and nodes of running
+    jobs only: a pending job's %S is an estimate)."""
+    jobs = {}
+    for line in out.splitlines():
+        parts = line.split("|", 4)
+        if len(parts) < 5:
+            continue
+        job_id, state, start, nodes, reason = (p.strip() for p in parts)
+        if state == "PENDING" and reason == "DependencyNeverSatisfied":
+            state = "DEPENDENCY_NEVER_SATISFIED"
+        if state != "RUNNING":
+            jobs[job_id] = JobSeen(state)
+            continue
+        jobs[job_id] = JobSeen(state, _epoch(start), nodes or None)
+    return jobs
+
+
+def _epoch(text: str) -> float | None:
+    """squeue's local time (``2026-12-01T20:16:33``) as epoch seconds; None if not a time."""
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
 class SlurmQueue:
     """Thin wrapper around sbatch / squeue / scontrol / scancel."""
 
@@ -113,21 +151,20 @@ class SlurmQueue:
         """State of each job: squeue for live ones, scontrol for recently ended ones;
         "GONE" when Slurm says it no longer knows the job, "UNKNOWN" when Slurm could not
         be asked (a failing command raises: the caller asks again later)."""
+        return {job: seen.state for job, seen in self.jobs(job_ids).items()}
+
+    def jobs(self, job_ids: Iterable[str]) -> dict[str, JobSeen]:
+        """As :meth:`states`, with the start time and nodes of running jobs (same squeue)."""
         ids = list(job_ids)
         if not ids:
             return {}
         # squeue exits non-zero when *all* ids are unknown; only a real failure raises.
-        out = self._squeue(["-h", "-o", "%i %T %r", "-j", ",".join(ids)])
-        states: dict[str, str] = {}
-        for line in out.splitlines():
-            parts = line.split(None, 2)
-            if len(parts) >= 2:
-                states[parts[0]] = parts[1] if parts[1] != "PENDING" or len(parts) < 3 or \
-                    parts[2] != "DependencyNeverSatisfied" else "DEPENDENCY_NEVER_SATISFIED"
+        out = self._squeue(["-h", "-o", "%i|%T|%S|%N|%r", "-j", ",".join(ids)])
+        jobs = parse_squeue(out)
         for job in ids:
-            if job not in states:
-                states[job] = self._ended_state(job)
-        return states
+            if job not in jobs:
+                jobs[job] = JobSeen(self._ended_state(job))
+        return jobs
 
     def _ended_state(self, job_id: str) -> str:
         try:
