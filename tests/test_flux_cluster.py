@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 
+import batch_status_scenario as status_scenario
 import pytest
 import taskfuncs as tf
 from conftest import wait_until
@@ -387,3 +388,18 @@ def test_calls_over_several_nodes(cluster):
     with pytest.raises(ResourceError) as info:
         exe.submit(tf.inc, 1, resource_dict={"cores": 2, "num_nodes": exe._pool.nodes + 1})
     assert info.value.key == "num_nodes"
+
+
+@pytest.mark.flux
+@needs_broker
+def test_status_json_follows_the_jobs(cluster, tmp_path, capsys):
+    exe = cluster()
+    status_scenario.follows_the_jobs(exe, str(tmp_path / "cache"), str(tmp_path / "g"),
+                                     capsys, host_while_running=False)  # no host in events
+
+
+@pytest.mark.flux
+@needs_broker
+def test_status_json_after_shutdown_without_wait(cluster, tmp_path, capsys):
+    exe = cluster()
+    status_scenario.left_running(exe, str(tmp_path / "cache"), str(tmp_path / "g"), capsys)

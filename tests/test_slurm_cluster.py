@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import batch_status_scenario as status_scenario
 import capabilities
 import pytest
 import taskfuncs as tf
@@ -180,3 +181,18 @@ def test_batch_jobs_import_from_a_path_added_at_run_time(tmp_path):
     with SlurmClusterExecutor(cache_directory=str(tmp_path / "cache"), poll_interval=0.2) as exe, \
             module_on_new_path(str(tmp_path / "project")) as light:
         assert exe.submit(light.spin, 21).result(timeout=T) == 42
+
+
+@needs_slurm
+def test_status_json_follows_the_jobs(tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    exe = SlurmClusterExecutor(cache_directory=cache, poll_interval=0.2)
+    status_scenario.follows_the_jobs(exe, cache, str(tmp_path / "g"), capsys,
+                                     host_while_running=True)  # squeue's node list
+
+
+@needs_slurm
+def test_status_json_after_shutdown_without_wait(tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    exe = SlurmClusterExecutor(cache_directory=cache, poll_interval=0.2)
+    status_scenario.left_running(exe, cache, str(tmp_path / "g"), capsys)

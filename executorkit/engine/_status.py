@@ -14,12 +14,15 @@ File layout (``format`` 1), one JSON object::
     busy_now    CPUs of running calls / pool CPUs, now
     busy_fraction   the same, averaged over the time since the first call started
                 (``asked=True``, the batch executors: the pool is what the unfinished calls
-                ask for, so ``pool`` is that now, ``busy_now`` the share of it the queue
-                system runs, ``busy_fraction`` running CPU-seconds / asked CPU-seconds since
-                the first call was queued: 1.0 when no job ever waited in the queue)
+                ask for, so ``pool`` is that now, with ``"asked": true``; ``busy_now`` is
+                the share of it the queue system runs, ``busy_fraction`` running
+                CPU-seconds / asked CPU-seconds since the first call was queued: 1.0 when
+                no job ever waited in the queue)
     calls       [{"id", "function", "state", "started", "finished", "host", "resources",
                   "attempt", "error"}], the most recent calls (a call appears once it is
-                queued; those still waiting for their inputs are only counted)
+                queued; those still waiting for their inputs are only counted; a batch
+                executor's also carry "key" and "job_id", and a null host or start where
+                the queue system did not say)
     calls_omitted   finished calls dropped from ``calls`` (the cache keeps them all)
 """
 
@@ -46,7 +49,9 @@ _STATES = {WAITING: "waiting", QUEUED: "queued", SENT: "queued", RUNNING: "runni
 
 
 class StatusWriter:
-    """Keeps ``path`` up to date for one engine; every method runs on the engine thread."""
+    """Keeps ``path`` up to date for one engine; every method runs on the engine thread
+    (for a batch executor: under the lock of its ``BatchStatus``, which stands in for the
+    engine's ``_later`` and ``counts``)."""
 
     def __init__(self, path: str, engine: Any, *, executor: str, cpus: int, gpus: int,
                  asked: bool = False) -> None:
@@ -108,10 +113,13 @@ class StatusWriter:
                 self._first_start = now
 
     def _ask(self, task: _Task, now: float) -> None:
+        """Integrate the CPUs the unfinished calls ask for (``asked=True``)."""
+        asked = self._asked
+        assert asked is not None
         self._asked_integral += self._asked_now[0] * (now - self._last_change)
-        cpus, gpus = self._asked.pop(task.id, (0, 0))  # type: ignore[union-attr]
+        cpus, gpus = asked.pop(task.id, (0, 0))
         if task.state != FINISHED:
-            self._asked[task.id] = (task.res.cpus, task.res.gpus)  # type: ignore[index]
+            asked[task.id] = (task.res.cpus, task.res.gpus)
             cpus, gpus = cpus - task.res.cpus, gpus - task.res.gpus
         self._asked_now[0] -= cpus
         self._asked_now[1] -= gpus

@@ -18,6 +18,10 @@ failure propagation, shutdown) lives here once.
 The driver can go away: ``shutdown(wait=False)`` (or a killed driver) leaves the jobs queued
 or running, and the same script run again re-attaches to them by cache key instead of
 submitting them again, and takes finished results from the cache.
+
+The live ``status.json`` (:mod:`executorkit.executors._batch_status`) hears of each job when
+it is queued, when the backend reports it running (:meth:`BatchExecutor._job_running`) and
+when its future is done.
 """
 
 from __future__ import annotations
@@ -142,8 +146,8 @@ class BatchExecutor(ExecutorkitExecutor):
 
     def __init__(self, *, cache_directory: str | os.PathLike[str] | None,
                  resource_dict: Mapping[str, Any] | None, disable_dependencies: bool,
-                 wait: bool, status_file: str | os.PathLike[str] | bool | None,
-                 compatible: Mapping[str, Any]) -> None:
+                 wait: bool, compatible: Mapping[str, Any],
+                 status_file: str | os.PathLike[str] | bool | None = None) -> None:
         unknown = set(compatible) - self._accepted - set(self._unsupported)
         if unknown:
             raise TypeError(f"unexpected parameter(s) {sorted(unknown)}")

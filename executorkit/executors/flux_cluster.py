@@ -62,6 +62,9 @@ class FluxClusterExecutor(BatchExecutor):
     ``shutdown(wait=False)`` (or a killed driver) leaves jobs in Flux; the same calls
     submitted again re-attach to them by cache key, so each runs once. Inside a job, the
     call can open ``FluxJobExecutor()``: its pool is the job's nested instance.
+    ``status_file`` is as on SingleNodeExecutor (default ``<cache_directory>/status.json``,
+    ``False``: none), kept from the jobs' eventlogs; its pool is what the unfinished calls
+    ask for.
     """
 
     _accepted = ACCEPTED | {"flux_executor_nesting", "flux_log_files"}

@@ -49,6 +49,9 @@ class SlurmClusterExecutor(BatchExecutor):
     ``scancel``. A job that ends without a result fails its future within about
     ``poll_interval`` seconds, naming Slurm's state. ``shutdown(wait=False)`` leaves jobs
     running; the same calls submitted again later re-attach to them by cache key.
+    ``status_file`` is as on SingleNodeExecutor (default ``<cache_directory>/status.json``,
+    ``False``: none), kept from the monitor's ``squeue`` (state, start and nodes of each
+    job); its pool is what the unfinished calls ask for.
     """
 
     _caps = Capabilities(
