@@ -416,6 +416,7 @@ WRITER = textwrap.dedent('''
     from executorkit.cache import CacheRecord, CacheStore
 
     directory, writer = sys.argv[1], int(sys.argv[2])
+    count, shared = (int(x) for x in sys.argv[3:5]) if len(sys.argv) > 3 else (40, 5)
     store = CacheStore(directory)
 
     def write(key, index, version):
@@ -426,9 +427,9 @@ WRITER = textwrap.dedent('''
             error=None, error_text=None, started=float(index), finished=float(index) + 1,
             hostname="h", pid=os.getpid()))
 
-    for index in range(40):
+    for index in range(count):
         write(f"w{writer}_{index}", index, 0)
-        write(f"shared_{index % 5}", index % 5, writer * 1000 + index)  # rewritten by all
+        write(f"shared_{index % shared}", index % shared, writer * 1000 + index)  # by all
 ''')
 
 READER = textwrap.dedent('''

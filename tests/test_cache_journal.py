@@ -8,13 +8,12 @@ import pathlib
 import pickle
 import subprocess
 import sys
-import textwrap
 import time
 from typing import Any
 
 import pytest
 import taskfuncs as tf
-from test_cache_catalogue import record, shown
+from test_cache_catalogue import WRITER, record, shown
 
 from executorkit import SingleNodeExecutor
 from executorkit.cache import (
@@ -296,25 +295,7 @@ def test_clear_cache_keeps_journal_and_catalogue_consistent(store: CacheStore,
 # --------------------------------------------------------------------------------------------
 # concurrency: writers in many processes append while a listing claims and folds
 
-WRITER = textwrap.dedent('''
-    import os, pickle, sys
-    from executorkit.cache import CacheRecord, CacheStore
-
-    directory, writer = sys.argv[1], int(sys.argv[2])
-    store = CacheStore(directory)
-
-    def write(key, index, version):
-        store.write(CacheRecord(
-            key=key, function_name="m.f", function=pickle.dumps(len), args=pickle.dumps(
-            (index, version)), kwargs=pickle.dumps({"index": index, "version": version}),
-            resource_dict={}, status="done", output=pickle.dumps((index, version, writer)),
-            error=None, error_text=None, started=float(index), finished=float(index) + 1,
-            hostname="h", pid=os.getpid()))
-
-    for index in range(60):
-        write(f"w{writer}_{index}", index, 0)
-        write(f"shared_{index % 4}", index % 4, writer * 1000 + index)  # rewritten by all
-''')
+WRITER_COUNTS = ("60", "4")  # keys per writer, keys every writer rewrites (WRITER)
 
 
 def consistent(frame: Any) -> None:
@@ -329,7 +310,8 @@ def consistent(frame: Any) -> None:
 def test_appends_from_many_processes_while_listings_fold(
     store: CacheStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(store.directory), str(n)],
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(store.directory), str(n),
+                                 *WRITER_COUNTS],
                                 stderr=subprocess.PIPE, text=True) for n in range(4)]
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT
@@ -360,7 +342,8 @@ def test_appends_from_many_processes_while_listings_fold(
 @pytest.mark.slow
 def test_concurrent_appends_lose_no_record(store: CacheStore) -> None:
     """On a local file system every record appended by concurrent writers is read back."""
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(store.directory), str(n)],
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(store.directory), str(n),
+                                 *WRITER_COUNTS],
                                 stderr=subprocess.PIPE, text=True) for n in range(4)]
     for proc in writers:
         _, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
