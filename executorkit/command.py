@@ -23,7 +23,6 @@ Launchers that can run a program directly (Flux) read :attr:`Command.argv` and f
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -212,6 +211,8 @@ def label(args: Any, width: int = 60) -> str | None:
 
 def _file_digest(path: str) -> tuple[str, str]:
     """(path, sha256 of its content); a file that does not exist (yet) gives its name only."""
+    import hashlib  # (driver side only: the fork server and its workers never load OpenSSL)
+
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as fh:

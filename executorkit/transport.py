@@ -21,8 +21,6 @@ standard input (never on a command line, where ``ps`` would show it with the sec
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import operator
 import pickle
 import socket
@@ -30,6 +28,15 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+try:  # the C modules behind hashlib.blake2b and hmac.compare_digest, without OpenSSL:
+    # loading libcrypto (hashlib, hmac) would add 3 MB and a dozen mappings to the fork
+    # server, which every fork copies and every worker's exit tears down
+    from _blake2 import blake2b
+    from _operator import _compare_digest as compare_digest
+except ImportError:  # pragma: no cover (another Python implementation)
+    from hashlib import blake2b
+    from hmac import compare_digest
 
 __all__ = [
     "AuthenticationError", "BlockingChannel", "Cancel", "Dropped", "Exited", "FrameReader",
@@ -335,11 +342,11 @@ def _decode(body: bytes | bytearray | memoryview) -> Any:
 
 
 def _mac(secret: bytes, body: bytes | bytearray | memoryview) -> bytes:
-    return hashlib.blake2b(body, key=secret, digest_size=32).digest()
+    return blake2b(body, key=secret, digest_size=32).digest()
 
 
 def _verify(secret: bytes, mac: bytes, body: bytes | bytearray | memoryview) -> Any:
-    if not hmac.compare_digest(mac, _mac(secret, body)):
+    if not compare_digest(mac, _mac(secret, body)):
         raise AuthenticationError("frame failed authentication (wrong secret?); dropping peer")
     return _decode(body)
 

@@ -25,8 +25,8 @@ import _signal
 import contextlib
 import ctypes
 import functools
+import gc
 import importlib
-import importlib.abc
 import os
 import pickle
 import select
@@ -63,6 +63,8 @@ from executorkit.worker import _call, loop, program
 
 _PR_SET_PDEATHSIG = 1
 
+FORKED_BY = ""  # in a worker: how the fork server forked it ("libc" or "os"; see _Forker)
+
 
 def _find_prctl() -> Any:
     """libc's ``prctl``, looked up once here: in every forked child the lookup would cost a
@@ -76,6 +78,140 @@ def _find_prctl() -> Any:
 _prctl = _find_prctl()
 
 
+class _Forker:
+    """``fork()`` without CPython's own after-fork work, where that work has nothing to do.
+
+    ``os.fork()`` re-creates, in the child, every lock another thread might have held: the
+    interpreter's, the import lock, and, through the hooks that ``threading``, ``logging``
+    and ``concurrent.futures`` register with ``os.register_at_fork``, theirs. In this
+    single-threaded process no other thread holds any, and doing it anyway wrote some 130
+    pages in every worker before its first line (252 copied pages against 120, counted with
+    getrusage), each a page fault of a few microseconds here: a per-task call cost a fifth
+    more. So the fork server calls libc's ``fork()`` itself, through ``PyDLL``, so that the
+    child resumes holding the GIL as its only thread, and runs every other registered hook
+    as ``os.fork`` would: ``before`` hooks in reverse order, then ``after_in_parent`` or
+    ``after_in_child`` (the stdlib ``random``'s reseeding, and whatever a preloaded module
+    registered, whenever it did: the interpreter's own hook lists are read). libc's fork
+    runs the C libraries' ``pthread_atfork`` handlers either way.
+
+    Signals: a SIGCHLD that arrived just before the fork may still be pending in the child
+    (``os.fork`` would clear it); the child runs the fork server's handler for it, a no-op,
+    at its first Python call, before ``_child`` restores the default.
+
+    It falls back to ``os.fork()`` when another Python thread exists (a preloaded module may
+    start one), off CPython 3.10/3.11 (whose ``PyOS_AfterFork_Child`` this was checked
+    against), when the hook lists cannot be found, and when the environment variable
+    ``EXECUTORKIT_PLAIN_FORK`` is set. Made before the heap is frozen (see :func:`main`):
+    the hook lists are found through the garbage collector, which does not look at frozen
+    objects.
+    """
+
+    def __init__(self) -> None:
+        self.fork: Any = None
+        self.lists: tuple[list[Any], list[Any], list[Any]] | None = None
+        self.runs: dict[int, tuple[int, tuple[Any, ...]]] = {}  # id(list) -> (len, to run)
+        if (sys.implementation.name != "cpython" or not (3, 10) <= sys.version_info < (3, 12)
+                or os.environ.get("EXECUTORKIT_PLAIN_FORK")):
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            self.fork = ctypes.PyDLL(None, use_errno=True).fork
+            self.fork.restype = ctypes.c_int
+            self.fork.argtypes = []
+        self.lists = _hook_lists()
+
+    def __call__(self) -> tuple[int, bool]:
+        """(pid, whether libc's fork was used); in the child, its hooks have run."""
+        if self.fork is None or self.lists is None or len(sys._current_frames()) != 1:
+            return os.fork(), False
+        before, parent, child = (self._to_run(hooks) for hooks in self.lists)
+        sys.audit("os.fork")
+        for hook in reversed(before):
+            _call_hook(hook)
+        pid = self.fork()
+        if pid == 0:
+            with contextlib.suppress(Exception):
+                threading = sys.modules["threading"]
+                threading.main_thread()._native_id = threading.get_native_id()
+            for hook in child:
+                _call_hook(hook)
+            return 0, True
+        errno = ctypes.get_errno()
+        for hook in parent:
+            _call_hook(hook)
+        if pid < 0:
+            raise OSError(errno, os.strerror(errno))
+        return pid, True
+
+    def _to_run(self, hooks: list[Any]) -> tuple[Any, ...]:
+        """The hooks of ``hooks`` that are not lock upkeep (the list only ever grows)."""
+        known = self.runs.get(id(hooks))
+        if known is not None and known[0] == len(hooks):
+            return known[1]
+        run = tuple(hook for hook in hooks if not _lock_upkeep(hook))
+        self.runs[id(hooks)] = (len(hooks), run)
+        return run
+
+
+def _marker_before() -> None:
+    """Registered (with the two below) so that the interpreter's hook lists can be found."""
+
+
+def _marker_parent() -> None:
+    pass
+
+
+def _marker_child() -> None:
+    pass
+
+
+def _hook_lists() -> tuple[list[Any], list[Any], list[Any]] | None:
+    """The interpreter's own lists of ``os.register_at_fork`` hooks (before, after in the
+    parent, after in the child), found as the lists that hold this module's markers: every
+    hook is in them, whoever registered it and when."""
+    os.register_at_fork(before=_marker_before, after_in_parent=_marker_parent,
+                        after_in_child=_marker_child)
+    found = []
+    for marker in (_marker_before, _marker_parent, _marker_child):
+        lists = [r for r in gc.get_referrers(marker)
+                 if type(r) is list and any(h is marker for h in r)]
+        if len(lists) != 1:
+            return None
+        found.append(lists[0])
+    return found[0], found[1], found[2]
+
+
+def _lock_upkeep(hook: Any) -> bool:
+    """Whether ``hook`` only takes, releases or re-creates locks for the sake of other threads
+    (or is one of our markers): nothing to do where only one thread exists."""
+    if hook in (_marker_before, _marker_parent, _marker_child):
+        return True
+    owner = getattr(hook, "__self__", None)
+    if owner is not None and type(owner).__module__ == "_thread" \
+            and type(owner).__name__ in ("lock", "RLock"):
+        return True  # concurrent.futures.thread's shutdown lock, for one
+    for module, names in _LOCK_HOOKS:
+        mod = sys.modules.get(module)
+        if mod is not None and any(hook is getattr(mod, name, None) for name in names):
+            return True
+    return False
+
+
+_LOCK_HOOKS = (
+    ("threading", ("_after_fork",)),
+    ("logging", ("_acquireLock", "_releaseLock", "_after_at_fork_child_reinit_locks")),
+)
+
+
+def _call_hook(hook: Any) -> None:
+    """As CPython calls an at-fork hook: an exception is reported and ignored."""
+    try:
+        hook()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"Exception ignored in: {hook!r}\n")
+            traceback.print_exc()
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when the fork server dies."""
     if _prctl is not None:
@@ -83,7 +219,8 @@ def _die_with_parent() -> None:
 
 
 class ForkServer:
-    def __init__(self, address: tuple[str, int], secret: bytes) -> None:
+    def __init__(self, address: tuple[str, int], secret: bytes,
+                 forker: _Forker | None = None) -> None:
         self.address = address
         self.secret = secret
         self.chan = connect(address, secret)
@@ -99,6 +236,7 @@ class ForkServer:
         self.path: tuple[str, ...] | None = None  # the driver's sys.path, as last sent
         self.programs: dict[int, program.Running] = {}  # pid -> a program started here
         self.cpus = tuple(os.sched_getaffinity(0))
+        self.fork = forker or _Forker()
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
@@ -160,11 +298,13 @@ class ForkServer:
             self._adopt(msg.env)
         _fresh_numpy_random()  # (here, for the child: reseeding costs a child 100 faults)
         try:
-            pid = os.fork()
+            pid, raw = self.fork()
         except OSError as exc:
             self.chan.send(SpawnFailed(msg.worker_id, f"fork() failed: {exc}"))
             return
         if pid == 0:  # child
+            global FORKED_BY
+            FORKED_BY = "libc" if raw else "os"
             code = 70
             try:
                 code = self._child(msg)
@@ -360,7 +500,7 @@ def _fresh_numpy_random() -> None:
         random.set_state(("MT19937", key, 624))  # all 19937 bits of state drawn anew
 
 
-class _RefuseForkUnsafe(importlib.abc.MetaPathFinder):
+class _RefuseForkUnsafe:
     """While preloading: a module that would import one of ``FORK_UNSAFE`` (mpi4py.MPI
     initialises MPI, which no forked child may inherit) fails to import here; the workers
     that need it import it themselves."""
@@ -432,12 +572,13 @@ def main() -> None:
         import multiprocessing.process
 
         multiprocessing.process.current_process().authkey = boot["authkey"]
+    forker = _Forker()  # (before the heap is frozen: it looks for objects in it)
     for module in boot.get("preload", ()):
         # Warm what the executor's calls will need (h5py for the cache) once, not per fork.
         _import(module)
     _warm_up()
     with contextlib.suppress(ConnectionError, EOFError):
-        ForkServer(boot["address"], boot["secret"]).run()
+        ForkServer(boot["address"], boot["secret"], forker).run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,147 @@
+"""How the fork server forks per-task workers (executorkit.worker.forkserver._Forker).
+
+On CPython 3.10/3.11 a single-threaded fork server calls libc's fork() itself and skips only
+the at-fork hooks that re-create locks for other threads; every other hook registered with
+os.register_at_fork (the stdlib random's reseeding, a preloaded module's own) still runs
+where os.fork would run it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from executorkit import SingleNodeExecutor
+
+T = 60
+
+RAW = sys.implementation.name == "cpython" and (3, 10) <= sys.version_info < (3, 12)
+
+
+def forked_by() -> str | None:
+    """In a worker: how the fork server (the worker's ``__main__``) forked it."""
+    return getattr(sys.modules["__main__"], "FORKED_BY", None)
+
+
+def draw() -> float:
+    import random
+
+    return random.random()
+
+
+def threads() -> int:
+    import threading
+
+    return threading.active_count()
+
+
+@pytest.fixture
+def hooked(tmp_path, monkeypatch):
+    """A module that registers all three at-fork hooks; the parent's write to a file."""
+    name = f"hooked_{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "parent-hooks.txt"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+        import os
+
+        CHILD_HOOK_PID = None
+
+
+        def _log(what):
+            with open({str(log)!r}, "a") as fh:
+                fh.write(f"{{what}} {{os.getpid()}}\\n")
+
+
+        def _child():
+            global CHILD_HOOK_PID
+            CHILD_HOOK_PID = os.getpid()
+
+
+        os.register_at_fork(before=lambda: _log("before"),
+                            after_in_parent=lambda: _log("parent"), after_in_child=_child)
+
+
+        def report():
+            return os.getpid(), CHILD_HOOK_PID
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    module = __import__(name)
+    yield module, log
+    sys.modules.pop(name, None)
+
+
+@pytest.mark.skipif(not RAW, reason="libc's fork is used on CPython 3.10 and 3.11 only")
+def test_workers_are_forked_by_libc_in_a_single_threaded_fork_server():
+    with SingleNodeExecutor(max_workers=2) as exe:
+        assert {exe.submit(forked_by).result(timeout=T) for _ in range(3)} == {"libc"}
+
+
+def test_plain_fork_when_asked(monkeypatch):
+    monkeypatch.setenv("EXECUTORKIT_PLAIN_FORK", "1")
+    with SingleNodeExecutor(max_workers=1) as exe:
+        assert exe.submit(forked_by).result(timeout=T) == "os"
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["libc", "os"])
+def test_registered_hooks_run_as_os_fork_runs_them(hooked, monkeypatch, plain):
+    module, log = hooked
+    if plain:
+        monkeypatch.setenv("EXECUTORKIT_PLAIN_FORK", "1")
+    with SingleNodeExecutor(max_workers=2, preload=[module.__name__]) as exe:
+        reports = [exe.submit(module.report).result(timeout=T) for _ in range(3)]
+        server = exe._engine.launcher.process.pid
+    for pid, hook_pid in reports:
+        assert hook_pid == pid  # the child's hook ran in the worker itself
+    lines = log.read_text().split()
+    pairs = list(zip(lines[::2], map(int, lines[1::2]), strict=True))
+    # before and after_in_parent ran in the fork server, once per fork
+    assert {pid for _, pid in pairs} == {server}
+    befores = sum(1 for what, _ in pairs if what == "before")
+    assert befores >= len(reports)
+    assert befores == sum(1 for what, _ in pairs if what == "parent")
+
+
+def test_stdlib_random_is_reseeded_in_every_worker():
+    # random registers its reseeding with os.register_at_fork; preloaded, its state is the
+    # fork server's, and only that hook gives each worker numbers of its own.
+    with SingleNodeExecutor(max_workers=2, preload=["random"]) as exe:
+        draws = [exe.submit(draw).result(timeout=T) for _ in range(4)]
+    assert len(set(draws)) == 4
+
+
+def test_a_fork_server_with_a_second_thread_forks_with_os_fork(tmp_path, monkeypatch):
+    # Another Python thread may hold a lock at fork time: then CPython's own after-fork
+    # work is needed, and the worker sees one thread only.
+    name = f"threaded_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent("""
+        import threading
+
+        _stop = threading.Event()
+        threading.Thread(target=_stop.wait, daemon=True).start()
+    """))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    with SingleNodeExecutor(max_workers=1, preload=[name]) as exe:
+        assert exe.submit(forked_by).result(timeout=T) == "os"
+        assert exe.submit(threads).result(timeout=T) == 1
+
+
+def test_fork_server_loads_neither_openssl_nor_tempfile():
+    # Every library the fork server maps is copied by each fork and torn down by each
+    # worker's exit: what only the driver needs stays out (importlib.abc, for one, pulls in
+    # tempfile, shutil and three compression libraries).
+    code = ("import sys, executorkit.worker.forkserver as f; f._warm_up(); "
+            "print(' '.join(sorted(sys.modules)))")
+    import executorkit
+
+    home = os.path.dirname(os.path.dirname(executorkit.__file__))  # (this checkout's)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=T, check=True, cwd=home,
+                         env={**os.environ, "PYTHONPATH": home}).stdout.split()
+    assert not {"hashlib", "_hashlib", "hmac", "ssl", "tempfile", "shutil"} & set(out)
