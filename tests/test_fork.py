@@ -145,3 +145,66 @@ def test_fork_server_loads_neither_openssl_nor_tempfile():
                          timeout=T, check=True, cwd=home,
                          env={**os.environ, "PYTHONPATH": home}).stdout.split()
     assert not {"hashlib", "_hashlib", "hmac", "ssl", "tempfile", "shutil"} & set(out)
+
+
+HUGE_SCRIPT = """
+import ctypes, mmap, sys
+from executorkit.worker import forkserver
+
+def region(size, touch_every):
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for offset in range(0, size, touch_every):
+        m[offset] = 1
+    return m, ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+def huge_kib(address):
+    inside = False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields[0]) > 8:
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            inside = low <= address < high
+        elif inside and fields[0] == "AnonHugePages:":
+            return int(fields[1])
+
+def resident_pages(address, size):
+    vec = ctypes.create_string_buffer(size // 4096)
+    libc = ctypes.CDLL(None)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert libc.mincore(address, size, vec) == 0
+    return sum(vec.raw)
+
+full, full_at = region(16 << 20, 4096)          # every page resident
+sparse, sparse_at = region(16 << 20, 2 << 20)   # one page in each 2 MiB
+forkserver._huge_heap()
+# (the two may share one mapping: the sparse one is judged by its resident pages)
+print(huge_kib(full_at), resident_pages(sparse_at, 16 << 20))
+"""
+
+
+def _huge_pages_available() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            return "[never]" not in fh.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _huge_pages_available(),
+                    reason="transparent huge pages are off on this machine")
+def test_fork_server_memory_is_collapsed_into_huge_pages_where_resident():
+    # What each fork copies and each worker's exit tears down shrinks when the fork server's
+    # resident memory sits in 2 MiB folios; a window mostly not resident is left alone, so
+    # memory never grows by more than it holds.
+    import executorkit
+
+    home = os.path.dirname(os.path.dirname(executorkit.__file__))
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit())
+    if release < (6, 1):
+        pytest.skip(f"MADV_COLLAPSE needs Linux 6.1, this is {os.uname().release}")
+    out = subprocess.run([sys.executable, "-c", HUGE_SCRIPT], capture_output=True, text=True,
+                         timeout=T, check=True, cwd=home,
+                         env={**os.environ, "PYTHONPATH": home}).stdout.split()
+    huge_kib, sparse_pages = map(int, out)
+    assert huge_kib >= 12 << 10  # at least 6 of its (at least 7) aligned 2 MiB windows
+    assert sparse_pages == 8  # the pages it touched: not filled up to huge pages

@@ -289,6 +289,7 @@ class ForkServer:
             _import(module)
         gc.collect()
         gc.freeze()  # the new objects too: children's collections must not copy their pages
+        _huge_heap()
 
     def _spawn(self, msg: Spawn) -> None:
         if msg.path:
@@ -545,6 +546,50 @@ def _probe_call() -> None:
         _call.run(msg)
 
 
+_HUGE = 2 << 20  # x86-64's (and arm64's, with 4 KiB pages) PMD size
+_MADV_COLLAPSE = 25  # Linux 6.1
+
+
+def _huge_heap(budget: float = 0.1) -> None:
+    """Back this process's resident heap with 2 MiB pages where whole windows of it allow
+    (``MADV_COLLAPSE``), once its imports are done.
+
+    Each fork copies, and each worker's exit tears down, one page-table entry per 4 KiB page
+    of this process's private memory; the kernel handles a 2 MiB folio in one step, and
+    still does once a write has split its mapping back into 4 KiB entries (only the written
+    page is copied). With numpy and scipy preloaded, per-task calls ran 9 % faster here
+    (alternating runs: 158, 145, 163 -> 172, 169, 176 calls/s). Only windows at least half
+    resident are collapsed, so memory grows by at most what they hold; the work stops
+    after ``budget`` seconds (a fragmented machine compacts memory for it). Where the
+    kernel has no ``MADV_COLLAPSE`` or huge pages are off, nothing happens.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise, mincore = libc.madvise, libc.mincore
+        with open("/proc/self/maps") as fh:
+            maps = fh.read().splitlines()
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+    vec = ctypes.create_string_buffer(_HUGE // page)
+    deadline = time.monotonic() + budget
+    for line in maps:
+        fields = line.split()
+        if fields[1] != "rw-p" or (len(fields) > 5 and fields[5] != "[heap]"):
+            continue  # private anonymous memory (and the brk heap) only
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        for start in range(-(-low // _HUGE) * _HUGE, high // _HUGE * _HUGE, _HUGE):
+            if time.monotonic() > deadline:
+                return
+            if mincore(start, _HUGE, vec) != 0:
+                continue
+            if sum(vec.raw) * 2 >= len(vec.raw):  # (bit 0 of each byte: resident)
+                madvise(start, _HUGE, _MADV_COLLAPSE)
+
+
 def _warm_up() -> None:
     """Take one call through the worker's code path before forking anything.
 
@@ -558,6 +603,7 @@ def _warm_up() -> None:
     _probe_call()
     gc.collect()
     gc.freeze()
+    _huge_heap()
 
 
 def main() -> None:
