@@ -208,3 +208,42 @@ def test_fork_server_memory_is_collapsed_into_huge_pages_where_resident():
     huge_kib, sparse_pages = map(int, out)
     assert huge_kib >= 12 << 10  # at least 6 of its (at least 7) aligned 2 MiB windows
     assert sparse_pages == 8  # the pages it touched: not filled up to huge pages
+
+
+def slot_view() -> tuple[int, list[int]]:
+    return int(os.environ["EXECUTORKIT_WORKER_ID"]), sorted(os.sched_getaffinity(0))
+
+
+def _pool() -> list[int]:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    return cpus[:2]
+
+
+def test_spares_wait_pinned_to_the_slot_they_are_kept_for():
+    # A call that starts on a slot takes the spare kept there: already on its CPU, with its
+    # worker id, so nothing moves it (a migration cost a third of a millisecond).
+    import time
+
+    pool = _pool()
+    with SingleNodeExecutor(max_workers=2) as exe:
+        assert exe.submit(abs, -1).result(timeout=T) == 1
+        engine = exe._engine
+        deadline = time.monotonic() + T
+        while True:  # (the spares connect on their own time: wait for both)
+            spares = [w for w in list(engine._spares) if w.pid]
+            if len(spares) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        pinned = {tuple(sorted(os.sched_getaffinity(w.pid))) for w in spares}
+    assert pinned == {(pool[0],), (pool[1],)}
+
+
+def test_per_task_calls_see_their_own_slot_whichever_spare_takes_them():
+    pool = _pool()
+    with SingleNodeExecutor(max_workers=2) as exe:
+        views = [f.result(timeout=T) for f in [exe.submit(slot_view) for _ in range(30)]]
+    for worker_id, cpus in views:
+        assert cpus == [pool[worker_id]]
+    assert {worker_id for worker_id, _ in views} == {0, 1}

@@ -127,8 +127,9 @@ class _Worker:
     allocation, tiny calls only) are SENT and wait in the worker's own queue."""
 
     __slots__ = (
-        "chan", "conn", "direct", "eof", "errdir", "exit_status", "held", "host", "id", "out",
-        "path_version", "persistent", "pid", "slot", "spare", "stopping", "tasks", "writing",
+        "chan", "conn", "direct", "env", "eof", "errdir", "exit_status", "held", "host", "id",
+        "out", "path_version", "persistent", "pid", "pinned", "slot", "spare", "stopping",
+        "tasks", "writing",
     )
 
     def __init__(self, worker_id: int, *, persistent: bool, slot: int | None = None) -> None:
@@ -147,6 +148,9 @@ class _Worker:
         self.stopping = False  # killed on purpose (cancel, timeout, shutdown)
         self.errdir: str | None = None  # MPI workers: where a failing rank reports
         self.spare = False  # a warm per-task worker that has no call yet
+        # a spare's CPU slot (pinned there when CPUs are real) and environment, as started
+        self.pinned: tuple[int, ...] | None = None
+        self.env: dict[str, str] | None = None
         self.direct = False  # a program the launcher runs itself: running from its spawn
         self.conn: _Conn | None = None
         self.writing = False  # output left over: the selector also waits for writability

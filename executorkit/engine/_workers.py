@@ -144,15 +144,17 @@ class _WorkerLife:
             prefix = prefix_of(task.res) if prefix_of is not None else ()
             env = (*env, (PREFIX_VARIABLE, json.dumps(list(prefix))))
         if self._spare_fits(ranks, env):
-            # A warm spare takes the call: no fork on the critical path.
-            w = self._spares.popleft()
+            # A warm spare takes the call: no fork on the critical path. One started for
+            # this CPU slot is already pinned there with the slot's worker id.
+            w = self._take_spare(start.cpus)
             w.spare = False
-            # The spare already has the default environment: send only what differs.
-            base = self._spare_env
+            # The spare already has its environment: send only what differs.
+            base = w.env if w.env is not None else self._spare_env
             changed = tuple((k, v) for k, v in env if base.get(k) != v)
             names = {k for k, _ in env}
             unset = tuple(k for k in base if k not in names)
-            setup = TaskSetup(task.res.cwd, changed, unset, cpus)
+            pin = None if cpus == self._pin(w.pinned or ()) else cpus
+            setup = TaskSetup(task.res.cwd, changed, unset, pin)
             self._assign(w, task, self._run_message(w, task, setup))
             # The call goes out first; forking its replacement would compete with its start
             # for the CPUs, so that waits a moment while another spare is still ready.
@@ -206,17 +208,41 @@ class _WorkerLife:
 
 
     def _replenish(self) -> None:
-        """Keep ``_spare_target`` warm per-task workers forked and connected."""
+        """Keep ``_spare_target`` warm per-task workers forked and connected, each for a CPU
+        slot that has none yet (in pool order), pinned there and with that slot's worker
+        id: a call that starts on the slot then changes neither (pinning a running worker
+        to another CPU costs it a migration, a third of a millisecond here)."""
         if not isinstance(self.launcher, LocalLauncher):
             return  # only a fork server makes spares cheap
         while (not self._closing and
                len(self._spares) + self._spares_coming < self._spare_target):
             w = _Worker(next(self._worker_ids), persistent=False)
             w.spare = True
+            slot = self._spare_slot()
+            env = self._spare_env
+            if slot is not None:
+                env = {**env, "EXECUTORKIT_WORKER_ID": str(self._slot_of(slot))}
+            w.pinned, w.env = slot, env
             self.workers[w.id] = w
             self._spares_coming += 1
-            self._spawn(Spawn(w.id, tuple(self._spare_env.items()), None, None,
+            self._spawn(Spawn(w.id, tuple(env.items()), None, self._pin(slot or ()) or None,
                               persistent=False, spare=True), w)
+
+    def _spare_slot(self) -> tuple[int, ...] | None:
+        """The first one-CPU slot of the pool no spare is kept for (None: all have one)."""
+        covered = {w.pinned for w in self.workers.values() if w.spare}
+        for cpu in self.cfg.cpus:
+            if (cpu,) not in covered:
+                return (cpu,)
+        return None
+
+    def _take_spare(self, cpus: tuple[int, ...]) -> _Worker:
+        """The spare kept for ``cpus`` if there is one, else the longest waiting."""
+        for w in self._spares:
+            if w.pinned == cpus:
+                self._spares.remove(w)
+                return w
+        return self._spares.popleft()
 
 
     def _mpi(self, w: _Worker, spawn: Spawn, cores: int) -> None:
