@@ -85,11 +85,14 @@ def _field_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
 
 @dataclass(slots=True)
 class Hello(_Message):
-    """First frame of a worker (or the fork server, ``worker_id`` 0) on a new connection."""
+    """First frame of a worker (or the fork server, ``worker_id`` 0) on a new connection.
+    ``lingers``: a one-call worker that, once it has replied, waits for the engine to shut
+    its connection before it exits (see ``executorkit.worker.loop``)."""
 
     worker_id: int
     pid: int
     host: str
+    lingers: bool = False
 
 
 @dataclass(slots=True)

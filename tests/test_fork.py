@@ -247,3 +247,64 @@ def test_per_task_calls_see_their_own_slot_whichever_spare_takes_them():
     for worker_id, cpus in views:
         assert cpus == [pool[worker_id]]
     assert {worker_id for worker_id, _ in views} == {0, 1}
+
+
+def _one_call(sock, secret, linger):
+    """A per-task worker's serve loop on ``sock``, in a thread; its return code lands in a
+    list."""
+    import threading
+
+    from executorkit.worker.loop import _Server
+
+    codes: list[int] = []
+    server = _Server(sock, secret, False, None, None, linger)
+    thread = threading.Thread(target=lambda: codes.append(server.serve()), daemon=True)
+    thread.start()
+    return thread, codes
+
+
+def test_a_lingering_worker_exits_only_once_the_engine_shuts_its_connection(monkeypatch):
+    # Replied, a forked one-call worker sleeps until the engine shuts the connection: the
+    # engine thread, woken on the worker's CPU, then never waits behind its exit.
+    import pickle
+    import socket
+
+    import cloudpickle
+
+    from executorkit.transport import FrameReader, RunTask, TaskDone, encode
+    from executorkit.worker import loop
+
+    monkeypatch.setattr(loop, "LINGER_LIMIT", 10 * T)  # (only the shutdown may end it)
+    secret = b"s" * 32
+    engine, worker = socket.socketpair()
+    with engine, worker:
+        thread, codes = _one_call(worker, secret, linger=True)
+        call = RunTask(7, cloudpickle.dumps(abs), pickle.dumps(((-3,), {})), None, None)
+        engine.sendall(b"".join(encode(call, secret)))
+        reader, replies = FrameReader(secret), []
+        while not replies:
+            replies = reader.feed(engine.recv(1 << 16))
+        assert isinstance(replies[0], TaskDone) and replies[0].task_id == 7
+        assert pickle.loads(replies[0].payload) == 3
+        thread.join(0.2)
+        assert thread.is_alive()  # replied, and waiting
+        engine.shutdown(socket.SHUT_WR)
+        thread.join(T)
+        assert not thread.is_alive() and codes == [0]
+
+
+def test_the_engine_shuts_a_lingering_workers_connection_after_its_reply(monkeypatch):
+    import socket
+
+    shut: list[int] = []
+    original = socket.socket.shutdown
+
+    def shutdown(self, how):
+        shut.append(how)
+        return original(self, how)
+
+    monkeypatch.setattr(socket.socket, "shutdown", shutdown)
+    with SingleNodeExecutor(max_workers=1) as exe:
+        assert exe.submit(abs, -2).result(timeout=T) == 2
+        assert exe.submit(abs, -3).result(timeout=T) == 3
+    assert shut.count(socket.SHUT_WR) >= 2

@@ -274,7 +274,7 @@ class _Loop:
         conn.sock.setblocking(False)  # the engine thread never waits on a worker's socket
         w.chan = conn.chan
         w.conn = conn
-        w.pid, w.host = msg.pid, msg.host
+        w.pid, w.host, w.lingers = msg.pid, msg.host, msg.lingers
         if w.spare:
             self._spares_coming -= 1
             self._spares.append(w)

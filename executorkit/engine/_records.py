@@ -128,8 +128,8 @@ class _Worker:
 
     __slots__ = (
         "chan", "conn", "direct", "env", "eof", "errdir", "exit_status", "held", "host", "id",
-        "out", "path_version", "persistent", "pid", "pinned", "slot", "spare", "stopping",
-        "tasks", "writing",
+        "lingers", "out", "path_version", "persistent", "pid", "pinned", "slot", "spare",
+        "stopping", "tasks", "writing",
     )
 
     def __init__(self, worker_id: int, *, persistent: bool, slot: int | None = None) -> None:
@@ -155,6 +155,7 @@ class _Worker:
         self.conn: _Conn | None = None
         self.writing = False  # output left over: the selector also waits for writability
         self.path_version = 0  # the driver's sys.path this worker has (see _syspath)
+        self.lingers = False  # a one-call worker waiting for its shutdown after its reply
 
 
 @dataclass

@@ -376,7 +376,8 @@ class ForkServer:
         # No driver watch thread here: this fork server kills every worker's process group
         # when the driver goes away, and PDEATHSIG covers the fork server's own death.
         return loop.serve(self.address, self.secret, msg.worker_id, persistent=msg.persistent,
-                          init_payload=msg.init_payload, setup=setup, watch_driver=False)
+                          init_payload=msg.init_payload, setup=setup, watch_driver=False,
+                          linger=True)
 
     def _exec_mpi(self, msg: Spawn, setup: _call.TaskSetup | None) -> None:
         """Become ``mpiexec``; its ranks find the driver through a private boot file."""
