@@ -58,6 +58,7 @@ from executorkit.transport import (
     SpawnFailed,
     Stop,
     connect,
+    encode,
 )
 from executorkit.worker import _call, loop, program
 
@@ -531,20 +532,25 @@ def _probe(x: int) -> int:
     return x + 1
 
 
+_PROBE_KEY = b"probe" * 8  # (the probe's frames are never sent: any key will do)
+
+
 @functools.cache
-def _probe_blobs() -> tuple[bytes, bytes]:
-    """The probe call's function and arguments, pickled once (a child only unpickles them,
-    as it will its own call's)."""
-    return cloudpickle.dumps(_probe), pickle.dumps(((1,), {}))
+def _probe_frame() -> bytes:
+    """The probe call as the engine would frame it, made once (a child only reads it, as
+    it will read its own call)."""
+    from executorkit.transport import RunTask, TaskSetup
+
+    call = RunTask(0, cloudpickle.dumps(_probe), pickle.dumps(((1,), {})), TaskSetup(), None)
+    return b"".join(encode(call, _PROBE_KEY))
 
 
 def _probe_call() -> None:
-    """One call through the worker's code path: whatever it touches first is done with."""
-    from executorkit.transport import RunTask, TaskSetup
-
-    msg = RunTask(0, *_probe_blobs(), TaskSetup(), None)
+    """One call through the worker's code path, from reading its frame to framing the reply:
+    whatever it touches first is done with (in a spare, before its call arrives)."""
     with contextlib.suppress(Exception):
-        _call.run(msg)
+        (msg,) = FrameReader(_PROBE_KEY).feed(memoryview(_probe_frame()))
+        encode(_call.run(msg), _PROBE_KEY)
 
 
 _HUGE = 2 << 20  # x86-64's (and arm64's, with 4 KiB pages) PMD size
