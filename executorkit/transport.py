@@ -274,10 +274,13 @@ class ProgramEnd(_Message):
 class Preload(_Message):
     """Fork-server request: import ``modules`` now, so the workers forked from here on
     start with them. ``env`` (the thread variables of a default call) is set first, as
-    libraries such as OpenBLAS size their thread pools when they are imported."""
+    libraries such as OpenBLAS size their thread pools when they are imported.
+    ``functions``: pickled functions sent by value, unpickled once there for every worker
+    forked after."""
 
     modules: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
+    functions: tuple[bytes, ...] = ()
 
 
 @dataclass(slots=True)

@@ -308,3 +308,57 @@ def test_the_engine_shuts_a_lingering_workers_connection_after_its_reply(monkeyp
         assert exe.submit(abs, -2).result(timeout=T) == 2
         assert exe.submit(abs, -3).result(timeout=T) == 3
     assert shut.count(socket.SHUT_WR) >= 2
+
+
+@pytest.fixture
+def sent_by_value(tmp_path, monkeypatch):
+    """A function sent by value whose unpickling appends the unpickler's pid to a file."""
+    import cloudpickle
+
+    import executorkit
+
+    name = f"byvalue_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "unpickled.txt"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+        import os
+
+
+        def _rebuilt():
+            with open({str(marker)!r}, "a") as fh:
+                fh.write(f"{{os.getpid()}}\\n")
+            return Witness()
+
+
+        class Witness:
+            def __reduce__(self):
+                return _rebuilt, ()
+
+
+        WITNESS = Witness()
+
+
+        def work(x):
+            return os.getpid(), type(WITNESS).__name__, x + 1
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = __import__(name)
+    executorkit.pickle_by_value(module)
+    yield module, marker
+    cloudpickle.unregister_pickle_by_value(module)
+    sys.modules.pop(name, None)
+
+
+def test_a_function_sent_by_value_is_unpickled_once_in_the_fork_server(sent_by_value):
+    # Workers forked after its first call find the function in their cache: no per-call
+    # rebuilding of it (nor of what it holds) on the hand-over.
+    module, marker = sent_by_value
+    with SingleNodeExecutor(max_workers=2, preload=[]) as exe:
+        results = [exe.submit(module.work, i).result(timeout=T) for i in range(12)]
+        server = exe._engine.launcher.process.pid
+    assert [r[1:] for r in results] == [("Witness", i + 1) for i in range(12)]
+    unpicklers = [int(p) for p in marker.read_text().split() if int(p) != os.getpid()]
+    assert server in unpicklers
+    workers = {pid for pid, _, _ in results}
+    # Only workers forked before the fork server had it rebuilt it themselves: the first
+    # call's (forked with the fork server itself) and the two spares started with it.
+    assert len(set(unpicklers) & workers) <= 3 < len(workers) - 3

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections import deque
 
-from executorkit._pickling import imports_of
+from executorkit._pickling import _by_reference, imports_of
 from executorkit.command import PREFIX_VARIABLE, CommandCall
 from executorkit.engine._config import EngineConfig
 from executorkit.engine._failures import _error_from_info
@@ -44,6 +44,8 @@ THREAD_VARIABLES = (
     "NUMEXPR_NUM_THREADS", "BLIS_NUM_THREADS",
 )
 REPLENISH_DELAY = 0.005  # seconds between a spare taking a call and forking its successor
+FUNCTIONS_KEPT = 256  # distinct function pickles an executor has the fork server unpickle
+FUNCTION_BYTES = 1 << 20  # and the largest (a function holding big data is rebuilt per call)
 
 
 class _WorkerLife:
@@ -68,6 +70,7 @@ class _WorkerLife:
         self._preload_queue: list[str] = list(config.preload) if self._forks_warm else []
         self._preloaded: set[str] = set(config.preload)
         self._imports_seen: set[object] = set()  # code objects whose imports were learned
+        self._functions_seen: set[bytes] = set()  # function pickles looked at (_learn_function)
         self._thread_env_fixed = False  # a Preload fixed the fork server's thread variables
 
     def _spawn(self, spawn: Spawn, w: _Worker) -> None:
@@ -100,6 +103,21 @@ class _WorkerLife:
             if self.launcher.started:
                 self._send_preload(keep=None)
 
+    def _learn_function(self, task: _Task) -> None:
+        """Have the fork server unpickle a function sent by value (a script's, a notebook's)
+        once, into its workers' function cache: each worker forked after it finds the
+        function there instead of rebuilding it on the hand-over (a third of a millisecond
+        here). Functions sent by name are left alone: importing is the preload's business."""
+        if not self._forks_warm or task.payload is None or not self.launcher.started:
+            return
+        blob = task.payload[0]
+        if blob in self._functions_seen or len(self._functions_seen) >= FUNCTIONS_KEPT:
+            return
+        self._functions_seen.add(blob)
+        fn = getattr(task.fn, "__func__", task.fn)
+        if len(blob) <= FUNCTION_BYTES and not _by_reference(fn):
+            self.launcher.import_modules(Preload((), (), (blob,)))
+
     def _send_preload(self, keep: int | None) -> None:
         """Send the queued Preload; spares forked before it (but ``keep``) are replaced."""
         modules, self._preload_queue = tuple(self._preload_queue), []
@@ -129,6 +147,7 @@ class _WorkerLife:
 
     def _spawn_task(self, task: _Task, start: Start) -> None:
         self._learn_imports(task.fn)
+        self._learn_function(task)
         env = self._task_env(task.res, len(start.cpus), start.gpus, self._slot_of(start.cpus))
         cpus = self._pin(start.cpus)
         # A program (executorkit.command) runs in one worker holding all its CPUs and is

@@ -20,7 +20,7 @@ from executorkit._pickling import FunctionCache, dumps_result
 from executorkit.errors import WorkerImportError
 from executorkit.transport import ErrorInfo, RunTask, TaskDone, TaskSetup
 
-_functions = FunctionCache()
+FUNCTIONS = FunctionCache()  # (the fork server fills it for its workers: see Preload)
 _signature_cache: dict[Any, frozenset[str] | None] = {}
 
 
@@ -124,7 +124,7 @@ def load_call(msg: RunTask) -> tuple[Callable[..., Any], tuple[Any, ...], dict[s
     """The function and arguments of ``msg``, imported through the driver's path."""
     if msg.path is not None:
         _syspath.merge(msg.path)
-    fn = unpickle(msg.fn, _functions.loads)
+    fn = unpickle(msg.fn, FUNCTIONS.loads)
     args, kwargs = unpickle(msg.args)
     return fn, args, kwargs
 

@@ -279,9 +279,14 @@ class ForkServer:
         return True
 
     def _preload(self, msg: Preload) -> None:
-        """Import what the calls need, once here instead of once per forked worker."""
-        import gc
-
+        """Import what the calls need, once here instead of once per forked worker; unpickle
+        the functions sent by value likewise, into the workers' function cache (each worker
+        forked after finds its function there: a hand-over without unpickling it)."""
+        for blob in msg.functions:
+            _unpickle_function(blob)
+        if not (msg.modules or msg.env):
+            gc.freeze()  # (the function and what it holds: never scanned by a child)
+            return
         for key, value in msg.env:
             os.environ[key] = value
         self.thread_env.update(msg.env)
@@ -524,6 +529,19 @@ def _import(module: str) -> None:
     try:
         with contextlib.suppress(Exception, SystemExit):
             importlib.import_module(module)
+    finally:
+        sys.meta_path.remove(refuse)
+
+
+def _unpickle_function(blob: bytes) -> None:
+    """Put the function pickled in ``blob`` into the workers' function cache, unless it
+    cannot be unpickled here (then each worker does it, and reports what fails) or would
+    import a module unsafe to fork after."""
+    refuse = _RefuseForkUnsafe()
+    sys.meta_path.insert(0, refuse)
+    try:
+        with contextlib.suppress(Exception, SystemExit):
+            _call.FUNCTIONS.loads(blob)
     finally:
         sys.meta_path.remove(refuse)
 
