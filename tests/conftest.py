@@ -171,3 +171,28 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = (f"CI is set and this test skipped for want of {needed}: "
                            f"{skip_reason}. The project's set-up (.ci_support/setup.sh, the "
                            "'test' extra, start-slurm.sh) must provide it.")
+
+
+@pytest.fixture
+def module_for_workers(tmp_path, monkeypatch):
+    """``make(prefix, source, imported=True)``: write ``source`` as a uniquely named module
+    in ``tmp_path`` that the driver and every worker can import (sys.path and PYTHONPATH),
+    import it (unless ``imported`` is false) and return it, or its name; forgotten after
+    the test."""
+    import textwrap
+    import uuid
+
+    names: list[str] = []
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+
+    def make(prefix: str, source: str, imported: bool = True):
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        names.append(name)
+        return __import__(name) if imported else name
+
+    yield make
+    for name in names:
+        sys.modules.pop(name, None)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
-import uuid
 
 import pytest
 
@@ -41,11 +39,10 @@ def threads() -> int:
 
 
 @pytest.fixture
-def hooked(tmp_path, monkeypatch):
+def hooked(tmp_path, module_for_workers):
     """A module that registers all three at-fork hooks; the parent's write to a file."""
-    name = f"hooked_{uuid.uuid4().hex[:8]}"
     log = tmp_path / "parent-hooks.txt"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+    module = module_for_workers("hooked", f"""
         import os
 
         CHILD_HOOK_PID = None
@@ -67,13 +64,8 @@ def hooked(tmp_path, monkeypatch):
 
         def report():
             return os.getpid(), CHILD_HOOK_PID
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
-    module = __import__(name)
-    yield module, log
-    sys.modules.pop(name, None)
+    """)
+    return module, log
 
 
 @pytest.mark.skipif(not RAW, reason="libc's fork is used on CPython 3.10 and 3.11 only")
@@ -115,18 +107,15 @@ def test_stdlib_random_is_reseeded_in_every_worker():
     assert len(set(draws)) == 4
 
 
-def test_a_fork_server_with_a_second_thread_forks_with_os_fork(tmp_path, monkeypatch):
+def test_a_fork_server_with_a_second_thread_forks_with_os_fork(module_for_workers):
     # Another Python thread may hold a lock at fork time: then CPython's own after-fork
     # work is needed, and the worker sees one thread only.
-    name = f"threaded_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent("""
+    name = module_for_workers("threaded", """
         import threading
 
         _stop = threading.Event()
         threading.Thread(target=_stop.wait, daemon=True).start()
-    """))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    """, imported=False)
     with SingleNodeExecutor(max_workers=1, preload=[name]) as exe:
         assert exe.submit(forked_by).result(timeout=T) == "os"
         assert exe.submit(threads).result(timeout=T) == 1
@@ -311,15 +300,14 @@ def test_the_engine_shuts_a_lingering_workers_connection_after_its_reply(monkeyp
 
 
 @pytest.fixture
-def sent_by_value(tmp_path, monkeypatch):
+def sent_by_value(tmp_path, module_for_workers):
     """A function sent by value whose unpickling appends the unpickler's pid to a file."""
     import cloudpickle
 
     import executorkit
 
-    name = f"byvalue_{uuid.uuid4().hex[:8]}"
     marker = tmp_path / "unpickled.txt"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+    module = module_for_workers("byvalue", f"""
         import os
 
 
@@ -339,13 +327,10 @@ def sent_by_value(tmp_path, monkeypatch):
 
         def work(x):
             return os.getpid(), type(WITNESS).__name__, x + 1
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    module = __import__(name)
+    """)
     executorkit.pickle_by_value(module)
     yield module, marker
     cloudpickle.unregister_pickle_by_value(module)
-    sys.modules.pop(name, None)
 
 
 def test_a_function_sent_by_value_is_unpickled_once_in_the_fork_server(sent_by_value):

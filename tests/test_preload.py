@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import textwrap
-import uuid
 
 import pytest
 
@@ -17,11 +15,10 @@ T = 60
 
 
 @pytest.fixture
-def heavy(tmp_path, monkeypatch):
+def heavy(tmp_path, module_for_workers):
     """A module that appends its importer's pid to a marker file when imported."""
-    name = f"heavy_{uuid.uuid4().hex[:8]}"
     marker = tmp_path / "imports.txt"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+    module = module_for_workers("heavy", f"""
         import os
 
         with open({str(marker)!r}, "a") as fh:
@@ -30,15 +27,8 @@ def heavy(tmp_path, monkeypatch):
 
         def work(x):
             return os.getpid(), x + 1
-
-
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
-    module = __import__(name)
-    yield module, marker
-    sys.modules.pop(name, None)
+    """)
+    return module, marker
 
 
 def importers(marker) -> list[int]:
@@ -193,12 +183,11 @@ def test_preload_none_leaves_the_first_workers_to_import(heavy, tmp_path):
     assert seen == pids and len(pids) == 2
 
 
-def test_a_module_that_imports_mpi4py_mpi_is_not_preloaded(tmp_path, monkeypatch):
+def test_a_module_that_imports_mpi4py_mpi_is_not_preloaded(tmp_path, module_for_workers):
     # mpi4py.MPI initialises MPI when imported: a fork server must never do that (its
     # children would inherit an initialised MPI), so such a module is left to the workers.
-    name = f"mpiuser_{uuid.uuid4().hex[:8]}"
     marker = tmp_path / "imports.txt"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+    name = module_for_workers("mpiuser", f"""
         import os
         from mpi4py import MPI
 
@@ -208,9 +197,7 @@ def test_a_module_that_imports_mpi4py_mpi_is_not_preloaded(tmp_path, monkeypatch
 
         def work(x):
             return os.getpid(), MPI.COMM_WORLD.Get_size()
-    """))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    """, imported=False)
     server, pids, seen = _run_script(tmp_path, marker, name, False, '"auto"')
     assert server not in seen
     assert seen and seen <= pids
