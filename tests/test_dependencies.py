@@ -142,8 +142,14 @@ def test_shutdown_cancel_futures_cancels_dependency_waiters(tmp_path, mode):
     waiting = exe.submit(tf.inc, running)
     foreign = cf.Future()
     waiting_foreign = exe.submit(tf.inc, foreign)
-    threading.Timer(0.0, tf.release, (str(tmp_path), "r")).start()
+    # The running call may end only once shutdown has cancelled the queued one (a release
+    # racing the shutdown let it start first, once in a Flux run); the backstop turns a
+    # queued call that is never cancelled into a failure instead of a hang.
+    release = threading.Timer(T, tf.release, (str(tmp_path), "r"))
+    release.start()
+    queued.add_done_callback(lambda _: tf.release(str(tmp_path), "r"))
     exe.shutdown(wait=True, cancel_futures=True)
+    release.cancel()
     assert queued.cancelled()
     assert waiting.cancelled()
     assert waiting_foreign.cancelled()
