@@ -347,3 +347,27 @@ def test_a_function_sent_by_value_is_unpickled_once_in_the_fork_server(sent_by_v
     # Only workers forked before the fork server had it rebuilt it themselves: the first
     # call's (forked with the fork server itself) and the two spares started with it.
     assert len(set(unpicklers) & workers) <= 3 < len(workers) - 3
+
+
+def test_unpickling_a_function_imports_nothing_in_the_fork_server():
+    # A function whose unpickling would import a module the fork server does not have
+    # (one kept out on purpose, say) is left to the workers to rebuild.
+    import cloudpickle
+
+    import executorkit
+
+    namespace = {"__name__": "__main__"}  # (a script's function: sent by value)
+    exec("import wave\n\ndef f():\n    return wave.Error\n", namespace)
+    blob = cloudpickle.dumps(namespace["f"])
+    home = os.path.dirname(os.path.dirname(executorkit.__file__))
+    script = (
+        "import sys\n"
+        "from executorkit.worker import forkserver, _call\n"
+        "assert 'wave' not in sys.modules\n"
+        f"forkserver._unpickle_function({blob!r})\n"
+        "print('wave' in sys.modules, len(_call.FUNCTIONS._items))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=T, check=True, cwd=home,
+                         env={**os.environ, "PYTHONPATH": home}).stdout.split()
+    assert out == ["False", "0"]

@@ -533,17 +533,28 @@ def _import(module: str) -> None:
         sys.meta_path.remove(refuse)
 
 
+class _NoImports:
+    """While unpickling a function here: no module may be imported (see
+    :func:`_unpickle_function`)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        raise ImportError(f"{name} is not imported in the fork server to unpickle a "
+                          f"function", name=name)
+
+
 def _unpickle_function(blob: bytes) -> None:
     """Put the function pickled in ``blob`` into the workers' function cache, unless it
-    cannot be unpickled here (then each worker does it, and reports what fails) or would
-    import a module unsafe to fork after."""
-    refuse = _RefuseForkUnsafe()
-    sys.meta_path.insert(0, refuse)
+    cannot be unpickled here without importing a module (then each worker does it, and
+    reports what fails). The modules a function needs were preloaded just before, if they
+    may be (the engine learns them first); one kept out of the fork server on purpose
+    (``mpi4py.MPI``, or one the preload could not import) must not come in this way."""
+    guard = _NoImports()
+    sys.meta_path.insert(0, guard)
     try:
         with contextlib.suppress(Exception, SystemExit):
             _call.FUNCTIONS.loads(blob)
     finally:
-        sys.meta_path.remove(refuse)
+        sys.meta_path.remove(guard)
 
 
 def _probe(x: int) -> int:
