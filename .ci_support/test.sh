@@ -47,10 +47,12 @@ status=$?
 # exit code 5 means "no tests collected": a broken suite, not a pass
 if [ "$flux_ok" = 1 ]; then
   # Every broker of these test instances runs on this machine, so the MPI ranks of their
-  # jobs talk over loopback (as SingleNodeExecutor's do). Left to pick every interface, the
-  # MPICH wheel's UCX now and then fails MPI_Init on this kind of VM ("failed to unpack
-  # address, invalid bandwidth 0.00"; pmodels/mpich#7417), a flake outside executorkit.
-  export UCX_NET_DEVICES=lo
+  # jobs talk through shared memory (UCX_TLS) and, for anything else, loopback (as
+  # SingleNodeExecutor's do). Left to its TCP transport, the MPICH wheel's UCX now and then
+  # fails MPI_Init on this kind of VM ("failed to unpack address, invalid bandwidth 0.00";
+  # pmodels/mpich#7417), a flake outside executorkit: it struck the four-broker run with
+  # loopback alone too.
+  export UCX_NET_DEVICES=lo UCX_TLS=self,sm
   echo "test: Flux tests in a one-broker instance"
   flux start .venv/bin/python -m pytest -m "flux and not flux_nodes" "$@"
   combine $?
