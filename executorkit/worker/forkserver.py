@@ -35,7 +35,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 # Pre-import what every worker needs, so a forked child starts warm.
@@ -508,38 +508,37 @@ def _fresh_numpy_random() -> None:
         random.set_state(("MT19937", key, 624))  # all 19937 bits of state drawn anew
 
 
-class _RefuseForkUnsafe:
-    """While preloading: a module that would import one of ``FORK_UNSAFE`` (mpi4py.MPI
-    initialises MPI, which no forked child may inherit) fails to import here; the workers
-    that need it import it themselves."""
+class _ImportGuard:
+    """While active (a context), the first meta-path finder: the imports that ``refuses``
+    names fail with an ImportError that says ``why``; every other one goes on as usual."""
+
+    def __init__(self, refuses: Callable[[str], bool], why: str) -> None:
+        self.refuses = refuses
+        self.why = why
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
-        if name in FORK_UNSAFE:
-            raise ImportError(f"{name} is not imported in the fork server (unsafe to fork "
-                              f"after)", name=name)
+        if self.refuses(name):
+            raise ImportError(f"{name} is not imported in the fork server ({self.why})",
+                              name=name)
         return None
+
+    def __enter__(self) -> None:
+        sys.meta_path.insert(0, self)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.meta_path.remove(self)
 
 
 def _import(module: str) -> None:
-    """Import ``module`` if it can be; a worker that needs it reports the failure itself."""
+    """Import ``module`` if it can be; a worker that needs it reports the failure itself.
+    A module that would import one of ``FORK_UNSAFE`` (mpi4py.MPI initialises MPI, which no
+    forked child may inherit) fails to import here; the workers that need it import it
+    themselves."""
     if module == "__main__" or module in FORK_UNSAFE:
         return  # (the driver's script: importing it here would run it)
-    refuse = _RefuseForkUnsafe()
-    sys.meta_path.insert(0, refuse)
-    try:
-        with contextlib.suppress(Exception, SystemExit):
-            importlib.import_module(module)
-    finally:
-        sys.meta_path.remove(refuse)
-
-
-class _NoImports:
-    """While unpickling a function here: no module may be imported (see
-    :func:`_unpickle_function`)."""
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
-        raise ImportError(f"{name} is not imported in the fork server to unpickle a "
-                          f"function", name=name)
+    with _ImportGuard(FORK_UNSAFE.__contains__, "unsafe to fork after"), \
+            contextlib.suppress(Exception, SystemExit):
+        importlib.import_module(module)
 
 
 def _unpickle_function(blob: bytes) -> None:
@@ -548,13 +547,9 @@ def _unpickle_function(blob: bytes) -> None:
     reports what fails). The modules a function needs were preloaded just before, if they
     may be (the engine learns them first); one kept out of the fork server on purpose
     (``mpi4py.MPI``, or one the preload could not import) must not come in this way."""
-    guard = _NoImports()
-    sys.meta_path.insert(0, guard)
-    try:
-        with contextlib.suppress(Exception, SystemExit):
-            _call.FUNCTIONS.loads(blob)
-    finally:
-        sys.meta_path.remove(guard)
+    with _ImportGuard(lambda name: True, "to unpickle a function"), \
+            contextlib.suppress(Exception, SystemExit):
+        _call.FUNCTIONS.loads(blob)
 
 
 def _probe(x: int) -> int:
