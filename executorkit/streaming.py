@@ -6,7 +6,8 @@ completed by hand:
 * :func:`as_completed` -- a drop-in for :func:`concurrent.futures.as_completed` that also
   accepts more futures while it is being iterated (:meth:`AsCompleted.add`), so an
   active-learning loop that keeps ``k`` tasks in flight is a few lines.
-* :func:`batched` -- group futures into lists of ``n`` results, in completion order.
+* :func:`batched` -- group futures into lists of ``n`` results, in completion order
+  (failed inputs left out).
 * :func:`split_future` / :func:`get_item_from_future` -- futures of the parts of a result.
 
 Nothing blocks or polls: every output is a pending ``Future`` that is completed by a
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import time
 import weakref
@@ -26,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures as _cf
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from executorkit.errors import DependencyError, ExecutorkitError, ResourceError, dependency_error
 from executorkit.graph import ItemFuture, is_dry_run
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger("executorkit")
 
 
 class SplitFutureError(ExecutorkitError, ValueError):
@@ -258,59 +261,79 @@ def as_completed(fs: Iterable[Future[T]], timeout: float | None = None) -> AsCom
 
 
 class _Batcher:
-    """Shared state of one :func:`batched` call: the i-th completion fills slot i."""
+    """Shared state of one :func:`batched` call: results fill the batches in completion
+    order; failed inputs are left out (see :func:`batched`)."""
 
     def __init__(self, total: int, n: int):
         self._lock = threading.Lock()
         self._n = n
-        self._sizes = [min(n, total - start) for start in range(0, total, n)]
-        self.outputs: list[Future[list[Any]]] = [Future() for _ in self._sizes]
-        self._items: list[list[Any]] = [[] for _ in self._sizes]
-        self._arrived = [0] * len(self._sizes)  # completions assigned to each batch
-        self._failed = [False] * len(self._sizes)
-        self._next_slot = 0
+        self._left = total  # inputs not done yet
+        self.outputs: list[Future[list[Any]]] = [Future() for _ in range(0, total, n)]
+        self._batch = 0  # the batch being filled
+        self._items: list[Any] = []
+        self._failed: list[tuple[int, BaseException]] = []  # (input index, its error)
 
     def on_done(self, index: int, future: Future[Any]) -> None:
         # Runs inside Future.set_result()/cancel() of some thread: must never raise.
         try:
             value, error = _outcome(future)
-            action = self._record(index, value, error)
-            if action is not None:
+            if error is not None:
+                log.warning("batched(): input %d %s; it is left out of the batches", index,
+                            _failure_text(error))
+            for action in self._record(index, value, error):
                 action()  # outside the lock: it runs the output's own callbacks
         except Exception as exc:
             # The slot bookkeeping can no longer be trusted, so no batch would be reliable.
             _fail_unfinished(self.outputs, "batched()", exc)
 
-    def _record(
-        self, index: int, value: Any, error: BaseException | None
-    ) -> Callable[[], None] | None:
-        """Put one completion in the next slot; return what to do with its batch, if any."""
+    def _record(self, index: int, value: Any, error: BaseException | None
+                ) -> list[Callable[[], None]]:
+        """Count one completion; return what to do with the batches it completes."""
+        actions: list[Callable[[], None]] = []
         with self._lock:
-            batch = self._next_slot // self._n
-            self._next_slot += 1
-            self._arrived[batch] += 1
-            out = self.outputs[batch]
-            if self._failed[batch]:
-                return None  # the slot is used up, but the batch has already failed
+            self._left -= 1
             if error is not None:
-                self._failed[batch] = True
-                self._items[batch] = []
-                dep = _dependency_error(f"batched() batch {batch}", f"{index}", error)
-                return lambda: _reject(out, dep)
-            self._items[batch].append(value)
-            if self._arrived[batch] < self._sizes[batch]:
-                return None
-            items, self._items[batch] = self._items[batch], []
-            return lambda: _resolve(out, items)
+                self._failed.append((index, error))
+            else:
+                self._items.append(value)
+            if len(self._items) == self._n or (self._left == 0 and self._items):
+                out, items = self.outputs[self._batch], self._items
+                self._batch, self._items = self._batch + 1, []
+                actions.append(functools.partial(_resolve, out, items))
+            if self._left == 0:
+                # Failures left these batches without a single result: they fail, naming
+                # the first failed input (the others are in the message).
+                first, cause = self._failed[0] if self._failed else (index, None)
+                others = [i for i, _ in self._failed[1:]]
+                source = f"{first}" + (f" (and inputs {_list(others)})" if others else "")
+                for b in range(self._batch, len(self.outputs)):
+                    dep = _dependency_error(f"batched() batch {b} (no input left to fill "
+                                            f"it)", source, cast(BaseException, cause))
+                    actions.append(functools.partial(_reject, self.outputs[b], dep))
+        return actions
+
+
+def _failure_text(error: BaseException) -> str:
+    if isinstance(error, CancelledError):
+        return "was cancelled"
+    return f"failed with {type(error).__name__}: {error}"
+
+
+def _list(numbers: list[int], shown: int = 10) -> str:
+    text = ", ".join(map(str, numbers[:shown]))
+    return text + (f" and {len(numbers) - shown} more" if len(numbers) > shown else "")
 
 
 def batched(futures: Iterable[Future[T]], n: int) -> list[Future[list[T]]]:
     """Group futures into ``ceil(len / n)`` futures of lists of ``n`` results.
 
-    Output ``i`` gets the results of the ``i``-th group of ``n`` inputs *to complete*, in
-    completion order; the last output may hold fewer.  If an input fails or is cancelled,
-    the batch it would have landed in fails with :class:`DependencyError` (``__cause__`` is
-    the input's exception) and later inputs fill later batches.
+    Results fill the outputs in completion order: output ``i`` is done as soon as ``n`` more
+    inputs have succeeded (the last output may hold fewer). An input that fails or is
+    cancelled is left out, as in executorlib, and logged as a warning (its own future still
+    holds the error): the others fill the batches, and once every input is done the batch
+    being filled completes with what it has. An output that no result is left for (when
+    inputs failed) fails with :class:`DependencyError`, caught as the first failed input's
+    exception type too (``__cause__`` is that exception).
     """
     n = _check_count(n, "n")
     inputs = [_check_future(f, f"batched() input {i}") for i, f in enumerate(futures)]

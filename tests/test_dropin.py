@@ -64,6 +64,16 @@ def test_split_future_and_batched_items_are_caught_as_the_upstream_type():
         assert isinstance(batch.exception(timeout=T), DependencyError)
 
 
+def test_batched_leaves_a_failed_input_out_as_executorlib_does():
+    with executorlib.SingleNodeExecutor() as exe:
+        inputs = [exe.submit(add_function, i, 0) for i in range(5)]
+        inputs.append(exe.submit(raise_error, parameter=0))
+        batches = exe.batched(inputs, n=3)
+        results = [b.result(timeout=T) for b in batches]
+    assert len(results) == 2
+    assert sorted(x for batch in results for x in batch) == [0, 1, 2, 3, 4]
+
+
 def test_combined_dependency_error_pickles():
     with executorlib.SingleNodeExecutor(max_workers=1) as exe:
         bad = exe.submit(raise_error, parameter=1)

@@ -281,35 +281,61 @@ def test_batched_done_inputs_and_pool() -> None:
     assert sorted(results) == [x * x for x in range(7)]
 
 
-def test_batched_failure_fails_its_batch_only(no_callback_errors: None) -> None:
-    inputs = [pending() for _ in range(4)]
-    out = batched(inputs, 2)
-    boom = ValueError("boom")
-    inputs[1].set_exception(boom)
-    error = outcome_error(out[0])  # fails at once, without waiting for its second slot
-    assert isinstance(error, DependencyError)
-    assert error.__cause__ is boom
-    assert "input 1" in str(error)
-    assert "ValueError" in str(error)
-    inputs[0].set_result(0)  # takes the failed batch's second slot
+def test_batched_leaves_a_failed_input_out(no_callback_errors: None, caplog) -> None:
+    # executorlib's rule: one failed simulation does not cost its batch the good results
+    inputs = [pending() for _ in range(6)]
+    out = batched(inputs, 3)
+    with caplog.at_level(logging.WARNING, logger="executorkit"):
+        inputs[5].set_exception(RuntimeError("boom"))
+    for i in range(3):
+        inputs[i].set_result(i)
+    assert out[0].result(timeout=WAIT) == [0, 1, 2]
     inputs[3].set_result(3)
-    assert not out[1].done()
-    inputs[2].set_result(2)
-    assert out[1].result(timeout=WAIT) == [3, 2]
-    assert outcome_error(out[0]) is error
+    assert not out[1].done()  # input 4 may still come
+    inputs[4].set_result(4)
+    assert out[1].result(timeout=WAIT) == [3, 4]  # short: every input is done
+    assert "input 5 failed with RuntimeError: boom" in caplog.text
 
 
-def test_batched_cancel_propagates() -> None:
-    inputs = [pending(), pending()]
-    out = batched(inputs, 1)
+def test_batched_leaves_a_cancelled_input_out(no_callback_errors: None) -> None:
+    inputs = [pending(), pending(), pending()]
+    out = batched(inputs, 2)
     inputs[1].cancel()
     inputs[0].set_result("x")
-    error = outcome_error(out[0])
+    assert not out[0].done()
+    inputs[2].set_result("z")
+    assert out[0].result(timeout=WAIT) == ["x", "z"]
+    error = outcome_error(out[1])  # nothing is left to fill it
     assert isinstance(error, DependencyError)
     assert isinstance(error.__cause__, CancelledError)
-    assert "input 1" in str(error)
-    assert "CancelledError" in str(error)
-    assert out[1].result(timeout=WAIT) == ["x"]
+    assert "batch 1" in str(error) and "input 1" in str(error)
+
+
+def test_batched_fails_the_batches_no_result_is_left_for(no_callback_errors: None) -> None:
+    inputs = [pending() for _ in range(5)]
+    out = batched(inputs, 2)
+    boom = ValueError("boom")
+    for i in (4, 1, 3):
+        inputs[i].set_exception(boom if i == 4 else KeyError(i))
+    inputs[0].set_result(0)
+    assert not any(f.done() for f in out)  # input 2 may still fill batch 0
+    inputs[2].set_result(2)
+    assert out[0].result(timeout=WAIT) == [0, 2]
+    for batch in (1, 2):
+        error = outcome_error(out[batch])
+        assert isinstance(error, DependencyError)
+        assert isinstance(error, ValueError)  # caught as the first failure's type too
+        assert error.__cause__ is boom
+        assert f"batch {batch}" in str(error) and "input 4" in str(error)
+        assert "inputs 1, 3" in str(error)
+
+
+def test_batched_of_failed_inputs_only_fails_every_batch(no_callback_errors: None) -> None:
+    inputs = [pending(), pending()]
+    out = batched(inputs, 1)
+    for f in inputs:
+        f.set_exception(OSError("disk"))
+    assert all(isinstance(outcome_error(b), OSError) for b in out)
 
 
 @pytest.mark.parametrize("bad", [0, -2, True, False, 1.5, "2", None])
