@@ -313,10 +313,16 @@ class _Batcher:
         return actions
 
 
-def _failure_text(error: BaseException) -> str:
+def _failure_text(error: BaseException, limit: int = 300) -> str:
     if isinstance(error, CancelledError):
         return "was cancelled"
-    return f"failed with {type(error).__name__}: {error}"
+    try:
+        text = str(error)
+    except Exception:  # a broken __str__ must not cost the batch its bookkeeping
+        text = "<unprintable>"
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"failed with {type(error).__name__}: {text}"
 
 
 def _list(numbers: list[int], shown: int = 10) -> str:

@@ -330,6 +330,20 @@ def test_batched_fails_the_batches_no_result_is_left_for(no_callback_errors: Non
         assert "inputs 1, 3" in str(error)
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_batched_leaves_out_a_failure_whose_text_cannot_be_made(no_callback_errors: None
+                                                                ) -> None:
+    inputs = [pending(), pending()]
+    out = batched(inputs, 2)
+    inputs[0].set_exception(_Unprintable())
+    inputs[1].set_result(1)
+    assert out[0].result(timeout=WAIT) == [1]
+
+
 def test_batched_of_failed_inputs_only_fails_every_batch(no_callback_errors: None) -> None:
     inputs = [pending(), pending()]
     out = batched(inputs, 1)
