@@ -30,6 +30,13 @@ class ResourceError(ExecutorkitError, ValueError):
         self.allowed = allowed
 
 
+class GpuPoolError(ResourceError, TypeError):
+    """A call (or an executor's ``resource_dict``) asks for more GPUs than the executor can
+    grant: none unless ``max_gpus`` (or the allocation) declares them. Also a ``TypeError``,
+    the type executorlib raises when a SingleNodeExecutor is given ``gpus_per_core``, so
+    ``except TypeError:`` written for it still catches this."""
+
+
 class DependencyError(ExecutorkitError):
     """An input of a call failed or was cancelled, so the call never ran.
 

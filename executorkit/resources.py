@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from executorkit.errors import ResourceError
+from executorkit.errors import GpuPoolError, ResourceError
 
 __all__ = ["ALIASES", "ESCALATABLE", "EXECUTOR_SETTINGS", "KEYS", "Capabilities", "Resources",
            "merge", "parse"]
@@ -343,7 +343,7 @@ class Capabilities:
             )
         glimit = self.per_task_gpus if self.per_task_gpus is not None else self.max_gpus
         if res.gpus > glimit:
-            raise ResourceError(
+            raise GpuPoolError(
                 f"the call asks for cores x gpus_per_core = {res.cores} x {res.gpus_per_core} "
                 f"= {res.gpus} GPUs but {glimit} can be granted (declare the pool with "
                 f"max_gpus=...)",

@@ -74,6 +74,16 @@ def test_batched_leaves_a_failed_input_out_as_executorlib_does():
     assert sorted(x for batch in results for x in batch) == [0, 1, 2, 3, 4]
 
 
+def test_gpus_on_an_executor_without_a_gpu_pool_raise_the_type_executorlib_raises():
+    with pytest.raises(TypeError) as info:  # executorlib: TypeError; here also a ValueError
+        executorlib.SingleNodeExecutor(max_cores=1, resource_dict={"cores": 1,
+                                                                   "gpus_per_core": 1})
+    assert isinstance(info.value, ValueError) and info.value.key == "gpus_per_core"
+    with executorlib.SingleNodeExecutor(max_cores=1) as exe:
+        with pytest.raises(TypeError, match="max_gpus"):
+            exe.submit(add_function, 1, 2, resource_dict={"gpus_per_core": 1})
+
+
 def test_combined_dependency_error_pickles():
     with executorlib.SingleNodeExecutor(max_workers=1) as exe:
         bad = exe.submit(raise_error, parameter=1)
