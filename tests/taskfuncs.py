@@ -197,6 +197,39 @@ def mpi_exit_on(rank_to_exit):
     return comm.Get_rank()
 
 
+def _note_mpich_segments(directory):
+    """Rank 0 writes the MPICH shared-memory files of its job to ``directory/segments``."""
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        with open("/proc/self/maps") as fh:
+            found = {line.split(maxsplit=5)[-1].strip() for line in fh
+                     if "/dev/shm/mpich_shm_" in line}
+        path = os.path.join(directory, "segments")
+        with open(path + ".tmp", "w") as fh:
+            fh.write("\n".join(sorted(found)))
+        os.replace(path + ".tmp", path)
+    MPI.COMM_WORLD.barrier()
+
+
+def singleton_segments_then_hang(directory):
+    """One process that initialises MPI itself (no mpiexec), notes its files, hangs."""
+    _note_mpich_segments(directory)
+    time.sleep(600)
+
+
+def mpi_segments_then_hang(directory):
+    _note_mpich_segments(directory)
+    time.sleep(600)
+
+
+def mpi_segments_then_fail_on(directory, rank_to_fail):
+    from mpi4py import MPI
+
+    _note_mpich_segments(directory)
+    return mpi_fail_on(rank_to_fail) if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
 def mpi_unpicklable_on(rank):
     from mpi4py import MPI
 

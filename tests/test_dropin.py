@@ -79,9 +79,9 @@ def test_gpus_on_an_executor_without_a_gpu_pool_raise_the_type_executorlib_raise
         executorlib.SingleNodeExecutor(max_cores=1, resource_dict={"cores": 1,
                                                                    "gpus_per_core": 1})
     assert isinstance(info.value, ValueError) and info.value.key == "gpus_per_core"
-    with executorlib.SingleNodeExecutor(max_cores=1) as exe:
-        with pytest.raises(TypeError, match="max_gpus"):
-            exe.submit(add_function, 1, 2, resource_dict={"gpus_per_core": 1})
+    with executorlib.SingleNodeExecutor(max_cores=1) as exe, \
+            pytest.raises(TypeError, match="max_gpus"):
+        exe.submit(add_function, 1, 2, resource_dict={"gpus_per_core": 1})
 
 
 def test_combined_dependency_error_pickles():

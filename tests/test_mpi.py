@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
 import capabilities
 import pytest
 import taskfuncs as tf
-from conftest import new_executor
+from conftest import new_executor, wait_until
 
 from executorkit import SingleNodeExecutor
 from executorkit.errors import SerializationError, TaskTimeoutError, WorkerDiedError
@@ -66,6 +72,68 @@ def test_hanging_mpi_call_is_stopped_by_run_time_max(mpi_exe):
     res = {**(res or {}), "run_time_max": 2}
     with pytest.raises(TaskTimeoutError):
         exe.submit(tf.sleep_forever, resource_dict=res).result(timeout=T)
+
+
+def job_segments(directory, running: bool = True) -> list[str]:
+    """The MPICH shared-memory files the call in ``directory`` noted (see taskfuncs); while
+    it runs, they exist."""
+    path = directory / "segments"
+    wait_until(path.exists, timeout=T)
+    segments = path.read_text().split()
+    assert segments  # the job has some (a rank notes the files it has mapped)
+    assert not running or all(os.path.exists(s) for s in segments)
+    return segments
+
+
+def gone(segments) -> bool:
+    return not any(os.path.exists(s) for s in segments)
+
+
+def test_a_cancelled_mpi_call_leaves_no_shared_memory_behind(mpi_exe, tmp_path):
+    # MPICH removes its /dev/shm file at MPI_Finalize, which a killed job never reaches
+    exe, res = mpi_exe
+    future = exe.submit(tf.mpi_segments_then_hang, str(tmp_path), resource_dict=res)
+    segments = job_segments(tmp_path)
+    assert future.cancel()
+    wait_until(lambda: gone(segments), timeout=T)
+
+
+def test_an_mpi_call_that_aborts_leaves_no_shared_memory_behind(mpi_exe, tmp_path):
+    exe, res = mpi_exe
+    future = exe.submit(tf.mpi_segments_then_fail_on, str(tmp_path), 1, resource_dict=res)
+    segments = job_segments(tmp_path, running=False)  # (it may have aborted already)
+    with pytest.raises(ValueError, match="rank 1 failed"):
+        future.result(timeout=T)
+    wait_until(lambda: gone(segments), timeout=T)
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_a_cancelled_one_process_mpi_call_leaves_no_shared_memory_behind(tmp_path, block):
+    with SingleNodeExecutor(max_workers=1, block_allocation=block) as exe:
+        future = exe.submit(tf.singleton_segments_then_hang, str(tmp_path))
+        segments = job_segments(tmp_path)
+        assert future.cancel()
+        wait_until(lambda: gone(segments), timeout=T)
+
+
+def test_a_killed_driver_leaves_no_shared_memory_behind(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import taskfuncs as tf
+        from executorkit import SingleNodeExecutor
+        exe = SingleNodeExecutor(max_cores=2)
+        exe.submit(tf.mpi_segments_then_hang, {str(tmp_path)!r}, resource_dict={{"cores": 2}})
+        time.sleep(600)
+    """))
+    driver = subprocess.Popen([sys.executable, str(script)])
+    try:
+        segments = job_segments(tmp_path)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=T)
+    wait_until(lambda: gone(segments), timeout=T)  # the fork server cleans up after it
 
 
 def test_threads_reach_every_rank():

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import time
 from collections import deque
@@ -38,6 +39,7 @@ from executorkit.transport import (
     Stop,
     TaskSetup,
 )
+from executorkit.worker._shm import remove_shared_memory
 
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
@@ -352,6 +354,9 @@ class _WorkerLife:
             if w.errdir and _rank_error(w.errdir, tasks[0].id) is not None:
                 w.stopping = True  # an MPI rank raised: the call failed, not the worker
             self._finish(tasks[0], exc=self._death_error(w, tasks[0], reason))
+        if w.errdir is not None:  # an MPI job: what a killed one leaves behind goes too
+            remove_shared_memory(w.errdir)
+            shutil.rmtree(w.errdir, ignore_errors=True)
         if w.persistent:
             self._replace_block_worker(w, tasks)
         elif w.held is not None:

@@ -61,6 +61,7 @@ from executorkit.transport import (
     encode,
 )
 from executorkit.worker import _call, loop, program
+from executorkit.worker._shm import mapped_segments, remove_shared_memory, unlink_segments
 
 _PR_SET_PDEATHSIG = 1
 
@@ -228,6 +229,7 @@ class ForkServer:
         self.chan.send(Hello(0, os.getpid(), socket.gethostname()))
         self.reader = FrameReader(secret)
         self.children: dict[int, int] = {}  # pid -> worker_id
+        self.errdirs: dict[int, str] = {}  # pid -> private directory of an MPI worker
         # thread variables set when modules were preloaded (their pools are sized so)
         self.thread_env: dict[str, str] = {}
         self.pids: dict[int, int] = {}  # worker_id -> pid
@@ -325,6 +327,8 @@ class ForkServer:
             os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
         self.children[pid] = msg.worker_id
         self.pids[msg.worker_id] = pid
+        if msg.mpi_command and msg.errdir:
+            self.errdirs[pid] = msg.errdir
 
     def _adopt(self, env: tuple[tuple[str, str], ...]) -> None:
         """Set a spare's variables here (once: they are the same for every spare), so the
@@ -419,11 +423,15 @@ class ForkServer:
             return  # already reaped: never signal a pid that may have been reused
         if pid in self.programs:
             self.programs[pid].killed = True
+        # A worker that initialised MPI itself (one process, no mpiexec) has a file in
+        # /dev/shm that only its MPI_Finalize would remove (see worker._shm).
+        segments = mapped_segments(pid) if signum == signal.SIGKILL else ()
         try:
             os.killpg(pid, signum)
         except ProcessLookupError:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+        unlink_segments(segments)
 
     def _reap(self) -> None:
         while self.children:
@@ -438,9 +446,13 @@ class ForkServer:
                 continue
             self.pids.pop(worker_id, None)
             code = os.waitstatus_to_exitcode(status)
-            # The worker's own children (e.g. mpiexec ranks) die with its group.
+            # The worker's own children (e.g. mpiexec ranks) die with its group, and what
+            # MPICH keeps in /dev/shm until MPI_Finalize goes with them (see worker._shm).
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
+            errdir = self.errdirs.pop(pid, None)
+            if errdir is not None:
+                remove_shared_memory(errdir)
             self.chan.send(Exited(worker_id, pid, code, program=self._program_end(pid, code)))
 
     def _program_end(self, pid: int, code: int) -> ProgramEnd | None:
@@ -456,13 +468,17 @@ class ForkServer:
 
     def _kill_all(self) -> None:
         for pid in list(self.children):
+            segments = mapped_segments(pid)
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
+            unlink_segments(segments)
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         for pid in list(self.children):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        for errdir in self.errdirs.values():  # (the driver is gone: nobody else will)
+            remove_shared_memory(errdir)
 
 
 def apply_env(environ: MutableMapping[str, str], env: tuple[tuple[str, str], ...],

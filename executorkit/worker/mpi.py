@@ -25,6 +25,7 @@ import cloudpickle
 
 from executorkit.transport import ErrorInfo, Hello, InitFailed, RunTask, Stop, TaskDone, connect
 from executorkit.worker import _call, loop
+from executorkit.worker._shm import note_shared_memory
 
 
 def error_file(errdir: str, task_id: int, rank: int) -> str:
@@ -76,6 +77,7 @@ def main(bootfile: str) -> int:
     rank = comm.Get_rank()
     boot = loop.read_boot(bootfile)
     errdir = boot["errdir"]
+    note_shared_memory(comm, errdir)
     default_setup = boot.get("setup")
     chan = None
     if rank == 0:
