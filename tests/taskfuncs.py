@@ -212,6 +212,12 @@ def _note_mpich_segments(directory):
     MPI.COMM_WORLD.barrier()
 
 
+def singleton_segments(directory):
+    """One process that initialises MPI itself, notes its files and returns."""
+    _note_mpich_segments(directory)
+    return 1
+
+
 def singleton_segments_then_hang(directory):
     """One process that initialises MPI itself (no mpiexec), notes its files, hangs."""
     _note_mpich_segments(directory)

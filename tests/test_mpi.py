@@ -108,6 +108,15 @@ def test_an_mpi_call_that_aborts_leaves_no_shared_memory_behind(mpi_exe, tmp_pat
 
 
 @pytest.mark.parametrize("block", [False, True])
+def test_a_one_process_mpi_call_leaves_no_shared_memory_behind(tmp_path, block):
+    # forked workers leave with os._exit: mpi4py's MPI_Finalize at exit never runs
+    with SingleNodeExecutor(max_workers=1, block_allocation=block) as exe:
+        assert exe.submit(tf.singleton_segments, str(tmp_path)).result(timeout=T) == 1
+    segments = job_segments(tmp_path, running=False)
+    wait_until(lambda: gone(segments), timeout=T)
+
+
+@pytest.mark.parametrize("block", [False, True])
 def test_a_cancelled_one_process_mpi_call_leaves_no_shared_memory_behind(tmp_path, block):
     with SingleNodeExecutor(max_workers=1, block_allocation=block) as exe:
         future = exe.submit(tf.singleton_segments_then_hang, str(tmp_path))

@@ -9,7 +9,9 @@ and the file (one or a few MB of RAM) stays until the machine reboots. So:
   directory, and once the job is gone the engine and the fork server remove those on their
   own machine (files on other nodes are out of their reach);
 * the fork server, killing a worker, first looks which files it has mapped, and removes
-  them once it is dead.
+  them once it is dead;
+* a worker that leaves without MPI_Finalize (``os._exit``, as forked workers do) removes its
+  own first (:func:`release_own`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -89,3 +92,11 @@ def remove_shared_memory(errdir: str) -> list[str]:
         if host == here:  # (another node's /dev/shm is not ours to reach)
             removed += unlink_segments(paths)
     return removed
+
+
+def release_own() -> None:
+    """Before this process leaves without MPI_Finalize: remove the MPICH files it has mapped
+    (nothing to do unless a call initialised MPI here). Its mappings stay valid until it is
+    gone; other ranks of its job have theirs."""
+    if "mpi4py.MPI" in sys.modules:
+        unlink_segments(mapped_segments())

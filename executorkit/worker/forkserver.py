@@ -61,7 +61,12 @@ from executorkit.transport import (
     encode,
 )
 from executorkit.worker import _call, loop, program
-from executorkit.worker._shm import mapped_segments, remove_shared_memory, unlink_segments
+from executorkit.worker._shm import (
+    mapped_segments,
+    release_own,
+    remove_shared_memory,
+    unlink_segments,
+)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -321,6 +326,7 @@ class ForkServer:
                 traceback.print_exc()  # the driver then reports exit code 70 for it
                 sys.stderr.flush()
             finally:
+                release_own()  # (a call that initialised MPI here: no MPI_Finalize follows)
                 _step_aside()
                 os._exit(code)
         with contextlib.suppress(OSError):

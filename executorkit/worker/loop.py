@@ -34,7 +34,7 @@ from executorkit.transport import (
     connect,
     encode,
 )
-from executorkit.worker import _call
+from executorkit.worker import _call, _shm
 
 WATCH_PERIOD = 0.005  # seconds between two looks of the overrun watch at the running call
 
@@ -57,6 +57,7 @@ def exit_without_driver(sock: socket.socket) -> None:
             while not poller.poll():
                 pass
         _call._flush()
+        _shm.release_own()
         os._exit(DRIVER_GONE)
 
     threading.Thread(target=watch, name="executorkit-driver-watch", daemon=True).start()

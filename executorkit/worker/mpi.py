@@ -25,7 +25,7 @@ import cloudpickle
 
 from executorkit.transport import ErrorInfo, Hello, InitFailed, RunTask, Stop, TaskDone, connect
 from executorkit.worker import _call, loop
-from executorkit.worker._shm import note_shared_memory
+from executorkit.worker._shm import note_shared_memory, release_own
 
 
 def error_file(errdir: str, task_id: int, rank: int) -> str:
@@ -42,6 +42,7 @@ def _fail(comm: Any, errdir: str, task_id: int, info: ErrorInfo) -> None:
         pickle.dump(info, fh)
     os.replace(path + ".tmp", path)
     _call._flush()
+    release_own()  # (this node's files: the job ends without MPI_Finalize)
     comm.Abort(1)
     os._exit(1)  # Abort may return before the launcher kills us: never run on
 
