@@ -136,13 +136,18 @@ def test_a_killed_driver_leaves_no_shared_memory_behind(tmp_path):
         exe.submit(tf.mpi_segments_then_hang, {str(tmp_path)!r}, resource_dict={{"cores": 2}})
         time.sleep(600)
     """))
-    driver = subprocess.Popen([sys.executable, str(script)])
+    private = tmp_path / "tmp"  # where the driver keeps its MPI workers' directories
+    private.mkdir()
+    driver = subprocess.Popen([sys.executable, str(script)],
+                              env={**os.environ, "TMPDIR": str(private)})
     try:
         segments = job_segments(tmp_path)
+        assert list(private.iterdir())
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=T)
     wait_until(lambda: gone(segments), timeout=T)  # the fork server cleans up after it
+    wait_until(lambda: not list(private.iterdir()), timeout=T)  # and its directories
 
 
 def test_threads_reach_every_rank():

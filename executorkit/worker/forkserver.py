@@ -483,8 +483,14 @@ class ForkServer:
         for pid in list(self.children):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-        for errdir in self.errdirs.values():  # (the driver is gone: nobody else will)
-            remove_shared_memory(errdir)
+        if self.errdirs:  # (the driver may be gone: nobody else would clean up after them)
+            import shutil  # (here: the fork server keeps its imports few, see _warm_up)
+
+            for errdir in self.errdirs.values():
+                remove_shared_memory(errdir)
+                shutil.rmtree(errdir, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(errdir))  # the engine's, once it is empty
 
 
 def apply_env(environ: MutableMapping[str, str], env: tuple[tuple[str, str], ...],
