@@ -245,6 +245,22 @@ def test_mpi_call_and_a_rank_that_raises(instance, cluster):
 
 
 @pytest.mark.flux
+@pytest.mark.mpi
+@needs_broker
+@ON_BOTH
+def test_an_mpi_call_that_aborts_leaves_no_shared_memory_behind(instance, cluster, tmp_path):
+    # MPICH removes its /dev/shm file at MPI_Finalize, which an aborted job never reaches
+    exe = cluster()
+    failing = exe.submit(tf.mpi_segments_then_fail_on, str(tmp_path), 1,
+                         resource_dict={"cores": 2})
+    with pytest.raises(ValueError, match="rank 1 failed"):
+        failing.result(timeout=T)
+    segments = (tmp_path / "segments").read_text().split()
+    assert segments
+    wait_until(lambda: not any(os.path.exists(s) for s in segments), timeout=T)
+
+
+@pytest.mark.flux
 @needs_broker
 @ON_BOTH
 def test_bad_resource_requests_are_refused_at_submit(instance, cluster):

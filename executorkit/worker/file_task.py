@@ -27,6 +27,7 @@ from executorkit import _syspath
 from executorkit.errors import DependencyError
 from executorkit.transport import Upstream
 from executorkit.worker._call import error_info, unpickle
+from executorkit.worker._shm import release_own
 
 
 def _resolve(value: Any, store: Any) -> Any:
@@ -108,6 +109,7 @@ def main(path: str) -> int:
     )
     store.write(record)
     if comm is not None and text is not None:
+        release_own()  # (this node's MPICH files: the job ends without MPI_Finalize)
         comm.Abort(1)  # other ranks may wait in a collective: stop them
     return 0 if text is None else 1
 
