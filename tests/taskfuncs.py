@@ -81,9 +81,10 @@ def gate(directory, name, value=None, timeout=120.0):
     """Say "started", then wait until the test creates the release file."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{name}.started")
-    with open(path + ".tmp", "w") as fh:
+    tmp = f"{path}.{os.getpid()}.tmp"  # (calls may share a gate: each writes its own)
+    with open(tmp, "w") as fh:
         fh.write(str(os.getpid()))
-    os.replace(path + ".tmp", path)  # the file appears with its content
+    os.replace(tmp, path)  # the file appears with its content
     release = os.path.join(directory, f"{name}.release")
     deadline = time.monotonic() + timeout
     while not os.path.exists(release):
