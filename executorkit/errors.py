@@ -133,6 +133,22 @@ def _rebuild_dependency_error(root_type: type | None, message: str,
     return err
 
 
+def failure_text(exc: BaseException) -> str:
+    """What became of a call, for a message: ``"was cancelled (CancelledError)"`` or
+    ``"failed with Type: text"`` (the text cut at ``_ROOT_TEXT`` characters; an exception
+    whose ``__str__`` itself raises is named by its type alone)."""
+    if isinstance(exc, CancelledError):
+        return "was cancelled (CancelledError)"
+    try:
+        text = str(exc)
+    except Exception:
+        text = ""
+    if len(text) > _ROOT_TEXT:
+        text = text[:_ROOT_TEXT] + "..."
+    return f"failed with {type(exc).__name__}: {text}" if text else \
+        f"failed with {type(exc).__name__}"
+
+
 def dependency_error(dependent: str, upstream: str, cause: BaseException, *,
                      future: object = None) -> DependencyError:
     """The exception of call ``dependent`` whose input ``upstream`` raised ``cause``.
@@ -146,14 +162,7 @@ def dependency_error(dependent: str, upstream: str, cause: BaseException, *,
         root, root_task = cause.root, cause.root_task or upstream
     else:
         root, root_task = cause, upstream
-    if isinstance(root, CancelledError):
-        what = "was cancelled (CancelledError)"
-    else:
-        text = str(root)
-        if len(text) > _ROOT_TEXT:
-            text = text[:_ROOT_TEXT] + "..."
-        what = f"failed with {type(root).__name__}: {text}" if text else \
-            f"failed with {type(root).__name__}"
+    what = failure_text(root)
     if root_task == upstream:
         message = f"{dependent}: input {upstream} {what}"
     else:

@@ -28,9 +28,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures as _cf
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
-from executorkit.errors import DependencyError, ExecutorkitError, ResourceError, dependency_error
+from executorkit.errors import (
+    DependencyError,
+    ExecutorkitError,
+    ResourceError,
+    dependency_error,
+    failure_text,
+)
 from executorkit.graph import ItemFuture, is_dry_run
 
 __all__ = [
@@ -279,7 +285,7 @@ class _Batcher:
             value, error = _outcome(future)
             if error is not None:
                 log.warning("batched(): input %d %s; it is left out of the batches", index,
-                            _failure_text(error))
+                            failure_text(error))
             for action in self._record(index, value, error):
                 action()  # outside the lock: it runs the output's own callbacks
         except Exception as exc:
@@ -300,29 +306,16 @@ class _Batcher:
                 out, items = self.outputs[self._batch], self._items
                 self._batch, self._items = self._batch + 1, []
                 actions.append(functools.partial(_resolve, out, items))
-            if self._left == 0:
+            if self._left == 0 and self._batch < len(self.outputs):
                 # Failures left these batches without a single result: they fail, naming
                 # the first failed input (the others are in the message).
-                first, cause = self._failed[0] if self._failed else (index, None)
-                others = [i for i, _ in self._failed[1:]]
+                (first, cause), others = self._failed[0], [i for i, _ in self._failed[1:]]
                 source = f"{first}" + (f" (and inputs {_list(others)})" if others else "")
                 for b in range(self._batch, len(self.outputs)):
                     dep = _dependency_error(f"batched() batch {b} (no input left to fill "
-                                            f"it)", source, cast(BaseException, cause))
+                                            f"it)", source, cause)
                     actions.append(functools.partial(_reject, self.outputs[b], dep))
         return actions
-
-
-def _failure_text(error: BaseException, limit: int = 300) -> str:
-    if isinstance(error, CancelledError):
-        return "was cancelled"
-    try:
-        text = str(error)
-    except Exception:  # a broken __str__ must not cost the batch its bookkeeping
-        text = "<unprintable>"
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return f"failed with {type(error).__name__}: {text}"
 
 
 def _list(numbers: list[int], shown: int = 10) -> str:

@@ -10,7 +10,6 @@ import itertools
 import json
 import os
 import pickle
-import shutil
 import tempfile
 import time
 from collections import deque
@@ -39,7 +38,7 @@ from executorkit.transport import (
     Stop,
     TaskSetup,
 )
-from executorkit.worker._shm import remove_shared_memory
+from executorkit.worker._shm import discard_worker_dir
 
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
@@ -355,8 +354,7 @@ class _WorkerLife:
                 w.stopping = True  # an MPI rank raised: the call failed, not the worker
             self._finish(tasks[0], exc=self._death_error(w, tasks[0], reason))
         if w.errdir is not None:  # an MPI job: what a killed one leaves behind goes too
-            remove_shared_memory(w.errdir)
-            shutil.rmtree(w.errdir, ignore_errors=True)
+            discard_worker_dir(w.errdir)
         if w.persistent:
             self._replace_block_worker(w, tasks)
         elif w.held is not None:

@@ -6,8 +6,9 @@ a single process that initialises MPI) until MPI_Finalize. A job that is killed 
 and the file (one or a few MB of RAM) stays until the machine reboots. So:
 
 * the first rank on each node of an MPI worker notes its job's files in the worker's private
-  directory, and once the job is gone the engine and the fork server remove those on their
-  own machine (files on other nodes are out of their reach);
+  directory, and once the job is gone that directory is discarded with the files it names
+  on this machine (:func:`discard_worker_dir`; files on other nodes are out of reach): by
+  the engine, or by the fork server when the driver is gone;
 * the fork server, killing a worker, first looks which files it has mapped, and removes
   them once it is dead;
 * a worker that leaves without MPI_Finalize (``os._exit``, as forked workers do) removes its
@@ -92,6 +93,14 @@ def remove_shared_memory(errdir: str) -> list[str]:
         if host == here:  # (another node's /dev/shm is not ours to reach)
             removed += unlink_segments(paths)
     return removed
+
+
+def discard_worker_dir(errdir: str) -> None:
+    """An MPI worker is gone: remove the files its ranks noted here, then its directory."""
+    import shutil  # (here: the fork server keeps its imports few)
+
+    remove_shared_memory(errdir)
+    shutil.rmtree(errdir, ignore_errors=True)
 
 
 def release_own() -> None:

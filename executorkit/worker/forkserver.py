@@ -62,9 +62,9 @@ from executorkit.transport import (
 )
 from executorkit.worker import _call, loop, program
 from executorkit.worker._shm import (
+    discard_worker_dir,
     mapped_segments,
     release_own,
-    remove_shared_memory,
     unlink_segments,
 )
 
@@ -429,15 +429,7 @@ class ForkServer:
             return  # already reaped: never signal a pid that may have been reused
         if pid in self.programs:
             self.programs[pid].killed = True
-        # A worker that initialised MPI itself (one process, no mpiexec) has a file in
-        # /dev/shm that only its MPI_Finalize would remove (see worker._shm).
-        segments = mapped_segments(pid) if signum == signal.SIGKILL else ()
-        try:
-            os.killpg(pid, signum)
-        except ProcessLookupError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-        unlink_segments(segments)
+        _kill_group(pid, signum)
 
     def _reap(self) -> None:
         while self.children:
@@ -452,13 +444,11 @@ class ForkServer:
                 continue
             self.pids.pop(worker_id, None)
             code = os.waitstatus_to_exitcode(status)
-            # The worker's own children (e.g. mpiexec ranks) die with its group, and what
-            # MPICH keeps in /dev/shm until MPI_Finalize goes with them (see worker._shm).
+            # The worker's own children (e.g. mpiexec ranks) die with its group. (The engine
+            # discards an MPI worker's directory once it has read its errors.)
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
-            errdir = self.errdirs.pop(pid, None)
-            if errdir is not None:
-                remove_shared_memory(errdir)
+            self.errdirs.pop(pid, None)
             self.chan.send(Exited(worker_id, pid, code, program=self._program_end(pid, code)))
 
     def _program_end(self, pid: int, code: int) -> ProgramEnd | None:
@@ -474,23 +464,27 @@ class ForkServer:
 
     def _kill_all(self) -> None:
         for pid in list(self.children):
-            segments = mapped_segments(pid)
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-            unlink_segments(segments)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+            _kill_group(pid, signal.SIGKILL)
         for pid in list(self.children):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-        if self.errdirs:  # (the driver may be gone: nobody else would clean up after them)
-            import shutil  # (here: the fork server keeps its imports few, see _warm_up)
+        for errdir in self.errdirs.values():  # (the driver may be gone: nobody else will)
+            discard_worker_dir(errdir)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(errdir))  # the engine's, once it is empty
 
-            for errdir in self.errdirs.values():
-                remove_shared_memory(errdir)
-                shutil.rmtree(errdir, ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    os.rmdir(os.path.dirname(errdir))  # the engine's, once it is empty
+
+def _kill_group(pid: int, signum: int) -> None:
+    """Signal worker ``pid`` and its process group (the leader alone if the group is gone).
+    A SIGKILL also takes the MPICH files in /dev/shm that the worker has mapped: one that
+    initialised MPI itself never reaches the MPI_Finalize that would remove them."""
+    segments = mapped_segments(pid) if signum == signal.SIGKILL else ()
+    try:
+        os.killpg(pid, signum)
+    except OSError:  # (no group yet: the child sets it up itself, see _spawn)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signum)
+    unlink_segments(segments)
 
 
 def apply_env(environ: MutableMapping[str, str], env: tuple[tuple[str, str], ...],
