@@ -112,6 +112,9 @@ def test_priority_orders_waiting_tasks(make_executor, tmp_path):
     wait_until(lambda: tf.started(str(tmp_path), "p"))
     futs = [exe.submit(tf.append_line, log, name, resource_dict={"priority": prio})
             for name, prio in [("low", -1), ("mid", 0), ("high", 5), ("mid2", 0)]]
+    # all four queued before the slot frees (a submit still on its way to the engine
+    # thread would not compete for it yet)
+    wait_until(lambda: exe._engine.sched.waiting == 4)
     tf.release(str(tmp_path), "p")
     blocker.result(timeout=T)
     for f in futs:
