@@ -223,6 +223,8 @@ class Spawn(_Message):
     errdir: str | None = None  # private directory of this worker (MPI error reports)
     res: Any = None  # the Resources of the call (launchers that ask a scheduler need them)
     spare: bool = False  # a warm per-task worker that gets its call later
+    # a spare runs a probe call while it waits (False: its call is due at once, see Engine)
+    probe: bool = True
     program: bool = False  # the call runs a program (executorkit.command), see Engine
     path: tuple[str, ...] | None = None  # the driver's sys.path (see executorkit._syspath)
     # launchers that run programs themselves (``runs_programs``): the call's CommandCall and

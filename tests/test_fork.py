@@ -371,3 +371,29 @@ def test_unpickling_a_function_imports_nothing_in_the_fork_server():
                          timeout=T, check=True, cwd=home,
                          env={**os.environ, "PYTHONPATH": home}).stdout.split()
     assert out == ["False", "0"]
+
+
+def test_spares_skip_the_probe_call_only_while_tiny_calls_wait():
+    # A spare runs one probe call while it waits, so its own call finds its pages faulted
+    # in; with tiny calls waiting, its call comes at once and the probe would only take CPU
+    # from them. Spares started with nothing waiting keep probing.
+    with SingleNodeExecutor(max_workers=2) as exe:
+        engine = exe._engine
+        spares: list[tuple[bool, int]] = []
+        spawn = engine._spawn
+
+        def record(msg, w):
+            if msg.spare:
+                spares.append((msg.probe, engine.sched.waiting))
+            return spawn(msg, w)
+
+        engine._spawn = record
+        for i in range(5):  # one at a time: nothing waits when a spare is started
+            assert exe.submit(abs, -i).result(timeout=T) == i
+        idle = list(spares)
+        futures = [exe.submit(abs, -i) for i in range(300)]
+        assert [f.result(timeout=T) for f in futures] == list(range(300))
+        busy = spares[len(idle):]
+    assert idle and all(probe for probe, _ in idle)
+    assert any(not probe for probe, _ in busy)
+    assert all(waiting for probe, waiting in busy if not probe)

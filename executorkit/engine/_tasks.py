@@ -280,6 +280,8 @@ class _TaskFlow:
             # A one-shot worker calls _exit right after its reply (and its process group
             # is killed when it is reaped), so its CPUs are free now, not at the exit report.
             w.held = None
+            own = msg.elapsed if msg.elapsed >= 0 else msg.finished - msg.started
+            self._call_pace += 0.25 * (own - self._call_pace)
             self._starts(self.sched.finish(task.id))
         elif w is not None and w.persistent:
             self._observe_runtime(task, msg)

@@ -45,6 +45,9 @@ THREAD_VARIABLES = (
     "NUMEXPR_NUM_THREADS", "BLIS_NUM_THREADS",
 )
 REPLENISH_DELAY = 0.005  # seconds between a spare taking a call and forking its successor
+# Per-task calls shorter than this (smoothed), with calls waiting: a new spare gets its call
+# about as soon as it is up, so it skips the probe call (see forkserver._probe_call).
+PROBE_WORTH = 0.005
 FUNCTIONS_KEPT = 256  # distinct function pickles an executor has the fork server unpickle
 FUNCTION_BYTES = 1 << 20  # and the largest (a function holding big data is rebuilt per call)
 
@@ -63,6 +66,7 @@ class _WorkerLife:
         self._spares_coming = 0
         self._spare_target = 0 if config.block_workers else min(2, len(config.cpus))
         self._replenish_due: float | None = None
+        self._call_pace = PROBE_WORTH  # smoothed duration of recent per-task calls, seconds
         # what a spare sets while idle: the environment of a default one-CPU call
         self._spare_env = dict(self._task_env(config.worker_res, 1, (), 0))
         self._tmp: str | None = None  # private directory for MPI workers, made on demand
@@ -245,8 +249,12 @@ class _WorkerLife:
             w.pinned, w.env = slot, env
             self.workers[w.id] = w
             self._spares_coming += 1
+            # A spare idle until its call faults in that call's pages meanwhile (a probe
+            # call). With tiny calls waiting, its call comes at once: the probe would only
+            # cost CPU that the calls need (5 % of tiny calls per second, measured).
+            probe = not (self.sched.waiting and self._call_pace < PROBE_WORTH)
             self._spawn(Spawn(w.id, tuple(env.items()), None, self._pin(slot or ()) or None,
-                              persistent=False, spare=True), w)
+                              persistent=False, spare=True, probe=probe), w)
 
     def _spare_slot(self) -> tuple[int, ...] | None:
         """The first one-CPU slot of the pool no spare is kept for (None: all have one)."""

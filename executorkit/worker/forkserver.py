@@ -385,7 +385,7 @@ class ForkServer:
             # Preloaded libraries sized their thread pools for other thread variables
             # (threads_per_core): only a fresh interpreter honours this worker's.
             self._exec_fresh(msg, setup)
-        if msg.spare:
+        if msg.spare and msg.probe:
             # A spare (no call yet): fault in the pages a call touches now, while it is
             # idle, instead of on the critical path of its call.
             _probe_call()
