@@ -435,16 +435,20 @@ class BlockingChannel:
             self.sock.close()
 
 
-def connect(address: tuple[str, int], secret: bytes) -> BlockingChannel:
+# Where a worker reaches its driver: a TCP host and port, or (a str) the name of a local
+# socket in Linux's abstract namespace, for workers on the driver's own machine.
+Address = tuple[str, int] | str
+
+
+def connect(address: Address, secret: bytes) -> BlockingChannel:
+    if isinstance(address, str):
+        # The driver's machine, through a local socket: no TCP stack in between (a call's
+        # connection, sends and close cost half the CPU they cost over loopback TCP).
+        return BlockingChannel(_dial(socket.AF_UNIX, address), secret)
     if address[0].startswith("127."):
         # This machine (a forked per-task worker, thousands of times): no name lookup and no
         # keep-alive, as the kernel closes a loopback connection however its peer dies.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.connect(address)
-        except BaseException:
-            sock.close()
-            raise
+        sock = _dial(socket.AF_INET, address)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return BlockingChannel(sock, secret)
     sock = socket.create_connection(address)
@@ -456,3 +460,13 @@ def connect(address: tuple[str, int], secret: bytes) -> BlockingChannel:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     return BlockingChannel(sock, secret)
+
+
+def _dial(family: int, address: Address) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -147,6 +147,19 @@ def no_leftover_processes():
     assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
 
 
+def dial(address, timeout: float = 30.0):
+    """A raw socket connected to an engine's ``address`` (a local socket's name or a TCP host
+    and port), as a peer that does not know the secret would connect."""
+    import socket
+
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        return sock
+    return socket.create_connection(address, timeout=timeout)
+
+
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.01) -> None:
     """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -185,3 +185,51 @@ def test_mpich_command_keeps_the_transports_on_loopback():
     assert "-iface lo" in text and "-genv UCX_NET_DEVICES lo" in text
     assert "-genv FI_TCP_IFACE lo" in text
     assert "UCX_NET_DEVICES" not in " ".join(mpiexec_command(2, mpiexec="m", flavor="openmpi"))
+
+
+def test_the_fork_server_removes_reaped_mpi_workers_directories_when_the_driver_goes(tmp_path):
+    # Ranks that see their driver go exit on their own, and their mpiexec may be reaped
+    # before the fork server reads the end of its own connection: their directories
+    # (with the notes of their shared memory) must go all the same.
+    from executorkit.worker.forkserver import ForkServer
+
+    parent = tmp_path / "executorkit-engine"
+    (parent / "worker-3").mkdir(parents=True)
+    (parent / "worker-3" / "shm-rank-0.txt").write_text("")
+    server = ForkServer.__new__(ForkServer)  # (no driver to connect to: only the clean-up)
+    server.children, server.errdirs, server.tmp_dirs = {}, {}, {str(parent)}
+    server._kill_all()
+    assert not parent.exists()
+
+
+def test_the_fork_server_cleans_up_when_a_report_to_the_driver_fails(tmp_path):
+    # Its driver gone, a report (Exited) fails before the end of the connection is read
+    # (a local socket refuses it at once): the fork server must still kill its workers
+    # and remove their directories, not leave with the error.
+    import socket
+
+    from executorkit.transport import BlockingChannel, FrameReader
+    from executorkit.worker.forkserver import ForkServer
+
+    parent = tmp_path / "executorkit-engine"
+    (parent / "worker-5").mkdir(parents=True)
+    ours, theirs = socket.socketpair()
+    wake_r, wake_w = os.pipe()
+    server = ForkServer.__new__(ForkServer)  # (no driver to connect to)
+    server.chan, server.reader = BlockingChannel(ours, b"k" * 32), FrameReader(b"k" * 32)
+    server.wake_r = wake_r
+    server.children, server.errdirs, server.tmp_dirs = {}, {}, {str(parent)}
+
+    def report_fails() -> None:
+        raise BrokenPipeError("the driver is gone")
+
+    server._reap = report_fails
+    os.write(wake_w, b"\0")  # a child ended: its report is what fails
+    try:
+        server.run()
+    finally:
+        for fd in (wake_r, wake_w):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+    assert not parent.exists()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import struct
 
 import capabilities
 import pytest
 import taskfuncs as tf
-from conftest import wait_until
+from conftest import dial, wait_until
 
 from executorkit import SingleNodeExecutor
 from executorkit.errors import ExecutorBrokenError, WorkerDiedError
@@ -107,8 +106,7 @@ def test_mpi_exceptions_are_not_worker_crashes():
 
 def test_unauthenticated_peers_cannot_send_large_frames():
     with SingleNodeExecutor(max_workers=1) as exe:
-        host, port = exe._engine.address
-        with socket.create_connection((host, port), timeout=10) as peer:
+        with dial(exe._engine.address, timeout=10) as peer:
             peer.sendall(struct.pack("!Q32s", 10 << 20, b"\0" * 32) + os.urandom(1 << 16))
             peer.settimeout(10)
             try:

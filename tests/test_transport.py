@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import dial
 
 from executorkit import transport
 from executorkit.transport import (
@@ -410,8 +411,7 @@ def test_executor_drops_unauthenticated_peer_and_stays_usable(tmp_path: Path) ->
     target = tmp_path / "created-by-attacker"
     body = pickle.dumps(MakeDir(target), protocol=5)
     with SingleNodeExecutor(max_workers=1) as exe:
-        address = exe._engine.address
-        with socket.create_connection(address, timeout=WAIT) as sock:
+        with dial(exe._engine.address, timeout=WAIT) as sock:
             sock.sendall(raw_frame(body, os.urandom(32)))
             # The engine closes the connection once it has rejected the frame: after this,
             # the frame has certainly been processed.
@@ -436,3 +436,56 @@ def test_connect_by_name_keeps_the_general_path() -> None:
         finally:
             named.close()
             direct.close()
+
+
+def test_connect_to_a_local_socket_name() -> None:
+    # A str address is a Unix socket (SingleNodeExecutor's engine: Linux's abstract
+    # namespace): the channel works as over TCP, with no TCP option set on it.
+    name = f"\0executorkit-test-{os.getpid()}-{os.urandom(8).hex()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with listener:
+        listener.bind(name)
+        listener.listen(1)
+        listener.settimeout(WAIT)
+        chan = transport.connect(name, SECRET)
+        try:
+            server_sock, _ = listener.accept()
+            with server_sock:
+                assert chan.sock.family == socket.AF_UNIX
+                chan.send(Hello(7, 123, "here"))
+                reader = transport.FrameReader(SECRET)
+                messages: list[object] = []
+                while not messages:
+                    messages = reader.feed(server_sock.recv(1 << 16))
+                assert messages == [Hello(7, 123, "here")]
+        finally:
+            chan.close()
+
+
+def test_single_node_workers_reach_the_driver_through_a_local_socket() -> None:
+    # No TCP port is opened for local work: the engine listens on an abstract Unix socket
+    # (no file to leave behind), and per-task and block workers (and their connections)
+    # use it.
+    import sys
+
+    from executorkit import SingleNodeExecutor
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("abstract Unix sockets are Linux's")
+    for block in (False, True):
+        with SingleNodeExecutor(max_workers=1, block_allocation=block) as exe:
+            address = exe._engine.address
+            assert isinstance(address, str) and address.startswith("\0executorkit-")
+            assert exe._engine.listener.family == socket.AF_UNIX
+            assert exe.submit(peer_family).result(timeout=WAIT) == int(socket.AF_UNIX)
+
+
+def peer_family() -> int:
+    """In a worker: the family of the socket it holds to its driver."""
+    import gc
+    import socket as _socket
+
+    families = {obj.family for obj in gc.get_objects()
+                if isinstance(obj, _socket.socket) and obj.fileno() >= 0}
+    assert len(families) == 1, families
+    return int(families.pop())

@@ -29,6 +29,9 @@ class EngineConfig:
     progress: Any = None  # executorkit._progress.Progress, or None
     bind_host: str = "127.0.0.1"  # where workers connect (loopback for local work)
     advertise_host: str | None = None  # the host workers connect to (default: bind_host)
+    # every worker runs on this machine: listen on a local socket, not TCP (where there are
+    # abstract local sockets: Linux)
+    local_socket: bool = False
     tmp_dir: str | None = None  # parent of private worker directories (shared for Slurm)
     log_obj_size: bool = False  # log pickled sizes of calls and results (INFO)
     preload: tuple[str, ...] = ()  # modules the fork server imports before forking workers

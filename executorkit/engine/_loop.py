@@ -28,6 +28,7 @@ from executorkit.engine._records import _Conn, _Worker
 from executorkit.errors import ExecutorBrokenError
 from executorkit.transport import (
     MAX_FRAME,
+    Address,
     BlockingChannel,
     Dropped,
     Exited,
@@ -65,10 +66,7 @@ class _Loop:
         # costs an mmap, an mremap and a munmap each time)
         self._rbuf = bytearray(1 << 20)
         self._rview = memoryview(self._rbuf)
-        self.listener = socket.create_server((config.bind_host, 0), backlog=1024)
-        self.listener.setblocking(False)
-        port = self.listener.getsockname()[1]
-        self.address = (config.advertise_host or config.bind_host, port)
+        self.listener, self.address = _listen(config)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -190,7 +188,8 @@ class _Loop:
                 self._later(1.0, self._resume_accept)
                 return
             sock.setblocking(True)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Until the peer has proven it knows the secret, frames stay small.
             conn = _Conn(sock, FrameReader(self.secret, limit=UNAUTHENTICATED_FRAME),
                          BlockingChannel(sock, self.secret))
@@ -366,6 +365,32 @@ class _Loop:
         self.selector.close()
         with contextlib.suppress(OSError):
             self._wake_w.close()
+
+
+def _listen(config: EngineConfig) -> tuple[socket.socket, Address]:
+    """The socket workers connect to, and the address they are given.
+
+    Where every worker runs on this machine (``local_socket``), a Unix socket with a random
+    name in Linux's abstract namespace: it has no file to leave behind, however the driver
+    ends, and no TCP stack to cross. Reachable, like loopback TCP, from this machine's
+    network namespace only; a peer must still know the executor's secret to be heard.
+    Elsewhere (other systems, or no such socket), and for workers on other hosts, TCP.
+    """
+    if config.local_socket and sys.platform.startswith("linux"):
+        name = f"\0executorkit-{os.getpid()}-{secrets.token_hex(16)}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(name)
+            sock.listen(1024)
+        except OSError:
+            sock.close()
+        else:
+            sock.setblocking(False)
+            return sock, name
+    listener = socket.create_server((config.bind_host, 0), backlog=1024)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    return listener, (config.advertise_host or config.bind_host, port)
 
 
 def _readable_now(fd: int) -> bool:

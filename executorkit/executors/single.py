@@ -141,7 +141,7 @@ class SingleNodeExecutor(BaseExecutor):
             max_running=plan.max_running, block_workers=plan.workers,
             worker_res=self._defaults, init_function=p.init_function,
             restart_limit=p.restart_limit, mpi_command=self._mpi_command(),
-            preload=self._user_preload,
+            preload=self._user_preload, local_socket=True,
         )
         return config, plan.caps
 

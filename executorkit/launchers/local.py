@@ -28,6 +28,7 @@ from executorkit.launchers.flux_program import program_outcome as _outcome
 from executorkit.launchers.pythonpath import worker_environment
 from executorkit.resources import Resources
 from executorkit.transport import (
+    Address,
     BlockingChannel,
     Exited,
     Kill,
@@ -119,7 +120,7 @@ class LocalLauncher:
         self.stdout_fd: int | None = None
         self.stderr_fd: int | None = None
 
-    def start(self, address: tuple[str, int], secret: bytes) -> None:
+    def start(self, address: Address, secret: bytes) -> None:
         """Remember where workers connect; the fork server itself starts on first use, so an
         executor whose calls are all answered from the cache starts no process at all."""
         self._boot = {"address": address, "secret": secret, "preload": self.preload}

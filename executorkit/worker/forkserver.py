@@ -47,6 +47,7 @@ import executorkit.command  # noqa: F401
 from executorkit import _syspath
 from executorkit._pickling import FORK_UNSAFE
 from executorkit.transport import (
+    Address,
     Exited,
     FrameReader,
     Hello,
@@ -226,7 +227,7 @@ def _die_with_parent() -> None:
 
 
 class ForkServer:
-    def __init__(self, address: tuple[str, int], secret: bytes,
+    def __init__(self, address: Address, secret: bytes,
                  forker: _Forker | None = None) -> None:
         self.address = address
         self.secret = secret
@@ -235,6 +236,7 @@ class ForkServer:
         self.reader = FrameReader(secret)
         self.children: dict[int, int] = {}  # pid -> worker_id
         self.errdirs: dict[int, str] = {}  # pid -> private directory of an MPI worker
+        self.tmp_dirs: set[str] = set()  # the engine's directories those are made in
         # thread variables set when modules were preloaded (their pools are sized so)
         self.thread_env: dict[str, str] = {}
         self.pids: dict[int, int] = {}  # worker_id -> pid
@@ -255,6 +257,17 @@ class ForkServer:
         signal.set_wakeup_fd(wake_w)
 
     def run(self) -> None:
+        """Serve until the driver says stop or goes away (its end of the connection closes,
+        or a report to it fails: a local socket says so at once); then kill every worker
+        and clean up after them, however the loop ended."""
+        try:
+            self._serve()
+        except ConnectionError:
+            pass  # the driver is gone
+        finally:
+            self._kill_all()
+
+    def _serve(self) -> None:
         sock = self.chan.sock
         while True:
             watched: list[Any] = [sock, self.wake_r]
@@ -269,7 +282,6 @@ class ForkServer:
                     break
                 if not self._handle(self.reader.feed(data)):
                     break
-        self._kill_all()
 
     def _handle(self, messages: list[object]) -> bool:
         for msg in messages:
@@ -335,6 +347,7 @@ class ForkServer:
         self.pids[msg.worker_id] = pid
         if msg.mpi_command and msg.errdir:
             self.errdirs[pid] = msg.errdir
+            self.tmp_dirs.add(os.path.dirname(msg.errdir))
 
     def _adopt(self, env: tuple[tuple[str, str], ...]) -> None:
         """Set a spare's variables here (once: they are the same for every spare), so the
@@ -468,10 +481,16 @@ class ForkServer:
         for pid in list(self.children):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-        for errdir in self.errdirs.values():  # (the driver may be gone: nobody else will)
-            discard_worker_dir(errdir)
+        # The driver may be gone: nobody else will remove its MPI workers' directories, those
+        # of workers reaped already included (ranks that saw the driver go exit on their
+        # own, before this process reads the end of its connection).
+        for parent in self.tmp_dirs:
             with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(errdir))  # the engine's, once it is empty
+                for name in os.listdir(parent):
+                    if name.startswith("worker-"):
+                        discard_worker_dir(os.path.join(parent, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)  # the engine's, once it is empty
 
 
 def _kill_group(pid: int, signum: int) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from executorkit import _syspath
 from executorkit.transport import (
+    Address,
     Cancel,
     Dropped,
     FrameReader,
@@ -66,7 +67,7 @@ def exit_without_driver(sock: socket.socket) -> None:
 LINGER_LIMIT = 1.0  # seconds a lingering worker waits for the engine's shutdown at most
 
 
-def serve(address: tuple[str, int], secret: bytes, worker_id: int, *, persistent: bool,
+def serve(address: Address, secret: bytes, worker_id: int, *, persistent: bool,
           init_payload: bytes | None = None, setup: _call.TaskSetup | None = None,
           watch_driver: bool = True, linger: bool = False) -> int:
     """Serve calls; returns the process exit code. ``watch_driver=False`` where a parent
