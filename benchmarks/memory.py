@@ -33,7 +33,7 @@ def make_result(nbytes: int) -> bytes:
     return bytes(nbytes)
 
 
-def total(arr) -> int:  # noqa: ANN001 - a numpy array
+def total(arr) -> int:  # (a numpy array)
     return int(arr.nbytes)
 
 

@@ -292,25 +292,75 @@ def tasks_per_second(exe: Executor, n: int, timeout: float) -> float:
     return n / elapsed
 
 
-def throughput(report: Report, what: str, peer: str, block: bool, n: int) -> float:
+class CpuSplit:
+    """CPU time that calls cost each process over a ``with`` block, in ms per call: this
+    process (the driver: submitting, the engine thread), executorkit's fork server, and the
+    workers it forked and reaped (the fork server's children's times). Where per-task time
+    goes on a machine whose CPUs are all busy (see the closing notes of issue 10)."""
+
+    def __enter__(self) -> CpuSplit:
+        me = psutil.Process()
+        self.servers = []
+        for child in me.children():
+            with contextlib.suppress(psutil.Error):
+                if "executorkit.worker.forkserver" in child.cmdline():
+                    self.servers.append(child)
+        self.before = self._times(me)
+        self.after = self.before
+        return self
+
+    def _times(self, me: psutil.Process) -> tuple[float, float, float]:
+        own = me.cpu_times()
+        server = workers = 0.0
+        for proc in self.servers:
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                server += t.user + t.system
+                workers += t.children_user + t.children_system
+        return own.user + own.system, server, workers
+
+    def __exit__(self, *exc: object) -> None:
+        self.after = self._times(psutil.Process())
+
+    def text(self, calls: int) -> str:
+        if not self.servers or calls <= 0:
+            return "n/a (no fork server)"
+        ms = [(b - a) / calls * 1e3 for a, b in zip(self.before, self.after, strict=True)]
+        return " / ".join(f"{v:.2f}" for v in ms) + f" (sum {sum(ms):.2f})"
+
+
+def throughput(report: Report, what: str, peer: str, block: bool, n: int,
+               cpu: Row | None = None) -> float:
     def measure() -> float:
         with running(peer, block) as exe:
             warm_up(exe)
-            rates = repeated(lambda: tasks_per_second(exe, n, timeout_for(peer, n)),
-                             report.config)
+            with CpuSplit() as split:
+                rates = repeated(lambda: tasks_per_second(exe, n, timeout_for(peer, n)),
+                                 report.config)
         report.note(f"{what}, {peer}: N={n}, tasks/s per round: {_samples(rates)} -> best")
+        if cpu is not None:
+            cpu.values[peer] = split.text(n * len(rates))
+            report.note(f"{what}, {peer}: CPU ms per call, driver / fork server / workers: "
+                        f"{cpu.values[peer]}")
         return max(rates)
 
     return attempt(report, what, peer, measure)
+
+
+def cpu_row(report: Report, key: str) -> Row:
+    return report.add(Row(f"{key}'", "  CPU ms/call: driver / fork server / workers", "-",
+                          None, "{}", ratio=False))
 
 
 def figure_1(report: Report) -> None:
     cfg = report.config
     row = report.add(Row("1", "tiny tasks/s, per-task process", ">= 300/s",
                          lambda v, _: v >= 300, "{:,.0f}"))
+    cpu = cpu_row(report, "1")
     for peer in cfg.peers:
         n = cfg.n_per_task // cfg.stdlib_per_task_divisor if peer == STDLIB else cfg.n_per_task
-        row.values[peer] = throughput(report, "fig 1", peer, False, n)
+        row.values[peer] = throughput(report, "fig 1", peer, False, n,
+                                      cpu if peer == EK else None)
 
 
 def commands_per_second(exe: Executor, n: int, timeout: float) -> float:
@@ -948,15 +998,19 @@ def imported_by_the_script(fn: Callable[..., Any]) -> Iterator[None]:
 
 
 def first_round(peer: str, block: bool, fn: Callable[[int], Any], n: int,
-                **kwargs: Any) -> float:
+                splits: list[str] | None = None, **kwargs: Any) -> float:
     """Calls/s of ``n`` calls of ``fn`` on a fresh executor whose workers are up (warmed
-    with ``inc``) but have never seen ``fn``: the first round a user's campaign gets."""
+    with ``inc``) but have never seen ``fn``: the first round a user's campaign gets.
+    ``splits``: gets the round's CPU split (see CpuSplit)."""
     with imported_by_the_script(fn), running(peer, block, **kwargs) as exe:
         warm_up(exe)
         start = time.perf_counter()
-        futures = [exe.submit(fn, i) for i in range(n)]
-        results = wait_all(futures, timeout_for(peer, n))
+        with CpuSplit() as split:
+            futures = [exe.submit(fn, i) for i in range(n)]
+            results = wait_all(futures, timeout_for(peer, n))
         elapsed = time.perf_counter() - start
+        if splits is not None:
+            splits.append(split.text(n))
     if results != [fn(i) for i in range(n)]:
         raise AssertionError(f"wrong results of {fn.__name__}")
     return n / elapsed
@@ -967,14 +1021,21 @@ def real_rows(report: Report, key: str, label: str, target: str,
               sizes: dict[str, int]) -> Row:
     """One row: the median over fresh executors of the first round's calls/s."""
     row = report.add(Row(key, label, target, check, "{:,.0f}"))
+    cpu = None if block else cpu_row(report, key)
     fn = real_function(fn_name)
     for peer in report.config.peers:
         n = sizes.get(peer, sizes[EK])
 
         def measure(peer: str = peer, n: int = n) -> float:
-            rates = repeated(lambda: first_round(peer, block, fn, n), report.config)
+            splits: list[str] | None = [] if cpu is not None and peer == EK else None
+            rates = repeated(lambda: first_round(peer, block, fn, n, splits), report.config)
             report.note(f"fig {key}, {peer}: {fn_name}, N={n}, first-round calls/s on fresh "
                         f"executors: {_samples(rates)} -> median")
+            if cpu is not None and splits:
+                median = sorted(range(len(rates)), key=rates.__getitem__)[len(rates) // 2]
+                cpu.values[peer] = splits[median]
+                report.note(f"fig {key}, {peer}: CPU ms per call, driver / fork server / "
+                            f"workers, per round: {'; '.join(splits)}")
             return sorted(rates)[len(rates) // 2]
 
         row.values[peer] = attempt(report, f"fig {key}", peer, measure)
