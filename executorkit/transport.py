@@ -14,8 +14,10 @@ node can make the driver or a worker unpickle (that is, run) anything. Bodies ar
 the small message classes below; user objects inside them are already ``bytes`` produced by
 cloudpickle, so the frame itself is cheap to encode.
 
-Local work listens on 127.0.0.1 only; the address is handed to workers through their
-standard input (never on a command line, where ``ps`` would show it with the secret).
+Local work listens on a local socket (SingleNodeExecutor on Linux: an abstract Unix socket
+that only this user's processes may connect to) or on 127.0.0.1; the address is handed to
+workers through their standard input or a private boot file (never on a command line,
+where ``ps`` would show it with the secret).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -189,25 +191,39 @@ def test_mpich_command_keeps_the_transports_on_loopback():
 
 def test_the_fork_server_removes_reaped_mpi_workers_directories_when_the_driver_goes(tmp_path):
     # Ranks that see their driver go exit on their own, and their mpiexec may be reaped
-    # before the fork server reads the end of its own connection: their directories
-    # (with the notes of their shared memory) must go all the same.
+    # before the fork server reads the end of its own connection: their directories, and
+    # the MPICH files their notes name, must go all the same.
+    from executorkit.transport import Spawn
     from executorkit.worker.forkserver import ForkServer
 
     parent = tmp_path / "executorkit-engine"
-    (parent / "worker-3").mkdir(parents=True)
-    (parent / "worker-3" / "shm-rank-0.txt").write_text("")
+    errdir = parent / "worker-3"
+    errdir.mkdir(parents=True)
+    segment = f"/dev/shm/mpich_shm_executorkit_test_{os.getpid()}"
+    with open(segment, "w"):
+        pass
+    (errdir / "shm-rank-0.txt").write_text(f"{socket.gethostname()}\n{segment}\n")
+    gone_pid = 2 ** 22 + 4321  # (no such process: the fake fork below "forked" it)
     server = ForkServer.__new__(ForkServer)  # (no driver to connect to: only the clean-up)
-    server.children, server.errdirs, server.tmp_dirs = {}, {}, {str(parent)}
-    server._kill_all()
-    assert not parent.exists()
+    server.children, server.pids, server.errdirs, server.tmp_dirs = {}, {}, {}, set()
+    server.path, server.fork = None, lambda: (gone_pid, True)
+    try:
+        server._spawn(Spawn(3, (), None, None, persistent=False,
+                            mpi_command=("mpiexec", "-n", "2"), errdir=str(errdir)))
+        server.children.pop(gone_pid)  # reaped: the report is sent, its errdir forgotten
+        server.errdirs.pop(gone_pid)
+        server._kill_all()
+        assert not parent.exists()
+        assert not os.path.exists(segment)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(segment)
 
 
 def test_the_fork_server_cleans_up_when_a_report_to_the_driver_fails(tmp_path):
     # Its driver gone, a report (Exited) fails before the end of the connection is read
     # (a local socket refuses it at once): the fork server must still kill its workers
     # and remove their directories, not leave with the error.
-    import socket
-
     from executorkit.transport import BlockingChannel, FrameReader
     from executorkit.worker.forkserver import ForkServer
 
@@ -217,7 +233,7 @@ def test_the_fork_server_cleans_up_when_a_report_to_the_driver_fails(tmp_path):
     wake_r, wake_w = os.pipe()
     server = ForkServer.__new__(ForkServer)  # (no driver to connect to)
     server.chan, server.reader = BlockingChannel(ours, b"k" * 32), FrameReader(b"k" * 32)
-    server.wake_r = wake_r
+    server.wake_r, server.outbox = wake_r, bytearray()
     server.children, server.errdirs, server.tmp_dirs = {}, {}, {str(parent)}
 
     def report_fails() -> None:
@@ -233,3 +249,42 @@ def test_the_fork_server_cleans_up_when_a_report_to_the_driver_fails(tmp_path):
         ours.close()
         theirs.close()
     assert not parent.exists()
+
+
+def test_the_fork_server_keeps_reading_while_its_reports_wait(tmp_path):
+    # The engine may be blocked sending to the fork server (Spawns, a large Preload) while
+    # the fork server has more reports than the socket holds (a local socket: a few
+    # hundred). Were the fork server to wait for its sends, neither would read again.
+    import threading
+
+    from executorkit.transport import Exited, FrameReader, Stop, encode
+    from executorkit.worker.forkserver import ForkServer
+
+    secret = b"k" * 32
+    ours, theirs = socket.socketpair()
+    wake_r, wake_w = os.pipe()
+    server = ForkServer.__new__(ForkServer)  # (no driver to connect to)
+    server.chan = type("Chan", (), {"sock": ours})()
+    server.secret, server.reader, server.outbox = secret, FrameReader(secret), bytearray()
+    server.wake_r = wake_r
+    server.children, server.errdirs, server.tmp_dirs = {}, {}, set()
+    count = 5000
+    try:
+        for i in range(count):  # nobody reads yet: none of these may block
+            server._report(Exited(i, 0, 0))
+        assert server.outbox  # (more than the socket holds)
+        loop = threading.Thread(target=server.run, daemon=True)
+        loop.start()
+        reader, got = FrameReader(secret), []
+        theirs.settimeout(T)
+        while len(got) < count:  # the loop sends the rest as the driver reads
+            got += reader.feed(theirs.recv(1 << 16))
+        assert [m.worker_id for m in got] == list(range(count))
+        theirs.sendall(b"".join(encode(Stop(), secret)))
+        loop.join(timeout=T)
+        assert not loop.is_alive()
+    finally:
+        for fd in (wake_r, wake_w):
+            os.close(fd)
+        ours.close()
+        theirs.close()

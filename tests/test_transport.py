@@ -489,3 +489,49 @@ def peer_family() -> int:
                 if isinstance(obj, _socket.socket) and obj.fileno() >= 0}
     assert len(families) == 1, families
     return int(families.pop())
+
+
+def test_the_local_socket_refuses_other_users() -> None:
+    # Anyone on the machine can reach an abstract socket: the engine drops a peer of
+    # another user before reading anything from it, and goes on serving its own workers.
+    import subprocess
+    import sys
+
+    from executorkit import SingleNodeExecutor
+
+    if os.geteuid() != 0:
+        pytest.skip("connecting as another user needs root")
+    probe = (
+        "import os, socket, sys\n"
+        "os.setgid(65534)\n"
+        "os.setuid(65534)  # (dropped here: this interpreter may sit where nobody may read)\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        "s.settimeout(20)\n"
+        "s.connect(chr(0) + sys.argv[1])\n"
+        "try:\n"
+        "    print('dropped' if s.recv(1) == b'' else 'data')\n"
+        "except ConnectionResetError:\n"
+        "    print('dropped')\n"
+        "except TimeoutError:\n"
+        "    print('kept')\n"
+    )
+    with SingleNodeExecutor(max_workers=1) as exe:
+        address = exe._engine.address
+        assert isinstance(address, str)
+        assert address.startswith("\0")  # (an argument cannot hold it: the probe adds it)
+        out = subprocess.run([sys.executable, "-c", probe, address[1:]],
+                             capture_output=True, text=True, timeout=WAIT)
+        assert out.stdout.strip() == "dropped", out.stderr
+        assert exe.submit(pow, 2, 5).result(timeout=WAIT) == 32
+
+
+def test_local_socket_can_be_turned_off(monkeypatch) -> None:
+    # EXECUTORKIT_LOCAL_SOCKET=0: loopback TCP, for machines whose security module refuses
+    # abstract sockets.
+    from executorkit import SingleNodeExecutor
+
+    monkeypatch.setenv("EXECUTORKIT_LOCAL_SOCKET", "0")
+    with SingleNodeExecutor(max_workers=1) as exe:
+        host, _ = exe._engine.address
+        assert host == "127.0.0.1"
+        assert exe.submit(peer_family).result(timeout=WAIT) == int(socket.AF_INET)

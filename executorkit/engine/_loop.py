@@ -16,6 +16,7 @@ import secrets
 import select as _select
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -188,7 +189,15 @@ class _Loop:
                 self._later(1.0, self._resume_accept)
                 return
             sock.setblocking(True)
-            if sock.family != socket.AF_UNIX:
+            if sock.family == socket.AF_UNIX:
+                if not _same_user(sock):
+                    # Anyone on this machine can reach an abstract socket (a loopback
+                    # firewall rule by owner cannot stop them): only our own user's
+                    # processes may take a connection at all.
+                    log.warning("refused a local connection from another user")
+                    sock.close()
+                    continue
+            else:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Until the peer has proven it knows the secret, frames stay small.
             conn = _Conn(sock, FrameReader(self.secret, limit=UNAUTHENTICATED_FRAME),
@@ -373,24 +382,44 @@ def _listen(config: EngineConfig) -> tuple[socket.socket, Address]:
     Where every worker runs on this machine (``local_socket``), a Unix socket with a random
     name in Linux's abstract namespace: it has no file to leave behind, however the driver
     ends, and no TCP stack to cross. Reachable, like loopback TCP, from this machine's
-    network namespace only; a peer must still know the executor's secret to be heard.
-    Elsewhere (other systems, or no such socket), and for workers on other hosts, TCP.
+    network namespace only, and taken only from processes of this user (``_same_user``);
+    a peer must still know the executor's secret to be heard. Elsewhere (other systems, no
+    such socket, or ``EXECUTORKIT_LOCAL_SOCKET=0`` in the environment), and for workers on
+    other hosts, TCP.
     """
-    if config.local_socket and sys.platform.startswith("linux"):
+    if (config.local_socket and sys.platform.startswith("linux")
+            and os.environ.get("EXECUTORKIT_LOCAL_SOCKET", "1") != "0"):
         name = f"\0executorkit-{os.getpid()}-{secrets.token_hex(16)}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(name)
-            sock.listen(1024)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError:
-            sock.close()
+            pass
         else:
-            sock.setblocking(False)
-            return sock, name
+            try:
+                sock.bind(name)
+                sock.listen(1024)
+            except OSError:
+                sock.close()
+            else:
+                sock.setblocking(False)
+                return sock, name
     listener = socket.create_server((config.bind_host, 0), backlog=1024)
     listener.setblocking(False)
     port = listener.getsockname()[1]
     return listener, (config.advertise_host or config.bind_host, port)
+
+
+_PEER = struct.Struct("3i")  # Linux's struct ucred: pid, uid, gid
+
+
+def _same_user(sock: socket.socket) -> bool:
+    """Whether the peer of local socket ``sock`` runs as this process's user."""
+    try:
+        _, uid, _ = _PEER.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER.size))
+    except (OSError, AttributeError, struct.error):
+        return False
+    return uid == os.geteuid()
 
 
 def _readable_now(fd: int) -> bool:

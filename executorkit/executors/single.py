@@ -98,8 +98,8 @@ class SingleNodeExecutor(BaseExecutor):
         dry run is done at once with the result ``None`` (so are items taken from it with
         ``get_item_from_future``/``split_future``): ``.result()`` never waits.
     hostname_localhost, refresh_rate, openmpi_oversubscribe
-        Accepted for compatibility. Local work always listens on 127.0.0.1, nothing polls,
-        and there is no MPI launch yet.
+        Accepted for compatibility. Local work always stays on this machine (a local socket,
+        see docs/architecture.md "Transport"), nothing polls, and there is no MPI launch yet.
 
     Done-callbacks run on the executor's engine thread (the one that starts calls and
     completes futures): while one runs, nothing else happens, so keep them short; there,

@@ -233,6 +233,7 @@ class ForkServer:
         self.secret = secret
         self.chan = connect(address, secret)
         self.chan.send(Hello(0, os.getpid(), socket.gethostname()))
+        self.outbox = bytearray()  # reports not yet taken by the socket (see _report)
         self.reader = FrameReader(secret)
         self.children: dict[int, int] = {}  # pid -> worker_id
         self.errdirs: dict[int, str] = {}  # pid -> private directory of an MPI worker
@@ -271,7 +272,9 @@ class ForkServer:
         sock = self.chan.sock
         while True:
             watched: list[Any] = [sock, self.wake_r]
-            ready, _, _ = select.select(watched, [], [])
+            ready, writable, _ = select.select(watched, [sock] if self.outbox else [], [])
+            if writable:
+                self._flush_reports()
             if self.wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_r, 4096)
@@ -282,6 +285,23 @@ class ForkServer:
                     break
                 if not self._handle(self.reader.feed(data)):
                     break
+
+    def _report(self, msg: object) -> None:
+        """Send ``msg`` to the driver as far as the socket takes it now, never waiting; the
+        loop sends the rest. The driver's engine may itself be blocked sending to this
+        process (Spawns, a large Preload, a program's input): were this process to wait
+        too, neither would read again (a local socket holds some 250 KB, a few hundred
+        reports)."""
+        self.outbox += b"".join(encode(msg, self.secret))
+        self._flush_reports()
+
+    def _flush_reports(self) -> None:
+        while self.outbox:
+            try:
+                sent = self.chan.sock.send(self.outbox, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            del self.outbox[:sent]
 
     def _handle(self, messages: list[object]) -> bool:
         for msg in messages:
@@ -326,7 +346,7 @@ class ForkServer:
         try:
             pid, raw = self.fork()
         except OSError as exc:
-            self.chan.send(SpawnFailed(msg.worker_id, f"fork() failed: {exc}"))
+            self._report(SpawnFailed(msg.worker_id, f"fork() failed: {exc}"))
             return
         if pid == 0:  # child
             global FORKED_BY
@@ -367,7 +387,7 @@ class ForkServer:
             running = program.start(msg, self.cpus, env)
         except Exception as exc:  # it never started: the call fails with this error
             end = program.failed(msg, _call.error_info(exc))
-            self.chan.send(Exited(msg.worker_id, 0, 0, program=end))
+            self._report(Exited(msg.worker_id, 0, 0, program=end))
             return
         pid = running.proc.pid
         self.children[pid] = msg.worker_id
@@ -462,7 +482,7 @@ class ForkServer:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
             self.errdirs.pop(pid, None)
-            self.chan.send(Exited(worker_id, pid, code, program=self._program_end(pid, code)))
+            self._report(Exited(worker_id, pid, code, program=self._program_end(pid, code)))
 
     def _program_end(self, pid: int, code: int) -> ProgramEnd | None:
         """A program's report, unless it was not one or it was stopped on request."""
