@@ -390,19 +390,16 @@ def _listen(config: EngineConfig) -> tuple[socket.socket, Address]:
     if (config.local_socket and sys.platform.startswith("linux")
             and os.environ.get("EXECUTORKIT_LOCAL_SOCKET", "1") != "0"):
         name = f"\0executorkit-{os.getpid()}-{secrets.token_hex(16)}"
+        sock = None
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(name)
+            sock.listen(1024)
+            sock.setblocking(False)
+            return sock, name
         except OSError:
-            pass
-        else:
-            try:
-                sock.bind(name)
-                sock.listen(1024)
-            except OSError:
+            if sock is not None:
                 sock.close()
-            else:
-                sock.setblocking(False)
-                return sock, name
     listener = socket.create_server((config.bind_host, 0), backlog=1024)
     listener.setblocking(False)
     port = listener.getsockname()[1]
