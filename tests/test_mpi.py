@@ -205,13 +205,12 @@ def test_the_fork_server_removes_reaped_mpi_workers_directories_when_the_driver_
     (errdir / "shm-rank-0.txt").write_text(f"{socket.gethostname()}\n{segment}\n")
     gone_pid = 2 ** 22 + 4321  # (no such process: the fake fork below "forked" it)
     server = ForkServer.__new__(ForkServer)  # (no driver to connect to: only the clean-up)
-    server.children, server.pids, server.errdirs, server.tmp_dirs = {}, {}, {}, set()
+    server.children, server.pids, server.tmp_dirs = {}, {}, set()
     server.path, server.fork = None, lambda: (gone_pid, True)
     try:
         server._spawn(Spawn(3, (), None, None, persistent=False,
                             mpi_command=("mpiexec", "-n", "2"), errdir=str(errdir)))
-        server.children.pop(gone_pid)  # reaped: the report is sent, its errdir forgotten
-        server.errdirs.pop(gone_pid)
+        server.children.pop(gone_pid)  # reaped: the report is sent
         server._kill_all()
         assert not parent.exists()
         assert not os.path.exists(segment)
@@ -234,7 +233,7 @@ def test_the_fork_server_cleans_up_when_a_report_to_the_driver_fails(tmp_path):
     server = ForkServer.__new__(ForkServer)  # (no driver to connect to)
     server.chan, server.reader = BlockingChannel(ours, b"k" * 32), FrameReader(b"k" * 32)
     server.wake_r, server.outbox = wake_r, bytearray()
-    server.children, server.errdirs, server.tmp_dirs = {}, {}, {str(parent)}
+    server.children, server.tmp_dirs = {}, {str(parent)}
 
     def report_fails() -> None:
         raise BrokenPipeError("the driver is gone")
@@ -267,7 +266,7 @@ def test_the_fork_server_keeps_reading_while_its_reports_wait(tmp_path):
     server.chan = type("Chan", (), {"sock": ours})()
     server.secret, server.reader, server.outbox = secret, FrameReader(secret), bytearray()
     server.wake_r = wake_r
-    server.children, server.errdirs, server.tmp_dirs = {}, {}, set()
+    server.children, server.tmp_dirs = {}, set()
     count = 5000
     try:
         for i in range(count):  # nobody reads yet: none of these may block

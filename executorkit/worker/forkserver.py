@@ -236,8 +236,8 @@ class ForkServer:
         self.outbox = bytearray()  # reports not yet taken by the socket (see _report)
         self.reader = FrameReader(secret)
         self.children: dict[int, int] = {}  # pid -> worker_id
-        self.errdirs: dict[int, str] = {}  # pid -> private directory of an MPI worker
-        self.tmp_dirs: set[str] = set()  # the engine's directories those are made in
+        # the engine's directories where MPI workers get their private ones (see _kill_all)
+        self.tmp_dirs: set[str] = set()
         # thread variables set when modules were preloaded (their pools are sized so)
         self.thread_env: dict[str, str] = {}
         self.pids: dict[int, int] = {}  # worker_id -> pid
@@ -366,7 +366,6 @@ class ForkServer:
         self.children[pid] = msg.worker_id
         self.pids[msg.worker_id] = pid
         if msg.mpi_command and msg.errdir:
-            self.errdirs[pid] = msg.errdir
             self.tmp_dirs.add(os.path.dirname(msg.errdir))
 
     def _adopt(self, env: tuple[tuple[str, str], ...]) -> None:
@@ -481,7 +480,6 @@ class ForkServer:
             # discards an MPI worker's directory once it has read its errors.)
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
-            self.errdirs.pop(pid, None)
             self._report(Exited(worker_id, pid, code, program=self._program_end(pid, code)))
 
     def _program_end(self, pid: int, code: int) -> ProgramEnd | None:
