@@ -299,6 +299,31 @@ def test_the_engine_shuts_a_lingering_workers_connection_after_its_reply(monkeyp
     assert shut.count(socket.SHUT_WR) >= 2
 
 
+def test_a_lingering_worker_is_shut_only_after_its_future_completed(monkeypatch):
+    # The woken worker's exit (a millisecond of unmapping) often runs on the engine's CPU
+    # before the engine goes on: the shutdown comes last in the engine's turn, so the
+    # caller's future never waits behind it.
+    import socket
+    from concurrent.futures import Future
+
+    events: list[str] = []
+    original = socket.socket.shutdown
+
+    def shutdown(self, how):
+        if how == socket.SHUT_WR:
+            events.append("shut")
+        return original(self, how)
+
+    monkeypatch.setattr(socket.socket, "shutdown", shutdown)
+    with SingleNodeExecutor(max_workers=1) as exe:
+        gate: Future = Future()
+        fut = exe.submit(abs, gate)  # (its callback is in place before it can finish)
+        fut.add_done_callback(lambda _: events.append("done"))
+        gate.set_result(-2)
+        assert fut.result(timeout=T) == 2
+    assert events[:2] == ["done", "shut"]
+
+
 @pytest.fixture
 def sent_by_value(tmp_path, module_for_workers):
     """A function sent by value whose unpickling appends the unpickler's pid to a file."""

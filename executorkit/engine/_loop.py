@@ -62,6 +62,7 @@ class _Loop:
         self._late_lock = threading.Lock()
         self._wake_pending = False
         self._dirty: set[_Worker] = set()  # workers with frames to flush at the turn's end
+        self._lingering: list[_Worker] = []  # one-call workers that replied: shut at the end
         self._deferred: list[tuple[float, int, Callable[[], None]]] = []
         # One receive buffer for every connection (a fresh 1 MiB bytes object per recv()
         # costs an mmap, an mremap and a munmap each time)
@@ -134,6 +135,8 @@ class _Loop:
                 return
             if self._dirty:
                 self._flush()
+            if self._lingering:
+                self._release_lingering()
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
@@ -304,6 +307,18 @@ class _Loop:
             if w.chan is not None and w.out:
                 self._write(w)
         self._dirty.clear()
+
+
+    def _release_lingering(self) -> None:
+        """Shut the connections of the one-call workers that replied this turn: each then
+        exits. Done last in the turn because the woken worker's exit (a millisecond of
+        unmapping) often runs on the engine's CPU first: the calls sent and the futures
+        completed this turn do not wait behind it."""
+        for w in self._lingering:
+            if w.chan is not None:
+                with contextlib.suppress(OSError):
+                    w.chan.sock.shutdown(socket.SHUT_WR)
+        self._lingering.clear()
 
 
     def _write(self, w: _Worker) -> None:

@@ -4,13 +4,11 @@ the scheduler, start, finish (exactly once), cancel, and run_time_max deadlines.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import heapq
 import itertools
 import logging
 import pickle
-import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
@@ -293,10 +291,10 @@ class _TaskFlow:
         tiny = self._slow_active == 0
         if self._dirty and not (w is not None and w.persistent and tiny):
             self._flush()  # (tiny calls: keep batching, the turn's end flushes once)
-        if w is not None and w.lingers and w.chan is not None:
-            # it waits for this to exit (the next call is already on its way)
-            with contextlib.suppress(OSError):
-                w.chan.sock.shutdown(socket.SHUT_WR)
+        if w is not None and w.lingers:
+            # It waits for its shutdown to exit; that comes at the turn's end (see
+            # _release_lingering), after this future is complete.
+            self._lingering.append(w)
         if msg.ok:
             self._finish(task, payload=msg.payload)
         else:
