@@ -216,3 +216,58 @@ def _numpy_draw():
     import numpy as np
 
     return float(np.random.random())
+
+
+@pytest.mark.parametrize("when", ["at start", "learned later"])
+def test_numpy_state_is_fresh_after_an_import_drew_from_it(module_for_workers, when):
+    # A module that draws a normal deviate at import leaves the second of the pair cached
+    # in numpy's global state; imported in the fork server (at its start, or learned from
+    # the calls once numpy's state was in use there), every worker would return that
+    # cached value first.
+    pytest.importorskip("numpy")
+    source = """
+        import numpy as np
+
+        AT_IMPORT = np.random.standard_normal()
+
+
+        def draw():
+            return float(np.random.standard_normal())
+    """
+    if when == "at start":
+        module = module_for_workers("drawsatimport", source)
+        preload = ["numpy.random", module.__name__]
+    else:
+        preload = ["numpy.random"]  # (numpy itself imports it only when first used)
+    with SingleNodeExecutor(max_workers=2, preload=preload) as exe:
+        exe.submit(_numpy_draw).result(timeout=T)  # (the fork server has reseeded)
+        if when != "at start":
+            module = module_for_workers("drawsatimport", source)
+        draws = [exe.submit(module.draw).result(timeout=T) for _ in range(12)]
+    assert len(set(draws)) == 12
+
+
+def test_numpy_reseeding_writes_the_generator_state_in_place():
+    # Before each fork the fork server gives numpy's global MT19937 a new state from the
+    # kernel, in place (numpy's own seeding wrote some 80 pages of the fork server per
+    # call); the documented seeding runs once per generator and after imports, dropping a
+    # cached normal deviate.
+    np = pytest.importorskip("numpy")
+    from executorkit.worker.forkserver import _NumpyEntropy
+
+    entropy = _NumpyEntropy()
+    entropy.refill()  # (the first: the documented way, and the fast one set up)
+    assert entropy.key == np.random.get_bit_generator().ctypes.state_address
+    states = []
+    for _ in range(3):
+        entropy.refill()
+        name, key, pos, has_gauss, _ = np.random.get_state()
+        assert name == "MT19937" and pos == 624 and has_gauss == 0
+        states.append(key.tobytes())
+    assert len(set(states)) == 3
+    assert 0.0 <= np.random.random() < 1.0  # (a draw regenerates from the new key)
+    np.random.standard_normal()
+    assert np.random.get_state()[3] == 1  # a deviate cached
+    entropy.reset()
+    entropy.refill()
+    assert np.random.get_state()[3] == 0
