@@ -65,6 +65,7 @@ def exit_without_driver(sock: socket.socket) -> None:
 
 
 LINGER_LIMIT = 1.0  # seconds a lingering worker waits for the engine's shutdown at most
+_CHUNK = 1 << 16  # bytes a per-task worker receives at a time
 
 
 def serve(address: Address, secret: bytes, worker_id: int, *, persistent: bool,
@@ -124,11 +125,12 @@ class _Server:
         self.init_values = init_values
         self.setup = setup
         self.reader = FrameReader(secret)
-        # reused: a fresh 1 MiB bytes per recv() is an mmap. A per-task worker reads one call:
-        # bytearray() zero-fills, and each page it fills costs a forked worker a page fault
-        # (1 MiB: ~250 of them, a millisecond per call).
-        self.rbuf = bytearray(1 << 20 if persistent else 1 << 16)
-        self.rview = memoryview(self.rbuf)
+        # A persistent worker reuses one buffer: a fresh 1 MiB bytes per recv() is an mmap. A
+        # per-task worker reads one call, into a fresh bytes each time: malloc's memory is
+        # not zero-filled, so only the pages the call fills are written (a forked worker's
+        # every first write to a page is a page fault; a 64 KiB bytearray wrote 16).
+        self.rbuf = bytearray(1 << 20) if persistent else None
+        self.rview = memoryview(self.rbuf) if persistent else None
         self.poller = select.poll()  # is anything waiting? (cheaper than a failing recv)
         self.poller.register(sock, select.POLLIN)
         self.pending: deque[object] = deque()
@@ -201,7 +203,7 @@ class _Server:
             while (left := deadline - time.monotonic()) > 0:
                 if not self.poller.poll(left * 1000):
                     return
-                if not self.sock.recv_into(self.rbuf):
+                if not self.sock.recv(_CHUNK):
                     return  # the shutdown (anything else sent now is of no use)
 
     def _reply(self, done: TaskDone | None, next_task: int = 0) -> None:
@@ -221,8 +223,14 @@ class _Server:
     def _receive(self, *, block: bool) -> bool:
         """Read what has arrived (waiting for it if ``block``); False at end of stream.
         Cancels apply at once; everything else queues up in ``pending``."""
+        flags = 0 if block else socket.MSG_DONTWAIT
         try:
-            n = self.sock.recv_into(self.rbuf, 0, 0 if block else socket.MSG_DONTWAIT)
+            if self.rbuf is not None:
+                n = self.sock.recv_into(self.rbuf, 0, flags)
+                data: bytes | memoryview = self.rview[:n]  # type: ignore[index]
+            else:
+                data = self.sock.recv(_CHUNK, flags)
+                n = len(data)
         except BlockingIOError:
             return True
         except OSError:
@@ -230,7 +238,7 @@ class _Server:
         if not n:
             self.eof = True
             return False
-        for msg in self.reader.feed(self.rview[:n]):
+        for msg in self.reader.feed(data):
             if isinstance(msg, Cancel):
                 self.cancelled.update(msg.task_ids)
             else:
