@@ -220,6 +220,11 @@ def _call_hook(hook: Any) -> None:
             traceback.print_exc()
 
 
+def _sized_for(thread_env: dict[str, str]) -> bool:
+    """Whether this process's thread variables are those the preloaded libraries saw."""
+    return all(os.environ.get(k) == v for k, v in thread_env.items())
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when the fork server dies."""
     if _prctl is not None:
@@ -244,6 +249,7 @@ class ForkServer:
         # variables set here for the spares (all alike): their values before (None: unset)
         self.base_env: dict[str, str | None] = {}
         self.adopted: tuple[tuple[str, str], ...] | None = None  # the spares' env, as set
+        self.spares_sized = True  # a spare's thread variables are those of the preload
         self.path: tuple[str, ...] | None = None  # the driver's sys.path, as last sent
         self.programs: dict[int, program.Running] = {}  # pid -> a program started here
         self.cpus = tuple(os.sched_getaffinity(0))
@@ -379,6 +385,7 @@ class ForkServer:
                 self.base_env.setdefault(key, os.environ.get(key))
                 os.environ[key] = value
         self.adopted = env
+        self.spares_sized = _sized_for(self.thread_env)
 
     def _run_program(self, msg: RunProgram) -> None:
         env = dict(os.environ)
@@ -414,7 +421,8 @@ class ForkServer:
         setup = _call.TaskSetup(cwd=msg.cwd) if msg.cwd else None
         if msg.mpi_command:
             self._exec_mpi(msg, setup)
-        if any(os.environ.get(k) != v for k, v in self.thread_env.items()):
+        # (a spare's environment is this process's: known here, with no look at it)
+        if not (self.spares_sized if msg.spare else _sized_for(self.thread_env)):
             # Preloaded libraries sized their thread pools for other thread variables
             # (threads_per_core): only a fresh interpreter honours this worker's.
             self._exec_fresh(msg, setup)
