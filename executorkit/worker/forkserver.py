@@ -137,9 +137,13 @@ class _Forker:
             _call_hook(hook)
         pid = self.fork()
         if pid == 0:
-            with contextlib.suppress(Exception):
+            # (try, not contextlib.suppress, on the paths of every fork: a suppress object
+            # and three Python calls each, pages a forked child or the fork server write)
+            try:
                 threading = sys.modules["threading"]
                 threading.main_thread()._native_id = threading.get_native_id()
+            except Exception:
+                pass
             for hook in child:
                 _call_hook(hook)
             return 0, True
@@ -282,8 +286,10 @@ class ForkServer:
             if writable:
                 self._flush_reports()
             if self.wake_r in ready:
-                with contextlib.suppress(BlockingIOError):
+                try:
                     os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
                 self._reap()
             if sock in ready:
                 data = sock.recv(1 << 16)
@@ -368,8 +374,10 @@ class ForkServer:
                 release_own()  # (a call that initialised MPI here: no MPI_Finalize follows)
                 _step_aside()
                 os._exit(code)
-        with contextlib.suppress(OSError):
+        try:
             os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
+        except OSError:
+            pass
         self.children[pid] = msg.worker_id
         self.pids[msg.worker_id] = pid
         if msg.mpi_command and msg.errdir:
@@ -410,14 +418,18 @@ class ForkServer:
         os.close(self.wake_r)
         os.close(self.wake_w)
         os.close(self.chan.sock.detach())
-        with contextlib.suppress(OSError):
+        try:
             os.setpgid(0, 0)
+        except OSError:
+            pass
         _die_with_parent()
         if not msg.spare:  # (a spare's variables are this process's already: see _adopt)
             apply_env(os.environ, msg.env, self.base_env)
         if msg.cpus:
-            with contextlib.suppress(OSError):
+            try:
                 os.sched_setaffinity(0, msg.cpus)
+            except OSError:
+                pass
         setup = _call.TaskSetup(cwd=msg.cwd) if msg.cwd else None
         if msg.mpi_command:
             self._exec_mpi(msg, setup)
@@ -487,8 +499,10 @@ class ForkServer:
             code = os.waitstatus_to_exitcode(status)
             # The worker's own children (e.g. mpiexec ranks) die with its group. (The engine
             # discards an MPI worker's directory once it has read its errors.)
-            with contextlib.suppress(OSError):
+            try:
                 os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
             self._report(Exited(worker_id, pid, code, program=self._program_end(pid, code)))
 
     def _program_end(self, pid: int, code: int) -> ProgramEnd | None:
@@ -559,8 +573,10 @@ def _step_aside() -> None:
     address space (a millisecond or two) must not hold up the call that takes its CPU
     next, which, pinned to that CPU, would otherwise wait for it (measured: the hand-over
     to the next call took 2 ms instead of 5 on a busy machine)."""
-    with contextlib.suppress(OSError):
+    try:
         os.nice(EXIT_NICENESS)
+    except OSError:
+        pass
 
 
 class _NumpyEntropy:

@@ -199,12 +199,14 @@ class _Server:
     def _await_shutdown(self) -> None:
         """Sleep until the engine shuts the connection (see ``linger`` in :func:`serve`)."""
         deadline = time.monotonic() + LINGER_LIMIT
-        with contextlib.suppress(OSError):
+        try:
             while (left := deadline - time.monotonic()) > 0:
                 if not self.poller.poll(left * 1000):
                     return
                 if not self.sock.recv(_CHUNK):
                     return  # the shutdown (anything else sent now is of no use)
+        except OSError:
+            pass
 
     def _reply(self, done: TaskDone | None, next_task: int = 0) -> None:
         if done is not None:
