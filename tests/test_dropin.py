@@ -6,6 +6,7 @@ executorlib must work here, or hit a documented, deliberate difference (docs/mig
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import subprocess
@@ -492,6 +493,15 @@ def test_worker_id_reaches_wrapped_functions_and_only_those_that_name_it():
     wrapped = _wrapping(get_worker_id)
     assert _may_take_worker_id(get_worker_id) and _may_take_worker_id(wrapped)
     assert not _may_take_worker_id(tf.inc) and not _may_take_worker_id(tf.add)
+
+    def plain(x):
+        return x
+
+    # (deciding never creates a function's __dict__: in a forked worker, a write to the
+    # function's page and a new object)
+    assert not _may_take_worker_id(plain)
+    assert not [r for r in gc.get_referents(plain) if type(r) is dict
+                and r is not plain.__globals__ and r is not plain.__builtins__]
     with executorlib.SingleNodeExecutor(max_cores=1) as exe:
         assert exe.submit(wrapped).result(timeout=T) == 0
         assert exe.submit(tf.add, 1, 2).result(timeout=T) == 3

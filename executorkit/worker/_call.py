@@ -132,6 +132,7 @@ def load_call(msg: RunTask) -> tuple[Callable[..., Any], tuple[Any, ...], dict[s
 # Names under which a function receives the id of the worker running it (executorlib's, and
 # ours). Only functions that name the parameter get it (not **kwargs catch-alls).
 WORKER_ID_NAMES = ("executorlib_worker_id", "executorkit_worker_id")
+_WORKER_ID_SET = frozenset(WORKER_ID_NAMES)
 
 
 def inject_worker_id(fn: Callable[..., Any], args: tuple[Any, ...],
@@ -153,12 +154,14 @@ def _may_take_worker_id(fn: Callable[..., Any]) -> bool:
     """False if ``fn`` is a plain function that names no worker-id parameter: decided from
     its code alone, without ``inspect.signature`` (whose first use costs a fresh per-task
     worker a good part of a millisecond)."""
-    if type(fn) is not types.FunctionType or "__wrapped__" in fn.__dict__ \
-            or "__signature__" in fn.__dict__:
+    # (hasattr, not fn.__dict__: reading a function's __dict__ creates it, a write to the
+    # function and a new object in every forked worker)
+    if type(fn) is not types.FunctionType or hasattr(fn, "__wrapped__") \
+            or hasattr(fn, "__signature__"):
         return True  # (a wrapper's signature may be another function's)
     code = fn.__code__
-    names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
-    return any(name in names for name in WORKER_ID_NAMES)
+    return not _WORKER_ID_SET.isdisjoint(
+        code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
 
 
 class _Setup:
