@@ -282,6 +282,52 @@ def test_a_lingering_worker_exits_only_once_the_engine_shuts_its_connection(monk
         assert not thread.is_alive() and codes == [0]
 
 
+def test_a_one_call_worker_ends_where_it_stands_once_shut(monkeypatch):
+    # Returning up the stack would free every object of the call (pages a forked worker
+    # shares with the fork server): the fork server's workers exit from inside the loop.
+    import pickle
+    import socket
+    import threading
+
+    import cloudpickle
+
+    from executorkit.transport import FrameReader, RunTask, encode
+    from executorkit.worker import loop
+
+    class Ended(Exception):
+        pass
+
+    codes: list[int] = []
+
+    def exit_now(code):
+        codes.append(code)
+        raise Ended
+
+    secret = b"s" * 32
+    engine, worker = socket.socketpair()
+    with engine, worker:
+        server = loop._Server(worker, secret, False, None, None, True, exit_now)
+        outcome: list[object] = []
+
+        def run():
+            try:
+                outcome.append(server.serve())
+            except Ended:
+                outcome.append("ended")
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        call = RunTask(3, cloudpickle.dumps(abs), pickle.dumps(((-5,), {})), None, None)
+        engine.sendall(b"".join(encode(call, secret)))
+        reader, replies = FrameReader(secret), []
+        while not replies:
+            replies = reader.feed(engine.recv(1 << 16))
+        assert pickle.loads(replies[0].payload) == 5
+        engine.shutdown(socket.SHUT_WR)
+        thread.join(T)
+    assert outcome == ["ended"] and codes == [0]
+
+
 def test_the_engine_shuts_a_lingering_workers_connection_after_its_reply(monkeypatch):
     import socket
 

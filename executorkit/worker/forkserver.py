@@ -36,7 +36,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, NoReturn
 
 # Pre-import what every worker needs, so a forked child starts warm.
 import cloudpickle
@@ -371,9 +371,7 @@ class ForkServer:
                 traceback.print_exc()  # the driver then reports exit code 70 for it
                 sys.stderr.flush()
             finally:
-                release_own()  # (a call that initialised MPI here: no MPI_Finalize follows)
-                _step_aside()
-                os._exit(code)
+                _exit_worker(code)
         try:
             os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
         except OSError:
@@ -446,7 +444,7 @@ class ForkServer:
         # when the driver goes away, and PDEATHSIG covers the fork server's own death.
         return loop.serve(self.address, self.secret, msg.worker_id, persistent=msg.persistent,
                           init_payload=msg.init_payload, setup=setup, watch_driver=False,
-                          linger=True)
+                          linger=True, exit_now=_exit_worker)
 
     def _exec_mpi(self, msg: Spawn, setup: _call.TaskSetup | None) -> None:
         """Become ``mpiexec``; its ranks find the driver through a private boot file."""
@@ -566,6 +564,14 @@ def apply_env(environ: MutableMapping[str, str], env: tuple[tuple[str, str], ...
 
 
 EXIT_NICENESS = 10
+
+
+def _exit_worker(code: int) -> NoReturn:
+    """End a forked worker now, however deep in its stack: no frame is unwound and no
+    object freed (each a write to a page it shares with this process)."""
+    release_own()  # (a call that initialised MPI here: no MPI_Finalize follows)
+    _step_aside()
+    os._exit(code)
 
 
 def _step_aside() -> None:
