@@ -283,8 +283,9 @@ def test_a_lingering_worker_exits_only_once_the_engine_shuts_its_connection(monk
 
 
 def test_a_one_call_worker_ends_where_it_stands_once_shut(monkeypatch):
-    # Returning up the stack would free every object of the call (pages a forked worker
-    # shares with the fork server): the fork server's workers exit from inside the loop.
+    # Returning up the stack would free the messages, the server and the channel and unwind
+    # the frames (pages a forked worker shares with the fork server): the fork server's
+    # workers exit from inside the loop.
     import pickle
     import socket
     import threading

@@ -253,11 +253,19 @@ def test_numpy_reseeding_writes_the_generator_state_in_place():
     # call); the documented seeding runs once per generator and after imports, dropping a
     # cached normal deviate.
     np = pytest.importorskip("numpy")
+    pytest.importorskip("numpy.random")  # (numpy 2 imports it only when first used)
+    if not hasattr(np.random, "get_bit_generator"):
+        pytest.skip("numpy before 1.25 has no get_bit_generator: always seed()")
     from executorkit.worker.forkserver import _NumpyEntropy
 
     entropy = _NumpyEntropy()
     entropy.refill()  # (the first: the documented way, and the fast one set up)
     assert entropy.key == np.random.get_bit_generator().ctypes.state_address
+
+    def documented_seeding(random):
+        raise AssertionError("seeded the documented way, not in place")
+
+    entropy._seed = documented_seeding  # (an error would pass silently: see the states)
     states = []
     for _ in range(3):
         entropy.refill()
@@ -268,6 +276,7 @@ def test_numpy_reseeding_writes_the_generator_state_in_place():
     assert 0.0 <= np.random.random() < 1.0  # (a draw regenerates from the new key)
     np.random.standard_normal()
     assert np.random.get_state()[3] == 1  # a deviate cached
+    del entropy._seed
     entropy.reset()
     entropy.refill()
     assert np.random.get_state()[3] == 0

@@ -336,13 +336,13 @@ class ForkServer:
         for blob in msg.functions:
             _unpickle_function(blob)
         _NUMPY_ENTROPY.reset()  # (user code ran: it may have drawn from numpy's state)
+        self.adopted = None  # (and it may have set variables: the spares' are looked at again)
         if not (msg.modules or msg.env):
             gc.freeze()  # (the function and what it holds: never scanned by a child)
             return
         for key, value in msg.env:
             os.environ[key] = value
         self.thread_env.update(msg.env)
-        self.adopted = None  # (the spares' variables are looked at again)
         for module in msg.modules:
             _import(module)
         gc.collect()
@@ -569,9 +569,11 @@ EXIT_NICENESS = 10
 def _exit_worker(code: int) -> NoReturn:
     """End a forked worker now, however deep in its stack: no frame is unwound and no
     object freed (each a write to a page it shares with this process)."""
-    release_own()  # (a call that initialised MPI here: no MPI_Finalize follows)
-    _step_aside()
-    os._exit(code)
+    try:
+        release_own()  # (a call that initialised MPI here: no MPI_Finalize follows)
+        _step_aside()
+    finally:
+        os._exit(code)
 
 
 def _step_aside() -> None:
@@ -594,16 +596,16 @@ class _NumpyEntropy:
     The global generator is the legacy MT19937, whose whole state is 624 words and a
     position: the kernel's ``getrandom`` fills the words in place and the position is set
     to regenerate from them at the first draw, a uniformly random state. That writes the
-    state's page and nothing else. ``numpy.random.seed(array)``, the documented way, ran
+    state's page and a few small objects. ``numpy.random.seed(array)``, the documented way, ran
     numpy's array machinery in this process after every fork: some 80 pages written, each
     a copied page here while workers share it (with numpy and scipy preloaded, 0.55 ms of
     this process's 3 ms per call, and this process forks every call in turn).
 
-    The documented way is still taken once per generator and after every import here (it
+    The documented way is still taken once per generator and after every Preload here (it
     also drops a normal deviate an import may have drawn and cached, which every worker
-    would otherwise return first), and whenever the generator is not the MT19937 this
-    was checked against, numpy has no ``get_bit_generator`` (before 1.25) or libc no
-    ``getrandom``.
+    would otherwise return first), and at every fork where the generator is not the
+    MT19937 this was checked against, numpy has no ``get_bit_generator`` (before 1.25) or
+    libc no ``getrandom``.
     """
 
     _WORDS = 624  # MT19937's state: uint32 key[624], then int pos
@@ -619,20 +621,26 @@ class _NumpyEntropy:
         self.generator = None
 
     def refill(self) -> None:
+        """New state for the global generator, if this process has imported numpy.random
+        (else a worker that imports it gets a fresh one anyway)."""
         random = sys.modules.get("numpy.random")
         if random is None:
             return
-        with contextlib.suppress(Exception):
+        try:
             generator = random.get_bit_generator() if hasattr(random, "get_bit_generator") \
                 else None
             if generator is None or generator is not self.generator:
                 self._seed(random)
                 self._set_up(generator)
                 return
-            if self.key and self.getrandom(self.key, self._WORDS * 4, 0) == self._WORDS * 4:
-                self.pos.value = self._WORDS  # (the first draw regenerates from the key)
-                return
+            if self.key:
+                with generator.lock:  # (as numpy's own seeding: a preloaded thread may draw)
+                    if self.getrandom(self.key, self._WORDS * 4, 0) == self._WORDS * 4:
+                        self.pos.value = self._WORDS  # (the first draw regenerates)
+                        return
             self._seed(random)
+        except Exception:
+            pass
 
     def _seed(self, random: Any) -> None:
         numpy = sys.modules["numpy"]

@@ -83,9 +83,9 @@ def serve(address: Address, secret: bytes, worker_id: int, *, persistent: bool,
     until the engine has dealt with its reply, and tears itself down after.
 
     ``exit_now`` (a one-call worker): called with the exit code once the call is done, to
-    end the process where it stands. Returning up the stack would free every object of the
-    call, writes to pages a forked worker shares with its fork server (some 30 copied
-    pages).
+    end the process where it stands. Returning up the stack would free the messages, the
+    server and the channel and unwind the frames, writes to pages a forked worker shares
+    with its fork server (some 30 copied pages).
     """
     chan = connect(address, secret)
     if watch_driver:
