@@ -156,6 +156,25 @@ def test_cancel_of_a_queued_call_that_has_just_started_stops_it(tmp_path, keep_q
     assert b.cancelled()
 
 
+def test_a_worker_killed_for_a_call_already_done_fails_no_other_call(tmp_path, keep_queued):
+    # The engine kills a worker for a cancelled call that has started, but that call may be
+    # done before the kill takes effect: the call running by then (and those behind it) is
+    # no more to blame than the rest and runs again, where it used to fail with
+    # WorkerDiedError (found by a cancel storm while calls finished). Here the worker is
+    # killed "for" b, queued behind a: a is the bystander.
+    d = str(tmp_path)
+    with SingleNodeExecutor(max_workers=1, block_allocation=True) as exe:
+        a, b = running_and_queued(exe, d)
+        engine = exe._engine
+        worker = b._task.worker
+        engine.post(lambda: engine._stop_worker(worker, b._task))
+        wait_until(lambda: worker.id not in engine.workers, timeout=60)  # killed, finalized
+        for name in ("a", "b"):
+            taskfuncs.release(d, name)
+        assert a.result(timeout=60) == "A"
+        assert b.result(timeout=60) == "B"
+
+
 def test_calls_waiting_when_their_function_proves_tiny_may_then_queue_in_workers(tmp_path):
     # All calls of a new function are submitted while the only worker is busy, so none is
     # known tiny when it enters the engine's queue. Once the first two have proved tiny,

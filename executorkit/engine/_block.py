@@ -210,7 +210,7 @@ class _BlockPool:
             return
         self._now_running(task)
         if task.future.cancelled():  # cancelled while its Cancel was on the way
-            self._stop_worker(w)
+            self._stop_worker(w, task)
 
 
     def _started(self, w: _Worker | None, task_id: int) -> None:

@@ -129,7 +129,7 @@ class _Worker:
     __slots__ = (
         "chan", "conn", "direct", "env", "eof", "errdir", "exit_status", "held", "host", "id",
         "lingers", "out", "path_version", "persistent", "pid", "pinned", "slot", "spare",
-        "stopping", "tasks", "writing",
+        "stop_for", "stopping", "tasks", "writing",
     )
 
     def __init__(self, worker_id: int, *, persistent: bool, slot: int | None = None) -> None:
@@ -146,6 +146,7 @@ class _Worker:
         self.eof = False
         self.exit_status: int | None = None
         self.stopping = False  # killed on purpose (cancel, timeout, shutdown)
+        self.stop_for: int | None = None  # the task it was killed for, if one
         self.errdir: str | None = None  # MPI workers: where a failing rank reports
         self.spare = False  # a warm per-task worker that has no call yet
         # a spare's CPU slot (pinned there when CPUs are real) and environment, as started

@@ -399,7 +399,7 @@ class _TaskFlow:
         elif state == SENT:
             self._cancel_queued(task)  # the worker drops it before it starts
         elif state == RUNNING and task.worker is not None:
-            self._stop_worker(task.worker)
+            self._stop_worker(task.worker, task)
 
 
     def _fire_timers(self) -> None:
@@ -416,7 +416,7 @@ class _TaskFlow:
                 heapq.heappush(self._timers, (task.deadline, task.id, task))
                 continue
             task.timed_out = True
-            self._stop_worker(w)
+            self._stop_worker(w, task)
 
 
     def _start_more(self) -> None:

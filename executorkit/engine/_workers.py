@@ -310,8 +310,11 @@ class _WorkerLife:
         return slots if self.cfg.real_cpus else None
 
 
-    def _stop_worker(self, w: _Worker) -> None:
+    def _stop_worker(self, w: _Worker, task: _Task | None = None) -> None:
+        """Kill ``w`` (for ``task``: a cancelled or timed-out call it runs, or is about to)."""
         w.stopping = True
+        if task is not None:
+            w.stop_for = task.id
         self.launcher.kill(w.id)
 
 
@@ -355,8 +358,12 @@ class _WorkerLife:
                 self._spares_coming -= 1
             return
         tasks, w.tasks = list(w.tasks.values()), {}
-        if tasks and w.persistent and (w.chan is None or tasks[0].state != RUNNING):
-            tasks.insert(0, None)  # type: ignore[arg-type]  # it never ran any of them
+        if tasks and w.persistent and (w.chan is None or tasks[0].state != RUNNING
+                                       or w.stop_for not in (None, tasks[0].id)):
+            # It never ran any of them; or it was killed for a call that was done before
+            # the kill took effect, and the call running then is no more to blame than
+            # those queued behind it: all of them run again.
+            tasks.insert(0, None)  # type: ignore[arg-type]
         elif tasks:  # the first was running: it fails; the others never started
             if w.errdir and _rank_error(w.errdir, tasks[0].id) is not None:
                 w.stopping = True  # an MPI rank raised: the call failed, not the worker
