@@ -146,6 +146,16 @@ class Scheduler:
         return True
 
     # ------------------------------------------------------------------ queries
+    def peek(self) -> Hashable | None:
+        """The best waiting task: the one that starts next when resources free, unless a
+        smaller one overtakes it (None if nothing waits)."""
+        best = None
+        for shape in list(self._queues):
+            entry = self._head(shape)
+            if entry is not None and (best is None or entry < best):
+                best = entry
+        return None if best is None else best[2]
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)

@@ -79,7 +79,8 @@ def test_a_finished_future_still_works_as_an_input(make_executor):
 
 
 def _held_bytes(exe) -> int:
-    """Pickled bytes the engine holds for its calls (read on the engine thread)."""
+    """Pickled bytes the engine holds for its calls, read on the engine thread once the
+    turn that queued the calls submitted so far has ended (its end pickles ahead)."""
     engine = exe._engine
     out: queue.Queue[int] = queue.Queue()
 
@@ -88,20 +89,22 @@ def _held_bytes(exe) -> int:
         frames = sum(len(f) for w in engine.workers.values() for f in w.out)
         out.put(payloads + frames)
 
-    engine.post(count)  # runs after every call submitted before it has been queued
+    # (post() runs after every call submitted before it has been queued; _later() then
+    # runs in the next turn)
+    engine.post(lambda: engine._later(0.0, count))
     return out.get(timeout=T)
 
 
-def test_waiting_calls_hold_no_pickled_bytes(make_executor, tmp_path):
-    """50 calls waiting with the same 1 MiB argument hold that one object, not 50 pickles:
-    a call is pickled when it starts."""
+def test_waiting_calls_hold_one_pickle_ahead(make_executor, tmp_path):
+    """50 calls waiting with the same 1 MiB argument hold that one object and the pickle of
+    the call that starts next, not 50 pickles."""
     exe = make_executor(max_workers=1)
     d = str(tmp_path)
     gate = exe.submit(tf.gate, d, "g")
     wait_until(lambda: tf.started(d, "g"), timeout=T)
     big = bytearray(MiB)
     futures = [exe.submit(tf.size_of, big) for _ in range(50)]
-    assert _held_bytes(exe) < MiB // 2
+    assert MiB <= _held_bytes(exe) < 2 * MiB
     tf.release(d, "g")
     gate.result(timeout=T)
     assert [f.result(timeout=T) for f in futures] == [MiB] * 50
@@ -113,6 +116,22 @@ def test_an_unpicklable_argument_fails_its_call_when_it_starts(make_executor):
     good = exe.submit(tf.inc, 1)
     with pytest.raises(TypeError, match="argument 0"):
         bad.result(timeout=T)
+    assert good.result(timeout=T) == 2
+
+
+def test_an_unpicklable_call_next_in_line_fails_before_its_turn(make_executor, tmp_path):
+    """The call next in line is pickled ahead, while the slot is still busy: one that cannot
+    be pickled fails then, and the calls behind it go on."""
+    exe = make_executor(max_workers=1)
+    d = str(tmp_path)
+    gate = exe.submit(tf.gate, d, "g")
+    wait_until(lambda: tf.started(d, "g"), timeout=T)
+    bad = exe.submit(tf.identity, threading.Lock())
+    good = exe.submit(tf.inc, 1)
+    assert isinstance(bad.exception(timeout=T), TypeError)
+    assert "argument 0" in str(bad.exception()) and not gate.done()
+    tf.release(d, "g")
+    gate.result(timeout=T)
     assert good.result(timeout=T) == 2
 
 

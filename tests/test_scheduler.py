@@ -249,6 +249,30 @@ def test_withdraw_waiting_task_never_starts() -> None:
     sched.check_invariants()
 
 
+def test_peek_names_the_task_that_starts_next() -> None:
+    """peek() is the best waiting task by priority, then submission, across shapes; it
+    skips withdrawn tasks and is None when nothing waits. With one shape it is exactly the
+    task the next freed slot starts (the engine pickles that call ahead)."""
+    sched = Scheduler(range(2))
+    assert sched.peek() is None
+    busy = fill(sched, 2)
+    assert sched.peek() is None
+    sched.submit("a", Demand())
+    sched.submit("b", Demand(cpus=2), priority=1)
+    sched.submit("c", Demand(), priority=2)
+    assert sched.peek() == "c"
+    assert sched.withdraw("c")
+    assert sched.peek() == "b"
+    assert sched.withdraw("b")
+    sched.submit("d", Demand())
+    assert sched.peek() == "a"
+    for name in ("a", "d"):
+        nxt = sched.peek()
+        assert started(sched.finish(busy.pop())) == [nxt] == [name]
+    assert sched.peek() is None
+    sched.check_invariants()
+
+
 def test_withdraw_unknown_or_running_returns_false() -> None:
     sched = Scheduler([0])
     fill(sched, 1)

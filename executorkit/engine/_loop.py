@@ -137,6 +137,8 @@ class _Loop:
                 self._flush()
             if self._lingering:
                 self._release_lingering()
+            if self._pickle_ahead:
+                self._pickle_next()
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())

@@ -50,6 +50,7 @@ class _TaskFlow:
         self._counts = {"done": 0, "failed": 0, "cancelled": 0}
         self._submitted = 0
         self._running = 0
+        self._pickle_ahead = False  # the turn's end pickles the next call (_pickle_next)
         self.progress = config.progress
         self._pickles = FunctionPickles()
         self._paths = PathTracker()
@@ -225,24 +226,21 @@ class _TaskFlow:
         else:
             demand = Demand(task.res.cpus, task.res.gpus, task.res.exclusive)
         self._starts(self.sched.submit(task.id, demand, task.res.priority))
+        self._pickle_ahead = True
 
 
     def _starts(self, starts: list[Start]) -> None:
         starts = list(starts)
+        if starts:
+            self._pickle_ahead = True  # (the next call to start may be another now)
         while starts:
             start = starts.pop(0)
             task = self.tasks.get(cast(int, start.task))
             if task is None:
                 continue
-            if task.payload is None:
-                try:
-                    task.payload = self._dumps_call(task.fn, task.args, task.kwargs)
-                except SerializationError as exc:
-                    self._finish(task, exc=exc)  # it never started: its slot goes on
-                    starts += self.sched.finish(task.id)
-                    continue
-                if self.cfg.block_workers:
-                    self._sized(task.payload)
+            if task.payload is None and not self._pickle(task):
+                starts += self.sched.finish(task.id)  # it never started: its slot goes on
+                continue
             if task.cache_spec is not None and start.cpus:  # where it ran, for reports
                 slot = start.cpus[0]  # (block allocation: slot s is worker s % workers)
                 workers = self.cfg.block_workers
@@ -255,6 +253,27 @@ class _TaskFlow:
             else:
                 self._now_running(task)
                 self._spawn_task(task, start)
+
+
+    def _pickle(self, task: _Task) -> bool:
+        """Pickle the call of ``task``; False if it cannot be (its future has failed)."""
+        try:
+            task.payload = self._dumps_call(task.fn, task.args, task.kwargs)
+        except SerializationError as exc:
+            self._finish(task, exc=exc)
+            return False
+        if self.cfg.block_workers:
+            self._sized(task.payload)
+        return True
+
+    def _pickle_next(self) -> None:
+        """At the end of a turn, pickle the call that is to start next, so the hand-over of a
+        freed CPU slot does not wait for that (a tenth of a per-task hand-over, measured).
+        One call at a time: the bytes held for waiting calls stay bounded."""
+        self._pickle_ahead = False
+        task = self.tasks.get(cast(int, self.sched.peek()))
+        if task is not None and task.payload is None and task.state == QUEUED:
+            self._pickle(task)
 
 
     def _now_running(self, task: _Task) -> None:
