@@ -3,7 +3,9 @@ pipe and forwarded output, deferred calls, and the batched, non-blocking writes 
 
 It owns no task or worker decisions: it turns bytes into typed messages and hands each to
 its handler (``_task_done``, ``_exited``, ``_hello``, ...), and waits until the earliest
-timer of the other parts (``_timers``, ``_replenish_due``, ``_deferred``) is due.
+timer of the other parts (``_timers``, ``_replenish_due``, ``_deferred``) is due. At the end
+of each turn, after the writes, come the others' deferred steps: shutting the one-call workers
+that replied (``_release_lingering``) and pickling the next call (``_pickle_next``).
 """
 
 from __future__ import annotations
